@@ -1,0 +1,3 @@
+from crossgrad.cli import main
+
+raise SystemExit(main())
