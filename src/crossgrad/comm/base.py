@@ -1,0 +1,81 @@
+"""The communication interface the engine is written against, and the edge bookkeeping it shares.
+
+An edge (j -> i) means agent i receives agent j's model (w_ij > 0). A backend holds some *local*
+agents (all of them in the simulator, one per process under torch.distributed). Round 1 sends
+every local agent's model along its out-edges; round 2 sends one message back along every in-edge
+of a local agent (agent i returns the cross-gradient it computed with j's model to j).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from crossgrad.compress import Payload
+
+
+@dataclass(frozen=True)
+class EdgePlan:
+    """Which edges touch the local agents, in a fixed order every backend agrees on.
+
+    in_src[e], in_dst[e]: global sender and *local index* of the receiver of in-edge e, sorted by
+    (receiver, sender). out_dst[e], out_src[e]: global receiver and local index of the sender of
+    out-edge e, sorted by (sender, receiver).
+    """
+
+    n: int
+    local: tuple[int, ...]
+    in_src: Tensor
+    in_dst: Tensor
+    out_dst: Tensor
+    out_src: Tensor
+
+    @classmethod
+    def build(cls, edges: list[tuple[int, int]], n: int, local: list[int] | tuple[int, ...]) -> EdgePlan:
+        pos = {g: k for k, g in enumerate(local)}
+        ins = sorted((pos[d], s) for s, d in edges if d in pos)
+        outs = sorted((pos[s], d) for s, d in edges if s in pos)
+        long = torch.long
+        return cls(
+            n=n,
+            local=tuple(local),
+            in_src=torch.tensor([s for _, s in ins], dtype=long),
+            in_dst=torch.tensor([d for d, _ in ins], dtype=long),
+            out_dst=torch.tensor([d for _, d in outs], dtype=long),
+            out_src=torch.tensor([s for s, _ in outs], dtype=long),
+        )
+
+    @property
+    def n_local(self) -> int:
+        return len(self.local)
+
+
+class Comm(Protocol):
+    """What a backend provides to the engine. Byte counters come from the tensors actually sent."""
+
+    plan: EdgePlan
+    bytes_sent: Tensor  # float64 [n_local, 2]: bytes each local agent has sent in rounds 1 and 2
+
+    def exchange(self, x: Tensor) -> Tensor:
+        """Round 1: send each local row along its out-edges; return [E_in, P], the sender's row per in-edge."""
+        ...
+
+    def exchange_edges(self, payload: Payload) -> Payload:
+        """Round 2: send payload row e back along in-edge e; return what arrives, indexed by out-edge."""
+        ...
+
+
+def count_round1(comm: Comm, x: Tensor) -> None:
+    row = x.shape[1] * x.element_size()
+    comm.bytes_sent[:, 0].index_add_(
+        0, comm.plan.out_src, torch.full((len(comm.plan.out_src),), float(row), dtype=torch.float64)
+    )
+
+
+def count_round2(comm: Comm, payload: Payload) -> None:
+    row = sum(t[0].numel() * t.element_size() for t in payload) if len(comm.plan.in_dst) else 0
+    comm.bytes_sent[:, 1].index_add_(
+        0, comm.plan.in_dst, torch.full((len(comm.plan.in_dst),), float(row), dtype=torch.float64)
+    )

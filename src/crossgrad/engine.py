@@ -1,0 +1,219 @@
+"""The synchronous iteration of the contract (ARCHITECTURE.md section 1), written once against `Comm`.
+
+The engine owns the local agents' state as flat rows: parameters x [n_local, P], buffers (e.g.
+batch-norm statistics, per agent), momentum, error memories and the algorithm's own state. It asks
+the backend to move tensors and a gradient evaluator to run (model, minibatch) pairs.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from crossgrad.algorithms import Algorithm, CombineContext, combine_weights
+from crossgrad.algorithms.momentum import MomentumState
+from crossgrad.comm.base import Comm
+from crossgrad.compress import Compressor, error_feedback, make_compressor
+from crossgrad.flat import ParamLayout
+from crossgrad.topology import Topology
+
+Batch = tuple[Tensor, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN or infinite; names the step and the agent."""
+
+    def __init__(self, step: int, agent: int, what: str):
+        super().__init__(f"non-finite {what} at step {step}, agent {agent}")
+        self.step, self.agent, self.what = step, agent, what
+
+
+class LoopEvaluator:
+    """Evaluates gradients of many (parameter row, minibatch) pairs with one worker module.
+
+    The worker's parameters are views into one flat buffer, so loading a row is a single copy and
+    the per-pair overhead stays small next to the forward/backward pass itself.
+    """
+
+    def __init__(self, model: nn.Module, layout: ParamLayout, loss_fn: LossFn):
+        self.worker = copy.deepcopy(model).train()
+        self.flat = layout.flatten(model).clone()
+        self.params = list(self.worker.parameters())
+        for p, view in zip(self.params, layout.views(self.flat)):
+            p.data = view
+        self.buffers = list(self.worker.buffers())
+        self.loss_fn = loss_fn
+
+    def __call__(
+        self,
+        rows: Tensor,
+        data: Sequence[int],
+        batches: Sequence[Batch],
+        out: Tensor,
+        buffers: list[Tensor] | None = None,
+        owners: Sequence[int] | None = None,
+        keep_buffers: int = 0,
+    ) -> Tensor:
+        """Gradient of loss(row k on batches[data[k]]) into out[k]; returns the losses [K].
+
+        With per-agent buffers, pair k runs with agent owners[k]'s buffers; the first
+        `keep_buffers` pairs write their buffer updates back (the self-gradient passes).
+        """
+        losses = torch.empty(len(data), dtype=out.dtype, device=out.device)
+        for k, b in enumerate(data):
+            self.flat.copy_(rows[k])
+            if self.buffers:
+                for mine, theirs in zip(self.buffers, buffers):
+                    mine.copy_(theirs[owners[k]])
+            inputs, targets = batches[b]
+            loss = self.loss_fn(self.worker(inputs), targets)
+            grads = torch.autograd.grad(loss, self.params)
+            torch.cat([g.reshape(-1) for g in grads], out=out[k])
+            losses[k] = loss.detach()
+            if self.buffers and k < keep_buffers:
+                for mine, theirs in zip(self.buffers, buffers):
+                    theirs[owners[k]].copy_(mine)
+        return losses
+
+
+@dataclass
+class StepStats:
+    """Counters since the start of the run (restored with the engine's state)."""
+
+    steps: int = 0
+    grad_evals: int = 0
+    qp_failures: int = 0
+    last_losses: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: nn.Module,
+        topology: Topology,
+        algorithm: Algorithm,
+        comm: Comm,
+        loss_fn: LossFn,
+        device: torch.device | str | None = None,
+    ):
+        self.algorithm = algorithm
+        self.topology = topology
+        self.comm = comm
+        self.plan = plan = comm.plan
+        self.layout = layout = ParamLayout.of(model)
+        first = next(model.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.dtype = first.dtype
+        model = model.to(self.device)
+        n = plan.n_local
+        self.x = layout.flatten(model).to(self.device).repeat(n, 1)
+        self.buffer_names = [name for name, _ in model.named_buffers()]
+        self.buffers = [b.detach().unsqueeze(0).repeat(n, *([1] * b.dim())).clone() for b in model.buffers()]
+        self.lr = algorithm.lr
+        self.momentum = MomentumState(self.x, algorithm.momentum, algorithm.nesterov, algorithm.qgm, self.lr)
+        self_w, in_w, out_w = combine_weights(topology.W, plan, algorithm.weights, topology.is_directed)
+        dev = self.device
+        self.ctx = CombineContext(
+            plan=type(plan)(plan.n, plan.local, *(t.to(dev) for t in (plan.in_src, plan.in_dst, plan.out_dst,
+                                                                          plan.out_src))),
+            layout=layout, self_w=self_w.to(dev), in_w=in_w.to(dev), out_w=out_w.to(dev),
+        )
+        self.gossip_self = (1 - algorithm.gamma + algorithm.gamma * self_w).to(self.dtype).to(dev)
+        self.gossip_in = (algorithm.gamma * in_w).to(self.dtype).to(dev)
+        self.algo_state = algorithm.init_state(self.ctx, self.dtype, dev)
+        self.compressor: Compressor | None = None
+        self.edge_memory = self.self_memory = None
+        if algorithm.compression is not None:
+            self.compressor = make_compressor(algorithm.compression, layout)
+            self.edge_memory = torch.zeros(len(plan.in_src), layout.size, dtype=self.dtype, device=dev)
+            if algorithm.compress_self:
+                self.self_memory = torch.zeros_like(self.x)
+        self.evaluate = LoopEvaluator(model, layout, loss_fn)
+        n_pairs = n + (len(plan.in_src) if algorithm.cross_gradients else 0)
+        self.grads = torch.empty(n_pairs, layout.size, dtype=self.dtype, device=dev)
+        self._pair_data = list(range(n)) + (plan.in_dst.tolist() if algorithm.cross_gradients else [])
+        self.stats = StepStats()
+        #: the last step's self, model-variant and data-variant gradients (for diagnostics)
+        self.last: dict[str, Tensor | None] = {}
+
+    def set_lr(self, lr: float) -> None:
+        if not (lr > 0 and lr < float("inf")):
+            raise ValueError(f"learning rate must be a positive finite number, not {lr}")
+        self.lr = float(lr)
+
+    def step(self, batches: Sequence[Batch]) -> Tensor:
+        """One synchronous iteration on every local agent; batches[k] is local agent k's minibatch."""
+        algo, plan = self.algorithm, self.ctx.plan
+        n = plan.n_local
+        if len(batches) != n:
+            raise ValueError(f"step() needs one minibatch per agent: got {len(batches)}, expected {n}")
+        x = self.x
+        neighbours = self.comm.exchange(x)  # round 1: x_j^t for every in-edge
+        x_half = x * self.gossip_self.unsqueeze(1)
+        x_half.index_add_(0, plan.in_dst, neighbours * self.gossip_in.unsqueeze(1))
+        rows = torch.cat([x_half, neighbours]) if algo.cross_gradients else x_half
+        losses = self.evaluate(rows, self._pair_data, batches, self.grads, self.buffers,
+                               owners=self._pair_data, keep_buffers=n)
+        self._check_finite(losses[:n], "loss")
+        g_self, mv = self.grads[:n], (self.grads[n:] if algo.cross_gradients else None)
+        dv = None
+        if self.compressor is not None:
+            payload, mv = error_feedback(self.compressor, mv, self.edge_memory)
+            if self.self_memory is not None:
+                g_self = error_feedback(self.compressor, g_self, self.self_memory)[1]
+            if algo.round2:
+                dv = self.compressor.decode(self.comm.exchange_edges(payload), self.dtype)
+        elif algo.round2:
+            dv = self.comm.exchange_edges((mv,))[0]
+        self.last = {"g_self": g_self, "mv": mv, "dv": dv}
+        d = algo.combine(self.ctx, g_self, mv, dv, self.algo_state)
+        if algo.weight_decay:
+            d = d.add(x_half, alpha=algo.weight_decay)
+        d = self.momentum.direction(d, x_half, self.lr)
+        self.x = x_half.sub_(d, alpha=self.lr)
+        self.stats.steps += 1
+        self.stats.grad_evals += len(self._pair_data)
+        self.stats.qp_failures = self.algo_state.get("qp_failures", 0)
+        return losses[:n]
+
+    def _check_finite(self, values: Tensor, what: str) -> None:
+        bad = ~torch.isfinite(values)
+        if bad.any():
+            agent = self.plan.local[int(bad.nonzero()[0, 0])]
+            raise NonFiniteError(self.stats.steps, agent, what)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "x": self.x.clone(),
+            "buffers": [b.clone() for b in self.buffers],
+            "lr": self.lr,
+            "momentum": self.momentum.state_dict(),
+            "edge_memory": self.edge_memory,
+            "self_memory": self.self_memory,
+            "algo_state": {k: v for k, v in self.algo_state.items() if k in ("v", "qp_failures")},
+            "bytes_sent": self.comm.bytes_sent.clone(),
+            "stats": {"steps": self.stats.steps, "grad_evals": self.stats.grad_evals},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["x"].shape != self.x.shape:
+            raise ValueError(f"checkpoint holds parameters of shape {tuple(state['x'].shape)}, "
+                             f"this run has {tuple(self.x.shape)}")
+        self.x.copy_(state["x"])
+        for mine, theirs in zip(self.buffers, state["buffers"]):
+            mine.copy_(theirs)
+        self.lr = float(state["lr"])
+        self.momentum.load_state_dict(state["momentum"])
+        for key in ("edge_memory", "self_memory"):
+            if getattr(self, key) is not None:
+                getattr(self, key).copy_(state[key])
+        self.algo_state.update(state["algo_state"])
+        self.comm.bytes_sent.copy_(state["bytes_sent"])
+        self.stats.steps = int(state["stats"]["steps"])
+        self.stats.grad_evals = int(state["stats"]["grad_evals"])
+        self.stats.qp_failures = int(self.algo_state.get("qp_failures", 0))

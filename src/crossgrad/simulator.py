@@ -1,0 +1,96 @@
+"""In-process simulator: all n agents of a graph in one process, the engine on a `LocalComm`."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from crossgrad.algorithms import Algorithm
+from crossgrad.comm.local import LocalComm
+from crossgrad.engine import Batch, Engine, LossFn
+from crossgrad.topology import Topology
+
+
+class Simulator:
+    """Runs one algorithm on every agent of `topology`, all starting from `model`'s weights.
+
+    Computation happens in the model's dtype and on its device (or `device`). `params` is the
+    [n, P] parameter matrix, row i = agent i, flattened in `model.parameters()` order.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        topology: Topology,
+        algorithm: Algorithm,
+        loss_fn: LossFn = torch.nn.functional.cross_entropy,
+        device: torch.device | str | None = None,
+    ):
+        self.topology = topology
+        comm = LocalComm(topology.edges, topology.n, device=device or next(model.parameters()).device)
+        self.engine = Engine(model, topology, algorithm, comm, loss_fn, device=device)
+        self.model = model
+
+    @property
+    def n(self) -> int:
+        return self.topology.n
+
+    @property
+    def params(self) -> Tensor:
+        return self.engine.x
+
+    @property
+    def lr(self) -> float:
+        return self.engine.lr
+
+    def set_lr(self, lr: float) -> None:
+        self.engine.set_lr(lr)
+
+    def step(self, batches: Sequence[Batch]) -> Tensor:
+        """One synchronous iteration; batches[i] = (inputs, targets) of agent i. Returns the n losses."""
+        return self.engine.step(batches)
+
+    def consensus(self) -> Tensor:
+        """The exact average of all agents' parameters, [P]."""
+        return self.engine.x.mean(0)
+
+    def consensus_distance(self) -> float:
+        """(1/n) sum_i ||x_i - x_bar||^2."""
+        x = self.engine.x
+        return float(((x - x.mean(0)) ** 2).sum(1).mean())
+
+    def agent_model(self, i: int | None = None) -> nn.Module:
+        """A copy of `model` holding agent i's parameters and buffers (i=None: the consensus model)."""
+        import copy
+
+        model = copy.deepcopy(self.model)
+        row = self.consensus() if i is None else self.engine.x[i]
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), self.engine.layout.views(row)):
+                p.copy_(v)
+            for b, stacked in zip(model.buffers(), self.engine.buffers):
+                b.copy_(stacked.to(b.dtype).mean(0).to(b.dtype) if i is None and b.is_floating_point()
+                        else stacked[0 if i is None else i])
+        return model
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        e = self.engine
+        steps = max(e.stats.steps, 1)
+        sent = e.comm.bytes_sent
+        return {
+            "steps": e.stats.steps,
+            "grad_evals": e.stats.grad_evals,
+            "grad_evals_per_agent_per_step": e.stats.grad_evals / (steps * self.n),
+            "bytes_sent": sent.clone(),  # [n, 2]: per agent, rounds 1 (models) and 2 (cross-gradients)
+            "bytes_per_agent_per_step": (sent.mean(0) / steps).tolist(),
+            "qp_failures": e.stats.qp_failures,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state)
