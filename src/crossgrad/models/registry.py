@@ -89,10 +89,12 @@ def check_min_size(model: str, input_shape: Sequence[int], min_hw: int, why: str
     """Raise a helpful ``ValueError`` if ``H`` or ``W`` is below ``min_hw``."""
     _, h, w = input_shape
     if h < min_hw or w < min_hw:
-        small = [m for m in ("cnn5", "lenet5", "resnet20", "mlp") if m != model]
+        # smallest H = W each built-in model accepts (lenet5 with its automatic padding)
+        mins = {"mlp": 1, "lenet5": 4, "resnet20": 4, "cnn5": 8, "mobilenetv2": 8, "vgg11": 32}
+        fits = [m for m, s in mins.items() if m != model and s <= min(h, w)]
         raise ValueError(
             f"{model} needs inputs of at least {min_hw}x{min_hw} ({why}); got {h}x{w}. "
-            f"For small inputs try one of: {', '.join(small)}"
+            f"Models that accept {h}x{w}: {', '.join(fits) or 'none'}"
         )
 
 
