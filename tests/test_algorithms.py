@@ -308,3 +308,17 @@ def test_bad_hyperparameters_are_clear_errors(kw):
 def test_unknown_algorithm():
     with pytest.raises(cg.ConfigError, match="available"):
         cg.make_algorithm("nope")
+
+
+@pytest.mark.parametrize("name", ["ngc", "cga", "dsgd"])
+def test_vmap_evaluator_matches_loop(name):
+    topo = Topology.ring(4)
+    batches = make_batches(4, 3)
+    kw = dict(lr=0.1, gamma=0.5, momentum=0.9, nesterov=True)
+    loop = cg.Simulator(tiny_model(), topo, cg.make_algorithm(name, **kw), evaluator="loop")
+    vmap = cg.Simulator(tiny_model(), topo, cg.make_algorithm(name, **kw), evaluator="vmap")
+    assert vmap.engine.evaluate_batched is not None
+    for b in batches:
+        loop.step(b)
+        vmap.step(b)
+    torch.testing.assert_close(vmap.params, loop.params, rtol=0, atol=1e-12)

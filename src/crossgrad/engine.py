@@ -7,6 +7,7 @@ the backend to move tensors and a gradient evaluator to run (model, minibatch) p
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,68 @@ class LoopEvaluator:
         return losses
 
 
+class VmapEvaluator:
+    """Evaluates all pairs at once with torch.func: vmap over (parameters, minibatch) of grad(loss).
+
+    Made for GPUs, where one batched kernel beats many small ones. It needs a model without
+    buffers (EvoNorm, GroupNorm or no norm) and minibatches of one shape; `supports` says so.
+    """
+
+    def __init__(self, model: nn.Module, layout: ParamLayout, loss_fn: LossFn):
+        self.model = copy.deepcopy(model).train()
+        self.layout = layout
+        names = layout.names
+
+        def loss_of(row: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
+            params = dict(zip(names, layout.views(row)))
+            out = torch.func.functional_call(self.model, params, (inputs,))
+            return loss_fn(out, targets)
+
+        self._grad = torch.func.vmap(torch.func.grad_and_value(loss_of))
+
+    @staticmethod
+    def supports(model: nn.Module, batches: Sequence[Batch]) -> bool:
+        if any(True for _ in model.buffers()):
+            return False
+        shapes = {(tuple(x.shape), tuple(y.shape)) for x, y in batches}
+        return len(shapes) == 1
+
+    def __call__(self, rows: Tensor, data: Sequence[int], batches: Sequence[Batch], out: Tensor,
+                 buffers: list[Tensor] | None = None, owners: Sequence[int] | None = None,
+                 keep_buffers: int = 0) -> Tensor:
+        index = torch.as_tensor(data, device=rows.device)
+        inputs = torch.stack([b[0] for b in batches]).index_select(0, index)
+        targets = torch.stack([b[1] for b in batches]).index_select(0, index)
+        grads, losses = self._grad(rows, inputs, targets)
+        out.copy_(grads)
+        return losses.detach()
+
+
+class PhaseClock:
+    """Wall time per phase of a step, off by default; on CUDA it synchronises to measure truly."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = False
+        self.totals: dict[str, float] = {}
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self._last = 0.0
+
+    def start(self) -> None:
+        if self.enabled:
+            self._sync()
+            self._last = time.perf_counter()
+
+    def tick(self, phase: str) -> None:
+        if self.enabled:
+            self._sync()
+            now = time.perf_counter()
+            self.totals[phase] = self.totals.get(phase, 0.0) + now - self._last
+            self._last = now
+
+    def reset(self) -> None:
+        self.totals.clear()
+
+
 @dataclass
 class StepStats:
     """Counters since the start of the run (restored with the engine's state)."""
@@ -100,7 +163,10 @@ class Engine:
         comm: Comm,
         loss_fn: LossFn,
         device: torch.device | str | None = None,
+        evaluator: str = "auto",
     ):
+        if evaluator not in ("auto", "loop", "vmap"):
+            raise ValueError(f"evaluator must be 'auto', 'loop' or 'vmap', not {evaluator!r}")
         self.algorithm = algorithm
         self.topology = topology
         self.comm = comm
@@ -134,10 +200,17 @@ class Engine:
             if algorithm.compress_self:
                 self.self_memory = torch.zeros_like(self.x)
         self.evaluate = LoopEvaluator(model, layout, loss_fn)
+        self.evaluate_batched: VmapEvaluator | None = None
+        has_buffers = bool(self.buffers)
+        if evaluator == "vmap" and has_buffers:
+            raise ValueError("evaluator='vmap' needs a model without buffers (use norm 'evonorm', 'group' or 'none')")
+        if evaluator == "vmap" or (evaluator == "auto" and self.device.type == "cuda" and not has_buffers):
+            self.evaluate_batched = VmapEvaluator(model, layout, loss_fn)
         n_pairs = n + (len(plan.in_src) if algorithm.cross_gradients else 0)
         self.grads = torch.empty(n_pairs, layout.size, dtype=self.dtype, device=dev)
         self._pair_data = list(range(n)) + (plan.in_dst.tolist() if algorithm.cross_gradients else [])
         self.stats = StepStats()
+        self.clock = PhaseClock(self.device)
         #: the last step's self, model-variant and data-variant gradients (for diagnostics)
         self.last: dict[str, Tensor | None] = {}
 
@@ -152,30 +225,45 @@ class Engine:
         n = plan.n_local
         if len(batches) != n:
             raise ValueError(f"step() needs one minibatch per agent: got {len(batches)}, expected {n}")
+        clock = self.clock
+        clock.start()
         x = self.x
         neighbours = self.comm.exchange(x)  # round 1: x_j^t for every in-edge
+        clock.tick("exchange")
         x_half = x * self.gossip_self.unsqueeze(1)
         x_half.index_add_(0, plan.in_dst, neighbours * self.gossip_in.unsqueeze(1))
         rows = torch.cat([x_half, neighbours]) if algo.cross_gradients else x_half
-        losses = self.evaluate(rows, self._pair_data, batches, self.grads, self.buffers,
-                               owners=self._pair_data, keep_buffers=n)
+        clock.tick("gossip")
+        evaluate = self.evaluate
+        if self.evaluate_batched is not None and VmapEvaluator.supports(self.evaluate.worker, batches):
+            evaluate = self.evaluate_batched
+        losses = evaluate(rows, self._pair_data, batches, self.grads, self.buffers,
+                          owners=self._pair_data, keep_buffers=n)
         self._check_finite(losses[:n], "loss")
+        clock.tick("gradients")
         g_self, mv = self.grads[:n], (self.grads[n:] if algo.cross_gradients else None)
         dv = None
         if self.compressor is not None:
             payload, mv = error_feedback(self.compressor, mv, self.edge_memory)
             if self.self_memory is not None:
                 g_self = error_feedback(self.compressor, g_self, self.self_memory)[1]
+            clock.tick("compress")
             if algo.round2:
-                dv = self.compressor.decode(self.comm.exchange_edges(payload), self.dtype)
+                received = self.comm.exchange_edges(payload)
+                clock.tick("exchange")
+                dv = self.compressor.decode(received, self.dtype)
+                clock.tick("compress")
         elif algo.round2:
             dv = self.comm.exchange_edges((mv,))[0]
+            clock.tick("exchange")
         self.last = {"g_self": g_self, "mv": mv, "dv": dv}
         d = algo.combine(self.ctx, g_self, mv, dv, self.algo_state)
+        clock.tick("combine")
         if algo.weight_decay:
             d = d.add(x_half, alpha=algo.weight_decay)
         d = self.momentum.direction(d, x_half, self.lr)
         self.x = x_half.sub_(d, alpha=self.lr)
+        clock.tick("update")
         self.stats.steps += 1
         self.stats.grad_evals += len(self._pair_data)
         self.stats.qp_failures = self.algo_state.get("qp_failures", 0)

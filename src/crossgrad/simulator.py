@@ -18,6 +18,8 @@ class Simulator:
 
     Computation happens in the model's dtype and on its device (or `device`). `params` is the
     [n, P] parameter matrix, row i = agent i, flattened in `model.parameters()` order.
+    `evaluator`: "loop" evaluates (model, minibatch) pairs one by one (best on CPU), "vmap" all at
+    once with torch.func (best on GPU; buffer-free models), "auto" picks by device.
     """
 
     def __init__(
@@ -27,10 +29,11 @@ class Simulator:
         algorithm: Algorithm,
         loss_fn: LossFn = torch.nn.functional.cross_entropy,
         device: torch.device | str | None = None,
+        evaluator: str = "auto",
     ):
         self.topology = topology
         comm = LocalComm(topology.edges, topology.n, device=device or next(model.parameters()).device)
-        self.engine = Engine(model, topology, algorithm, comm, loss_fn, device=device)
+        self.engine = Engine(model, topology, algorithm, comm, loss_fn, device=device, evaluator=evaluator)
         self.model = model
 
     @property

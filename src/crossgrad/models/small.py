@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 import torch.nn as nn
@@ -34,7 +35,7 @@ class MLP(nn.Module):
         dims = [in_features, *(int(h) for h in hidden)]
         if min(dims) < 1:
             raise ValueError(f"hidden sizes must be positive, got {tuple(hidden)}")
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(dims))
         self.head = nn.Linear(dims[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

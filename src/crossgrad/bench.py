@@ -1,0 +1,175 @@
+"""Throughput of the simulator against the compute bound, per-phase overheads, and scaling in n.
+
+The *bound* is a plain PyTorch loop doing exactly the simulator's forward/backward passes (same
+model, batch size and number of passes per step) on one model and nothing else; the ratio
+simulator samples/s / bound samples/s says how close the simulator is to pure gradient work.
+"""
+from __future__ import annotations
+
+import gc
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from crossgrad.algorithms import make_algorithm
+from crossgrad.models import make_model
+from crossgrad.simulator import Simulator
+from crossgrad.topology import make_topology
+
+#: the algorithm settings the bench compares, by label
+BENCH_ALGORITHMS: dict[str, tuple[str, dict]] = {
+    "dsgd": ("dsgd", dict(momentum=0.9, nesterov=True)),
+    "ngc(a=1)": ("ngc", dict(alpha=1.0, momentum=0.9, nesterov=True)),
+    "ngc(a=0)": ("ngc", dict(alpha=0.0, momentum=0.9, nesterov=True)),
+    "compngc": ("compngc", dict(momentum=0.9, nesterov=True)),
+    "cga": ("cga", dict(momentum=0.9, nesterov=True)),
+    "compcga": ("compcga", dict(momentum=0.9, nesterov=True)),
+}
+
+
+def _batches(n: int, batch: int, input_shape: tuple[int, ...], classes: int, pool: int, device) -> list:
+    g = torch.Generator().manual_seed(0)
+    return [
+        [(torch.randn(batch, *input_shape, generator=g).to(device),
+          torch.randint(0, classes, (batch,), generator=g).to(device)) for _ in range(n)]
+        for _ in range(pool)
+    ]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bound_samples_per_s(model: nn.Module, batches: list, passes: int, steps: int, device) -> float:
+    """A plain loop: `passes` forward/backward passes per step on one model, nothing else."""
+    model = model.to(device).train()
+    flat = [b for step in batches for b in step]
+    for x, y in flat[:3]:  # warm-up
+        nn.functional.cross_entropy(model(x), y).backward()
+    _sync(device)
+    start = time.perf_counter()
+    k = 0
+    for _ in range(steps):
+        for _ in range(passes):
+            x, y = flat[k % len(flat)]
+            k += 1
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+    _sync(device)
+    return steps * passes * flat[0][0].shape[0] / (time.perf_counter() - start)
+
+
+@dataclass
+class SimResult:
+    label: str
+    samples_per_s: float
+    step_s: float
+    passes_per_step: int
+    phases: dict[str, float]  # fraction of step time
+
+
+def sim_samples_per_s(model: nn.Module, topology, label: str, batches: list, steps: int, device,
+                      evaluator: str = "auto") -> SimResult:
+    name, kw = BENCH_ALGORITHMS[label]
+    sim = Simulator(model, topology, make_algorithm(name, lr=0.01, **kw), device=device, evaluator=evaluator)
+    sim.step(batches[0])  # warm-up
+    engine = sim.engine
+    engine.clock.enabled = True
+    engine.clock.reset()
+    evals0 = engine.stats.grad_evals
+    _sync(device)
+    start = time.perf_counter()
+    for t in range(steps):
+        sim.step(batches[t % len(batches)])
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    evals = engine.stats.grad_evals - evals0
+    total = sum(engine.clock.totals.values()) or 1.0
+    phases = {k: v / total for k, v in engine.clock.totals.items()}
+    batch = batches[0][0][0].shape[0]
+    return SimResult(label, evals * batch / elapsed, elapsed / steps, evals // (steps * topology.n), phases)
+
+
+def throughput_table(model_name: str, input_shape: tuple[int, ...], n: int = 16, batch: int = 32,
+                     steps: int = 5, topology: str = "ring", algorithms: list[str] | None = None,
+                     device: str = "cpu", evaluator: str = "auto") -> list[dict]:
+    """Simulator vs bound for each algorithm; one row each."""
+    dev = torch.device(device)
+    topo = make_topology(topology, n)
+    rows = []
+    for label in algorithms or list(BENCH_ALGORITHMS):
+        torch.manual_seed(0)
+        model = make_model(model_name, input_shape=input_shape, num_classes=10)
+        batches = _batches(n, batch, input_shape, 10, pool=2, device=dev)
+        res = sim_samples_per_s(model, topo, label, batches, steps, dev, evaluator)
+        torch.manual_seed(0)
+        bound = bound_samples_per_s(make_model(model_name, input_shape=input_shape, num_classes=10), batches,
+                                    passes=n * res.passes_per_step, steps=steps, device=dev)
+        rows.append({
+            "model": model_name, "algorithm": label, "agents": n, "passes/agent/step": res.passes_per_step,
+            "sim samples/s": res.samples_per_s, "bound samples/s": bound, "ratio": res.samples_per_s / bound,
+            "step ms": res.step_s * 1e3,
+            **{f"{k} %": 100 * v for k, v in sorted(res.phases.items()) if k != "gradients"},
+        })
+        del model, batches
+        gc.collect()
+    return rows
+
+
+def state_bytes(sim: Simulator) -> int:
+    """Bytes of the engine's per-agent tensors (parameters, gradients, neighbours, momentum, memories)."""
+    e = sim.engine
+    tensors = [e.x, e.grads, e.momentum.m, e.momentum.m_hat, e.momentum.x_prev, e.edge_memory, e.self_memory,
+               *e.buffers]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def scaling_table(model_name: str = "lenet5", input_shape: tuple[int, ...] = (1, 28, 28),
+                  sizes: tuple[int, ...] = (8, 16, 32, 64, 128, 256), topologies: tuple[str, ...] = ("ring",),
+                  label: str = "ngc(a=1)", batch: int = 32, steps: int = 2, device: str = "cpu") -> list[dict]:
+    """Step time per forward/backward pass and state memory per agent as n grows."""
+    dev = torch.device(device)
+    rows = []
+    for topo_name in topologies:
+        for n in sizes:
+            topo = make_topology(topo_name, n)
+            torch.manual_seed(0)
+            model = make_model(model_name, input_shape=input_shape, num_classes=10)
+            batches = _batches(n, batch, input_shape, 10, pool=1, device=dev)
+            name, kw = BENCH_ALGORITHMS[label]
+            sim = Simulator(model, topo, make_algorithm(name, lr=0.01, **kw), device=dev)
+            sim.step(batches[0])
+            start = time.perf_counter()
+            for _ in range(steps):
+                sim.step(batches[0])
+            _sync(dev)
+            step_s = (time.perf_counter() - start) / steps
+            passes = sim.stats["grad_evals"] // sim.stats["steps"]
+            rows.append({
+                "topology": topo_name, "agents": n, "passes/step": passes, "step s": step_s,
+                "ms per pass": 1e3 * step_s / passes, "state MiB": state_bytes(sim) / 2**20,
+                "state KiB/agent": state_bytes(sim) / n / 2**10,
+                "peak RSS MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            })
+            del sim, batches
+            gc.collect()
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)"
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    cols = [[k] + [cell(r.get(k, "")) for r in rows] for k in keys]
+    widths = [max(len(c) for c in col) for col in cols]
+    lines = [" | ".join(col[i].rjust(w) for col, w in zip(cols, widths)) for i in range(len(rows) + 1)]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)

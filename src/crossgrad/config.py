@@ -1,0 +1,412 @@
+"""Typed run configuration: TOML in, `--set section.key=value` overrides, one clear error out.
+
+A config file has the sections below (every key optional; defaults shown by `Config()`)::
+
+    backend = "sim"                 # "sim" (in-process simulator) or "dist" (torch.distributed)
+
+    [data]
+    name = "digits"                 # digits | mnist | fashion-mnist | cifar10 | synthetic ...
+    data_dir = "shared/data/mnist"  # where the files are (not needed for digits)
+    partition = "label_sorted"      # label_sorted | iid | dirichlet | shards
+    beta = 0.5                      # Dirichlet concentration
+    shards_per_agent = 2            # shards partition
+    augment = false                 # random crop + flip (image datasets)
+
+    [model]
+    name = "lenet5"
+    norm = "evonorm"                # evonorm | group | batch | none
+
+    [topology]
+    name = "ring"
+    n_agents = 5
+    weights = "uniform"             # mixing matrix: uniform | metropolis (see crossgrad.topology)
+
+    [algorithm]
+    name = "ngc"                    # dsgd | ngc | compngc | cga | compcga
+    lr = 0.1 ...                    # only the hyperparameters the algorithm accepts are passed
+
+    [training]
+    batch_size = 32                 # per agent
+    epochs = 10                     # or steps = 1000 (steps wins when set)
+    lr_schedule = "constant"        # constant | multistep (x0.1 at 50% and 75%) | cosine
+    ...
+
+    [output]
+    out_dir = "runs"
+    name = "my-run"                 # default: derived from method, setting and seed
+
+Overrides use one convention, ``section.key=value`` with the value parsed as a TOML literal
+(``algorithm.alpha=0``, ``data.name="mnist"``); a value that is not a TOML literal is taken as
+a bare string (``data.name=mnist``). Top-level keys have no section (``backend=dist``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from crossgrad.algorithms import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "AlgorithmConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "OutputConfig",
+    "TopologyConfig", "TrainingConfig", "apply_overrides", "config_from_dict", "dump_toml", "load_config",
+    "method_label", "parse_override", "setting_label", "ALGORITHM_KEYS",
+]
+
+PARTITIONS = ("label_sorted", "iid", "dirichlet", "shards")
+SCHEDULES = ("constant", "multistep", "cosine")
+BACKENDS = ("sim", "dist")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    data_dir: str | None = None
+    partition: str = "label_sorted"
+    beta: float = 0.5
+    shards_per_agent: int = 2
+    augment: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lenet5"
+    norm: str = "evonorm"
+
+
+@dataclass
+class TopologyConfig:
+    name: str = "ring"
+    n_agents: int = 5
+    weights: str = "uniform"
+    #: extra keyword arguments for crossgrad.topology.make_topology (e.g. {p = 0.3} for erdos_renyi)
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "ngc"
+    lr: float = 0.1
+    gamma: float = 1.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    qgm: bool = False
+    weight_decay: float = 0.0
+    alpha: float = 1.0           # ngc, compngc
+    compress_self: bool = True   # compngc, compcga
+    weights: str = "mixing"      # combine weights for ngc/cga families: "mixing" (W) or "uniform" (1/(k+1))
+    margin: float = 0.5          # cga, compcga
+    eps: float = 1e-12           # cga, compcga
+
+
+#: the algorithm hyperparameter keys (everything in [algorithm] but `name`)
+ALGORITHM_KEYS = tuple(f.name for f in fields(AlgorithmConfig) if f.name != "name")
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 32
+    epochs: int = 10
+    steps: int | None = None
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    eval_every: int = 1                  # epochs
+    eval_every_steps: int | None = None  # evaluate every k steps instead (when set)
+    eval_batch_size: int = 1024
+    seed: int = 0
+    checkpoint_every: int = 1            # epochs; 0 = only on Ctrl-C and at the end
+    device: str = "auto"                 # auto | cpu | cuda | cuda:1 ...
+
+
+@dataclass
+class OutputConfig:
+    out_dir: str = "runs"
+    name: str | None = None
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    backend: str = "sim"
+
+    # ------------------------------------------------------------------ conversions
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def algorithm_kwargs(self) -> dict[str, Any]:
+        """The [algorithm] hyperparameters the chosen algorithm accepts (others are not passed)."""
+        from crossgrad.algorithms import ALGORITHMS
+
+        cls = ALGORITHMS.get(self.algorithm.name.lower())
+        if cls is None:
+            raise ConfigError(f"unknown algorithm {self.algorithm.name!r}; "
+                              f"available: {', '.join(sorted(ALGORITHMS))}")
+        accepted = {f.name for f in fields(cls)}
+        return {k: getattr(self.algorithm, k) for k in ALGORITHM_KEYS if k in accepted}
+
+    def make_algorithm(self):
+        from crossgrad.algorithms import make_algorithm
+
+        return make_algorithm(self.algorithm.name, **self.algorithm_kwargs())
+
+    def validate(self) -> Config:
+        """Checks that need no data: ranges, choices, and the algorithm's own validation."""
+        d, t, tr = self.data, self.topology, self.training
+        if d.partition not in PARTITIONS:
+            raise ConfigError(f"data.partition must be one of {', '.join(PARTITIONS)}, not {d.partition!r}")
+        if d.partition == "dirichlet" and not (d.beta > 0 and math.isfinite(d.beta)):
+            raise ConfigError(f"data.beta must be a positive number, not {d.beta}")
+        if d.partition == "shards" and d.shards_per_agent < 1:
+            raise ConfigError(f"data.shards_per_agent must be >= 1, not {d.shards_per_agent}")
+        if t.n_agents < 1:
+            raise ConfigError(f"topology.n_agents must be >= 1, not {t.n_agents}")
+        if tr.batch_size < 1:
+            raise ConfigError(f"training.batch_size must be >= 1, not {tr.batch_size}")
+        if tr.steps is None and tr.epochs < 1:
+            raise ConfigError(f"training.epochs must be >= 1, not {tr.epochs}")
+        if tr.steps is not None and tr.steps < 1:
+            raise ConfigError(f"training.steps must be >= 1, not {tr.steps}")
+        if tr.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"training.lr_schedule must be one of {', '.join(SCHEDULES)}, "
+                              f"not {tr.lr_schedule!r}")
+        for key in ("warmup_steps", "checkpoint_every"):
+            if getattr(tr, key) < 0:
+                raise ConfigError(f"training.{key} must be >= 0, not {getattr(tr, key)}")
+        if tr.eval_every < 1:
+            raise ConfigError(f"training.eval_every must be >= 1 (epochs), not {tr.eval_every}")
+        if tr.eval_every_steps is not None and tr.eval_every_steps < 1:
+            raise ConfigError(f"training.eval_every_steps must be >= 1, not {tr.eval_every_steps}")
+        if tr.eval_batch_size < 1:
+            raise ConfigError(f"training.eval_batch_size must be >= 1, not {tr.eval_batch_size}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", tr.device):
+            raise ConfigError(f"training.device must be auto, cpu, cuda or cuda:N, not {tr.device!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.output.name is not None and (not self.output.name or "/" in self.output.name
+                                             or self.output.name in (".", "..")):
+            raise ConfigError(f"output.name must be a plain directory name, not {self.output.name!r}")
+        self.make_algorithm()  # unknown algorithm, alpha outside [0, 1], gamma <= 0, ...
+        return self
+
+    # ------------------------------------------------------------------ labels
+    @property
+    def method(self) -> str:
+        return method_label(self)
+
+    @property
+    def setting(self) -> str:
+        return setting_label(self)
+
+    def run_name(self) -> str:
+        if self.output.name:
+            return self.output.name
+        slug = re.sub(r"[^a-z0-9.]+", "-", self.method.lower().replace("α", "a")).strip("-")
+        return f"{slug}_{self.setting.replace('/', '_')}_s{self.training.seed}"
+
+
+def _fmt_num(v: float) -> str:
+    return f"{v:g}"
+
+
+def method_label(cfg: Config) -> str:
+    """A readable label: "NGC (α=1)", "DSGDm-N", "QGM", "CompNGC", "CGA", ..."""
+    a = cfg.algorithm
+    name = a.name.lower()
+    if name == "dsgd":
+        if a.qgm:
+            return "QGM"
+        if a.momentum > 0:
+            return "DSGDm-N" if a.nesterov else "DSGDm"
+        return "DSGD"
+    if name == "ngc":
+        return f"NGC (α={_fmt_num(a.alpha)})"
+    if name == "compngc":
+        return "CompNGC" if a.alpha == 1 else f"CompNGC (α={_fmt_num(a.alpha)})"
+    return {"cga": "CGA", "compcga": "CompCGA"}.get(name, a.name)
+
+
+def setting_label(cfg: Config) -> str:
+    """E.g. "digits/label_sorted/ring-5" (Dirichlet adds its beta)."""
+    part = cfg.data.partition
+    if part == "dirichlet":
+        part += f"-{_fmt_num(cfg.data.beta)}"
+    elif part == "shards":
+        part += f"-{cfg.data.shards_per_agent}"
+    return f"{cfg.data.name}/{part}/{cfg.topology.name}-{cfg.topology.n_agents}"
+
+
+# ---------------------------------------------------------------------- dict -> typed config
+_SECTIONS = {f.name: f for f in fields(Config) if dataclasses.is_dataclass(f.default_factory)}
+_TOP_KEYS = {f.name for f in fields(Config) if f.name not in _SECTIONS}
+
+
+def _coerce(where: str, value: Any, hint: Any) -> Any:
+    """Check a TOML value against a field's type hint (ints are accepted for floats)."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} must not be empty")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif base is str:
+        if isinstance(value, str):
+            return value
+    elif base is dict or typing.get_origin(base) is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:  # pragma: no cover
+        return value
+    tname = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(base, "a table")
+    raise ConfigError(f"{where} must be {tname}, not {value!r}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config from nested plain data (as read from TOML); unknown sections/keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a table of sections")
+    cfg = Config()
+    top_hints = _hints(Config)
+    for key, value in data.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{key}] must be a table")
+            section = getattr(cfg, key)
+            hints = _hints(type(section))
+            for k, v in value.items():
+                if k not in hints:
+                    known = ", ".join(hints)
+                    raise ConfigError(f"{source}: unknown key {key}.{k}; [{key}] takes: {known}")
+                setattr(section, k, _coerce(f"{key}.{k}", v, hints[k]))
+        elif key in _TOP_KEYS:
+            setattr(cfg, key, _coerce(key, value, top_hints[key]))
+        else:
+            raise ConfigError(f"{source}: unknown section or key {key!r}; known sections: "
+                              f"{', '.join(_SECTIONS)}; top-level keys: {', '.join(sorted(_TOP_KEYS))}")
+    return cfg
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(p)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {str(p)!r}: {e}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """"section.key=value" -> (["section", "key"], value); the value is a TOML literal or a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    path = key.split(".")
+    if not key or any(not p for p in path) or len(path) > 2:
+        raise ConfigError(f"--set expects section.key=value (or a top-level key=value), got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string such as data.name=mnist
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to nested plain data (a copy is returned)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for text in overrides or []:
+        path, value = parse_override(text)
+        if len(path) == 1:
+            if path[0] in _SECTIONS:
+                raise ConfigError(f"--set {text!r}: {path[0]!r} is a section; use {path[0]}.KEY=VALUE")
+            out[path[0]] = value
+        else:
+            section, key = path
+            if section not in _SECTIONS:
+                raise ConfigError(f"--set {text!r}: unknown section {section!r}; "
+                                  f"known sections: {', '.join(_SECTIONS)}")
+            out.setdefault(section, {})
+            if not isinstance(out[section], dict):
+                raise ConfigError(f"[{section}] must be a table")
+            out[section][key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or start from defaults), apply overrides, validate. Raises ConfigError."""
+    data = read_toml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    return config_from_dict(data, str(path) if path is not None else "config").validate()
+
+
+# ------------------------------------------------------------------------------ TOML writing
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Write nested plain data (top-level scalars, then one table per section) as TOML. None is omitted."""
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items()
+             if not isinstance(v, dict) and v is not None]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            if lines:
+                lines.append("")
+            lines.append(f"[{_toml_key(k)}]")
+            lines += [f"{_toml_key(kk)} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]
+    return "\n".join(lines) + "\n"

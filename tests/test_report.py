@@ -1,0 +1,212 @@
+"""Tests for crossgrad.report on synthetic run directories (no training involved)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+
+import pytest
+
+from crossgrad import report
+
+SETTING = "digits/label_sorted/ring-5"
+ACC = {  # method -> final consensus acc per seed (completed runs)
+    "NGC (α=1)": [0.91, 0.88, 0.86],
+    "DSGDm-N": [0.71, 0.75, 0.62],
+}
+LOCAL = {"NGC (α=1)": [0.90, 0.87, 0.85], "DSGDm-N": [0.65, 0.70, 0.55]}
+BYTES = {"NGC (α=1)": [1000, 1000], "DSGDm-N": [1000, 0]}
+
+
+def _write_run(d, method, seed, acc, local, status="completed", n_epochs=4, alpha=None, bytes_=None):
+    d.mkdir(parents=True)
+    summary = {
+        "method": method, "setting": SETTING, "seed": seed, "status": status,
+        "final": {"consensus_acc": acc, "consensus_loss": 0.5, "local_acc_mean": local,
+                  "local_acc_min": local - 0.1, "local_acc_max": local + 0.05,
+                  "consensus_distance": 1e-3},
+        "best_consensus_acc": acc + 0.01, "steps": 100, "epochs": n_epochs,
+        "wall_time_s": 10.0 + seed, "bytes_per_agent_per_step": bytes_ or [1000, 1000],
+        "grad_evals_per_agent_per_step": 2 if method.startswith("NGC") else 1,
+        "qp_failures": 0, "peak_memory_mb": 12.0,
+    }
+    if alpha is not None:
+        summary["config"] = {"algorithm": {"name": "ngc", "alpha": alpha}}
+    (d / "summary.json").write_text(json.dumps(summary))
+    with open(d / "metrics.jsonl", "w") as f:
+        for e in range(1, n_epochs + 1):
+            f.write(json.dumps({
+                "epoch": e, "step": 25 * e, "consensus_acc": acc * e / n_epochs,
+                "consensus_loss": 1.0 / e, "local_acc_mean": local, "local_acc_min": local,
+                "local_acc_max": local, "train_loss": 2.0 / e + 0.01 * seed,
+                "consensus_distance": 10.0 ** (-e), "bias_mv": None, "bias_dv": None,
+                "lr": 0.1, "wall_time_s": float(e)}) + "\n")
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = tmp_path / "results"
+    for method, accs in ACC.items():
+        slug = "ngc" if method.startswith("NGC") else "dsgdm"
+        for seed, (a, l) in enumerate(zip(accs, LOCAL[method])):
+            _write_run(root / slug / f"seed{seed}", method, seed, a, l, bytes_=BYTES[method])
+    # a failed run: must be counted and flagged, not averaged
+    _write_run(root / "dsgdm" / "seed3", "DSGDm-N", 3, 0.10, 0.10, status="failed", n_epochs=2,
+               bytes_=BYTES["DSGDm-N"])
+    # a crashed run: metrics but no summary -> skipped with a warning
+    crashed = root / "ngc" / "seed9"
+    crashed.mkdir()
+    (crashed / "metrics.jsonl").write_text('{"epoch": 1, "consensus_acc": 0.5}\n')
+    return root
+
+
+def _row(rows, method):
+    (r,) = [r for r in rows if r.method == method]
+    return r
+
+
+def test_collect_finds_runs_and_warns(results, capsys):
+    runs = report.collect([results])
+    assert len(runs) == 7
+    err = capsys.readouterr().err
+    assert "seed9" in err and "summary.json" in err
+
+
+def test_collect_warns_on_bad_json(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "summary.json").write_text("{not json")
+    assert report.collect([tmp_path]) == []
+    err = capsys.readouterr().err
+    assert str(bad / "summary.json") in err
+
+
+def test_aggregate_numbers(results):
+    rows = report.aggregate(report.collect([results]))
+    assert {(r.setting, r.method) for r in rows} == {(SETTING, m) for m in ACC}
+    for method, accs in ACC.items():
+        r = _row(rows, method)
+        st = r.stats["consensus_acc"]
+        assert st.n == 3
+        assert st.mean == pytest.approx(statistics.fmean(accs))
+        assert st.std == pytest.approx(statistics.stdev(accs))  # sample std, ddof=1
+        lo = r.stats["local_acc_mean"]
+        assert lo.mean == pytest.approx(statistics.fmean(LOCAL[method]))
+        assert lo.std == pytest.approx(statistics.stdev(LOCAL[method]))
+        best = r.stats["best_consensus_acc"]
+        assert best.mean == pytest.approx(statistics.fmean(accs) + 0.01)
+        assert r.stats["bytes_round1"].mean == BYTES[method][0]
+        assert r.stats["bytes_round2"].mean == BYTES[method][1]
+        assert r.stats["wall_time_s"].mean == pytest.approx(11.0)  # seeds 0,1,2
+        assert r.seeds == [0, 1, 2]
+    assert _row(rows, "NGC (α=1)").stats["grad_evals"].mean == 2
+
+
+def test_failed_runs_flagged_not_averaged(results):
+    rows = report.aggregate(report.collect([results]))
+    d = _row(rows, "DSGDm-N")
+    assert (d.n_runs, d.n_completed) == (4, 3)
+    assert d.incomplete == {"failed": 1}
+    assert any("failed" in f for f in d.flags)
+    assert d.stats["consensus_acc"].mean == pytest.approx(statistics.fmean(ACC["DSGDm-N"]))
+    n = _row(rows, "NGC (α=1)")
+    assert n.flags == [] and n.incomplete == {}
+
+
+def test_single_seed_std_zero_and_labelled(tmp_path):
+    _write_run(tmp_path / "r", "CompNGC", 0, 0.5, 0.4)
+    (row,) = report.aggregate(report.collect([tmp_path]))
+    assert row.stats["consensus_acc"].std == 0.0
+    text = report.format_table([row])
+    assert "50.00 ± 0.00 (n=1)" in text
+
+
+def test_missing_optional_keys_blank(tmp_path):
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps(
+        {"method": "X", "setting": "s", "seed": 0, "status": "completed",
+         "final": {"consensus_acc": 0.3}}))
+    (row,) = report.aggregate(report.collect([tmp_path]))
+    assert row.stats["local_acc_mean"] is None and row.stats["bytes_round1"] is None
+    for fmt in ("text", "markdown", "csv"):
+        assert "30.0" in report.format_table([row], fmt)
+
+
+def test_markdown_and_csv(results):
+    rows = report.aggregate(report.collect([results]))
+    md = report.format_table(rows, "markdown")
+    lines = md.strip().splitlines()
+    assert lines[0].startswith("| setting | method |")
+    assert set(lines[1]) <= set("|:-")
+    assert len(lines) == 2 + len(rows)
+    ngc = statistics.fmean(ACC["NGC (α=1)"]) * 100, statistics.stdev(ACC["NGC (α=1)"]) * 100
+    assert f"{ngc[0]:.2f} ± {ngc[1]:.2f}" in md
+    assert "1 failed" in md
+    assert "1.00 kB" in md
+
+    parsed = list(csv.DictReader(io.StringIO(report.format_table(rows, "csv"))))
+    assert len(parsed) == 2
+    by_method = {p["method"]: p for p in parsed}
+    for method, accs in ACC.items():
+        p = by_method[method]
+        assert p["setting"] == SETTING
+        assert float(p["consensus_acc_pct_mean"]) == pytest.approx(100 * statistics.fmean(accs))
+        assert float(p["consensus_acc_pct_std"]) == pytest.approx(100 * statistics.stdev(accs))
+        assert int(p["consensus_acc_n"]) == 3
+    assert by_method["DSGDm-N"]["n_runs"] == "4"
+    assert by_method["DSGDm-N"]["incomplete"] == "failed=1"
+    assert "failed" in by_method["DSGDm-N"]["flags"]
+
+    text = report.format_table(rows, "text")
+    assert "DSGDm-N" in text and "3/4" in text
+    with pytest.raises(ValueError):
+        report.format_table(rows, "html")
+
+
+def test_report_main_writes_files(results, capsys):
+    assert report.report_main([results]) == 0
+    out = capsys.readouterr().out
+    assert "NGC (α=1)" in out and "report.md" in out
+    md = (results / "report.md").read_text()
+    assert "DSGDm-N" in md and "seed3" in md  # the failed run is named
+    assert (results / "report.csv").read_text().startswith("setting,method,")
+
+
+def test_report_main_empty(tmp_path, capsys):
+    assert report.report_main([tmp_path]) == 2
+    assert "no runs found" in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_plot_main(results, tmp_path, capsys):
+    out = tmp_path / "figs"
+    assert report.plot_main([results], out=out) == 0
+    slug = "digits-label_sorted-ring-5"
+    for ext in ("png", "svg"):
+        f = out / f"curves_{slug}.{ext}"
+        assert f.is_file() and f.stat().st_size > 1000
+    assert (out / f"curves_{slug}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in (out / f"curves_{slug}.svg").read_text()
+    assert str(out) in capsys.readouterr().out
+    assert report.plot_main([tmp_path / "nothing"]) == 2
+
+
+def test_plot_alpha_sweep(tmp_path):
+    for i, a in enumerate([0.0, 0.5, 1.0]):
+        for seed in range(2):
+            _write_run(tmp_path / "runs" / f"a{i}s{seed}", f"NGC (α={a:g})", seed,
+                       0.6 + 0.1 * a + 0.01 * seed, 0.5, alpha=a)
+    rows = report.aggregate(report.collect([tmp_path / "runs"]))
+    written = report.plot_alpha_sweep(rows, tmp_path / "out")
+    assert sorted(p.suffix for p in written) == [".png", ".svg"]
+    assert all(p.stat().st_size > 0 for p in written)
+    assert report.plot_alpha_sweep([], tmp_path / "none") == []
+
+
+def test_cli_main(results, capsys):
+    assert report.main([str(results)]) == 0
+    assert report.main(["plot", str(results), "--metrics", "consensus_acc"]) == 0
+    out = capsys.readouterr().out
+    assert "report.md" in out and "curves_" in out
