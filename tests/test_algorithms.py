@@ -15,7 +15,7 @@ from torch import nn
 import crossgrad as cg
 from crossgrad.topology import Topology
 
-torch.set_default_dtype(torch.float64)
+
 
 
 def tiny_model(seed: int = 0) -> nn.Module:

@@ -82,6 +82,8 @@ class DataConfig:
 class ModelConfig:
     name: str = "lenet5"
     norm: str = "evonorm"
+    #: extra keyword arguments for the model builder (e.g. {width = 0.5})
+    options: dict = field(default_factory=dict)
 
 
 @dataclass

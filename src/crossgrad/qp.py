@@ -38,10 +38,12 @@ __all__ = ["ENUMERATE_MAX_K", "build_qp", "cga_project", "kkt_residual", "solve_
 Method = Literal["auto", "enumerate", "active_set"]
 
 #: ``method="auto"`` enumerates all free sets up to this many variables, else uses the active set.
-ENUMERATE_MAX_K = 4
+ENUMERATE_MAX_K = 3
 _EPS64 = torch.finfo(torch.float64).eps
 # Elements of the [B, 2^k, k, k] work tensor processed at once by the enumeration method.
 _ENUM_CHUNK_ELEMS = 1 << 22
+# Largest k solved with the vectorised Cholesky kernel; LAPACK (one call per matrix) beyond.
+_VECTORISED_MAX_K = 8
 
 
 def _masked_cholesky_solve(A: Tensor, b: Tensor, piv_tol: float) -> tuple[Tensor, Tensor]:
@@ -78,6 +80,44 @@ def _masked_cholesky_solve(A: Tensor, b: Tensor, piv_tol: float) -> tuple[Tensor
     return x, dropped
 
 
+def _spd_solve(A: Tensor, b: Tensor, piv_tol: float) -> tuple[Tensor, Tensor]:
+    """``_masked_cholesky_solve`` semantics, via batched LAPACK for larger ``k``.
+
+    The vectorised kernel costs ``O(k)`` Python-level steps over the whole batch, which stops paying
+    off around ``k ≈ 12``; there one LAPACK Cholesky per matrix is used and only the (rare) matrices
+    with a vanishing pivot go through the dropping kernel.
+    """
+    n = A.shape[-1]
+    if n <= _VECTORISED_MAX_K:
+        return _masked_cholesky_solve(A, b, piv_tol)
+    batch = b.shape[:-1]
+    A, b = A.reshape(-1, n, n), b.reshape(-1, n)
+    L, info = torch.linalg.cholesky_ex(A)
+    x = torch.cholesky_solve(b[..., None], L).squeeze(-1)
+    piv = L.diagonal(dim1=-2, dim2=-1)
+    bad = (info != 0) | ~(piv * piv > piv_tol).all(dim=-1) | ~torch.isfinite(x).all(dim=-1)
+    dropped = torch.zeros(b.shape, dtype=torch.bool, device=b.device)
+    if bool(bad.any()):
+        sel = bad.nonzero().squeeze(1)
+        xb, db = _masked_cholesky_solve(A.index_select(0, sel), b.index_select(0, sel), piv_tol)
+        x = x.index_copy(0, sel, xb)
+        dropped = dropped.index_copy(0, sel, db)
+    return x.reshape(*batch, n), dropped.reshape(*batch, n)
+
+
+def _first_argmin(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Minimum over the last dim and the first index attaining it (NaN rows give index ``k``).
+
+    Built from ``amin`` because ``min(dim)``/``argmin`` and advanced indexing are surprisingly slow
+    for small tensors on some multi-threaded CPU builds.
+    """
+    n = x.shape[-1]
+    m = x.amin(dim=-1)
+    cols = torch.arange(n, device=x.device)
+    idx = torch.where(x == m[..., None], cols, n).amin(dim=-1)
+    return m, idx
+
+
 def _face_system(Qs: Tensor, cs: Tensor, free: Tensor) -> tuple[Tensor, Tensor]:
     """Masked system of the sub-problem with ``free`` variables unconstrained and the rest at 0."""
     pair = free[..., :, None] & free[..., None, :]
@@ -88,7 +128,11 @@ def _face_system(Qs: Tensor, cs: Tensor, free: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _solve_enumerate(Qs: Tensor, cs: Tensor, var: Tensor, piv_tol: float) -> Tensor:
-    """Exact minimiser of ½uᵀQu + cᵀu, u ≥ 0, by trying all 2^k free sets (k small)."""
+    """Exact minimiser of ½uᵀQu + cᵀu, u ≥ 0, by trying all 2^k free sets (k small).
+
+    Every candidate is clipped to u ≥ 0 and scored with the true objective, so a candidate spoiled
+    by rounding can only lose, never be picked as a spurious optimum.
+    """
     B, n = cs.shape
     S = 1 << n
     bits = (torch.arange(S, device=cs.device)[:, None] >> torch.arange(n, device=cs.device)) & 1
@@ -99,12 +143,12 @@ def _solve_enumerate(Qs: Tensor, cs: Tensor, var: Tensor, piv_tol: float) -> Ten
         Qc, cc, vc = Qs[lo:lo + chunk], cs[lo:lo + chunk], var[lo:lo + chunk]
         free = bits[None] & vc[:, None, :]  # [b, S, n]
         A, rhs = _face_system(Qc[:, None], cc[:, None], free)
-        x, _ = _masked_cholesky_solve(A, rhs, piv_tol)
-        x = x.clamp_min(0.0)  # clipped candidates are feasible, so the best one is a valid answer
-        obj = 0.5 * torch.einsum("bsi,bij,bsj->bs", x, Qc, x) + (x * cc[:, None]).sum(-1)
+        x, _ = _spd_solve(A, rhs, piv_tol)
+        x = x.clamp_min(0.0)
+        obj = 0.5 * ((x @ Qc) * x).sum(-1) + (x * cc[:, None]).sum(-1)  # Q symmetric
         obj = torch.nan_to_num(obj, nan=float("inf"))
-        best = obj.argmin(dim=1)
-        out[lo:lo + chunk] = x[torch.arange(x.shape[0], device=x.device), best]
+        _, best = _first_argmin(obj)
+        out[lo:lo + chunk] = x.gather(1, best[:, None, None].expand(-1, 1, n)).squeeze(1)
     return out
 
 
@@ -117,28 +161,24 @@ def _solve_active_set(Qs: Tensor, cs: Tensor, var: Tensor, piv_tol: float, max_i
     gradient, or stops when there is none.  A variable that cannot make progress right after being
     freed (rounding-level gradient, or numerically dependent on the free set) is blocked until the
     iterate moves, which rules out the classic add/drop cycling of Lawson–Hanson in floating point.
+    The whole batch is processed every iteration (finished instances are frozen with ``where``):
+    gathering the unfinished ones costs more than it saves at these sizes.
     """
     B, n = cs.shape
     dev = cs.device
     cols = torch.arange(n, device=dev)
+    inf = float("inf")
     u = torch.zeros_like(cs)
-    free = torch.zeros_like(var)
-    blocked = torch.zeros_like(var)
-    last = torch.zeros(B, dtype=torch.long, device=dev)  # variable freed by the previous iteration
-    has_last = torch.zeros(B, dtype=torch.bool, device=dev)
+    F = torch.zeros_like(var)  # free set
+    blk = torch.zeros_like(var)  # blocked variables
+    just_added = torch.zeros_like(var)  # variable freed by the previous iteration (one-hot or empty)
     done = ~var.any(dim=1)
     absQ = Qs.abs()
-    inf = float("inf")
     for _ in range(max_iter):
-        idx = (~done).nonzero().squeeze(1)
-        if idx.numel() == 0:
+        if bool(done.all()):
             break
-        Q, c, F, ui = Qs[idx], cs[idx], free[idx], u[idx]
-        blk, hl = blocked[idx], has_last[idx]
-        just_added = hl[:, None] & (cols == last[idx][:, None])
-
-        A, rhs = _face_system(Q, c, F)
-        z, dropped = _masked_cholesky_solve(A, rhs, piv_tol)
+        A, rhs = _face_system(Qs, cs, F)
+        z, dropped = _spd_solve(A, rhs, piv_tol)
         dropped &= F
         blk = blk | (dropped & just_added)
         F = F & ~dropped
@@ -147,10 +187,10 @@ def _solve_active_set(Qs: Tensor, cs: Tensor, var: Tensor, piv_tol: float, max_i
         # Infeasible sub-problem solution: step towards it until the first variable hits 0.
         neg = F & (z < 0)
         step = neg.any(dim=1)
-        ratio = torch.where(neg, ui / (ui - z), torch.full_like(z, inf))
-        alpha = ratio.min(dim=1).values.clamp(0.0, 1.0)
+        ratio = torch.where(neg, u / (u - z), torch.full_like(z, inf))
+        alpha = ratio.amin(dim=1).clamp(0.0, 1.0)
         hit = neg & (ratio <= alpha[:, None])
-        u_step = torch.where(hit, torch.zeros_like(z), (ui + alpha[:, None] * (z - ui)).clamp_min(0.0))
+        u_step = torch.where(hit, torch.zeros_like(z), (u + alpha[:, None] * (z - u)).clamp_min(0.0))
         F_step = F & ~hit & (u_step > 0)
         # No progress, and only because of the variable just freed: block it, keep the point.
         stuck = step & (alpha <= 0) & (hit == just_added).all(dim=1)
@@ -158,19 +198,23 @@ def _solve_active_set(Qs: Tensor, cs: Tensor, var: Tensor, piv_tol: float, max_i
 
         # Feasible: move there, then free the bound variable with the most negative gradient.
         u_feas = z.clamp_min(0.0)
-        r = (Q @ u_feas[:, :, None]).squeeze(-1) + c
-        tol = 1e-10 * ((absQ[idx] @ u_feas[:, :, None]).squeeze(-1) + c.abs())
-        rr = torch.where(var[idx] & ~F & ~blk, r + tol, torch.full_like(r, inf))
-        rmin, j = rr.min(dim=1)
+        r = (Qs @ u_feas[:, :, None]).squeeze(-1) + cs
+        tol = 1e-10 * ((absQ @ u_feas[:, :, None]).squeeze(-1) + cs.abs())
+        rr = torch.where(var & ~F & ~blk, r + tol, torch.full_like(r, inf))
+        rmin, j = _first_argmin(rr)
         add = ~step & (rmin < 0)
         onehot_j = add[:, None] & (cols == j[:, None])
 
-        u[idx] = torch.where(moved[:, None], u_step, torch.where(step[:, None], ui, u_feas))
-        free[idx] = torch.where(moved[:, None], F_step, torch.where(stuck[:, None], F & ~just_added, F | onehot_j))
-        blocked[idx] = torch.where(moved[:, None], torch.zeros_like(blk), blk | (stuck[:, None] & just_added))
-        last[idx] = torch.where(add, j, last[idx])
-        has_last[idx] = add
-        done[idx] = ~step & ~add
+        live = ~done[:, None]
+        u_new = torch.where(moved[:, None], u_step, torch.where(step[:, None], u, u_feas))
+        F_keep = torch.where(stuck[:, None], F & ~just_added, F | onehot_j)
+        F_new = torch.where(moved[:, None], F_step, F_keep)
+        blk_new = torch.where(moved[:, None], torch.zeros_like(blk), blk | (stuck[:, None] & just_added))
+        u = torch.where(live, u_new, u)
+        F = torch.where(live, F_new, F)
+        blk = torch.where(live, blk_new, blk)
+        just_added = onehot_j & live
+        done = done | (~step & ~add)
     return u
 
 

@@ -1,0 +1,644 @@
+"""Experiment runner: data -> partition -> simulator -> training loop, evaluation, checkpoints.
+
+One run lives in one directory::
+
+    config.toml      the resolved configuration (reload it with `crossgrad run config.toml`)
+    metrics.jsonl    one JSON object per evaluation (keys: see `METRIC_KEYS`)
+    summary.json     headline numbers, written when the run ends (status "completed" or "diverged")
+    checkpoint.pt    the latest checkpoint (every `training.checkpoint_every` epochs, on Ctrl-C, at the end)
+
+Data pipeline. The training set is normalised once into a float tensor on the run's device; each
+agent draws minibatches from its own shard by index, shuffled by its own `torch.Generator`
+(seeded from the run seed). An *epoch* is one pass over the LARGEST shard:
+ceil(largest shard / batch_size) steps. Every agent always gets a full `batch_size` minibatch;
+an agent whose shard runs out (a smaller shard, or the tail of its current permutation)
+reshuffles and continues, so its stream of samples never stops and no sample is dropped.
+The seed fixes the model initialisation, the partition, every agent's batch order and the
+augmentation. Resuming from a checkpoint restores all of these and continues bit for bit (CPU).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from crossgrad.algorithms import ConfigError
+from crossgrad.config import Config, config_from_dict, dump_toml, read_toml
+from crossgrad.engine import NonFiniteError
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.toml"
+CHECKPOINT_VERSION = 1
+
+#: keys of every metrics.jsonl record (accuracies are fractions in [0, 1]; bytes per agent per step)
+METRIC_KEYS = (
+    "step", "epoch", "lr", "consensus_acc", "consensus_loss", "local_acc_mean", "local_acc_min",
+    "local_acc_max", "local_acc", "train_loss", "train_loss_agents", "consensus_distance", "bias_mv",
+    "bias_dv", "bytes_round1", "bytes_round2", "grad_evals", "grad_evals_per_agent_per_step",
+    "qp_failures", "wall_time_s", "steps_per_s", "peak_mem_mb",
+)
+#: metrics that depend on the machine and the clock (not compared between runs)
+TIMING_KEYS = ("wall_time_s", "steps_per_s", "peak_mem_mb")
+
+
+class RunError(ConfigError):
+    """A problem with a run directory (nothing to resume, a run already there, ...)."""
+
+
+@dataclass
+class RunResult:
+    status: str            # "completed" | "interrupted" | "diverged"
+    run_dir: Path
+    summary: dict | None = None
+    message: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return {"completed": 0, "interrupted": 130, "diverged": 1}.get(self.status, 1)
+
+
+# ------------------------------------------------------------------------------------ data
+def _data_errors() -> tuple[type[BaseException], ...]:
+    from crossgrad import data as data_mod
+
+    return tuple(getattr(data_mod, n) for n in ("DataError", "PartitionError") if hasattr(data_mod, n))
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the configuration or the inputs are wrong" (exit code 2, no traceback)."""
+    from crossgrad.topology import TopologyError
+
+    return (ConfigError, TopologyError, *_data_errors())
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built and validated from a config before any training."""
+
+    cfg: Config
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    shards: list[Tensor]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    model: torch.nn.Module
+    topology: Any
+    algorithm: Any
+    device: torch.device
+    augment: Any = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"training.device={name!r} but CUDA is not available")
+    return dev
+
+
+def _normalised(ds: Any, name: str) -> Tensor:
+    from crossgrad.data import augment as aug
+
+    return aug.normalize(ds.x, aug.dataset_stats(name)).float().contiguous()
+
+
+def prepare(cfg: Config) -> Prepared:
+    """Load data, partition it, build model, topology and algorithm. Raises user errors only for bad input."""
+    from crossgrad.data import load_dataset, partition
+    from crossgrad.models import make_model
+    from crossgrad.topology import make_topology
+
+    cfg.validate()
+    device = resolve_device(cfg.training.device)
+    topo = make_topology(cfg.topology.name, cfg.topology.n_agents, weights=cfg.topology.weights,
+                         **cfg.topology.options)
+    algorithm = cfg.make_algorithm()
+    d = cfg.data
+    train, test = load_dataset(d.name, d.data_dir)
+    shards = partition(train.y, topo.n, d.partition, cfg.training.seed, beta=d.beta,
+                       shards_per_agent=d.shards_per_agent)
+    shards = [torch.as_tensor(s, dtype=torch.long) for s in shards]
+    empty = [i for i, s in enumerate(shards) if len(s) == 0]
+    if empty:
+        raise ConfigError(f"the {d.partition} partition of {d.name} leaves agent(s) "
+                          f"{', '.join(map(str, empty))} without any training sample; use fewer agents "
+                          "or another partition")
+    input_shape = tuple(int(s) for s in train.input_shape)
+    torch.manual_seed(cfg.training.seed)  # fixes the initialisation
+    try:
+        model = make_model(cfg.model.name, input_shape, train.num_classes, cfg.model.norm, **cfg.model.options)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model {cfg.model.name!r} does not fit {d.name} "
+                          f"(input {'x'.join(map(str, input_shape))}, {train.num_classes} classes): {e}") from None
+    augment = None
+    if d.augment:
+        from crossgrad.data.augment import Augment
+
+        augment = Augment.for_dataset(d.name) if hasattr(Augment, "for_dataset") else Augment()
+    x_train = _normalised(train, d.name).to(device)
+    x_test = _normalised(test, d.name).to(device)
+    return Prepared(cfg, x_train, train.y.long().to(device), x_test, test.y.long().to(device), shards,
+                    input_shape, train.num_classes, model.to(device), topo, algorithm, device, augment)
+
+
+# ---------------------------------------------------------------------------- per-agent data
+def agent_seeds(seed: int, n: int, stream: int) -> list[int]:
+    """Independent 63-bit seeds for n agents, from the run seed and a stream id."""
+    ss = np.random.SeedSequence([int(seed), int(stream)])
+    return [int(s) for s in ss.generate_state(n, dtype=np.uint64) >> np.uint64(1)]
+
+
+class AgentStream:
+    """An endless, reshuffling stream of one agent's sample indices."""
+
+    def __init__(self, indices: Tensor, seed: int):
+        self.indices = indices
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm = self._shuffle()
+        self.pos = 0
+
+    def _shuffle(self) -> Tensor:
+        return self.indices[torch.randperm(len(self.indices), generator=self.gen)]
+
+    def next(self, size: int) -> Tensor:
+        parts, need = [], size
+        while need > 0:
+            if self.pos >= len(self.perm):
+                self.perm, self.pos = self._shuffle(), 0
+            take = self.perm[self.pos:self.pos + need]
+            self.pos += len(take)
+            need -= len(take)
+            parts.append(take)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state(), "perm": self.perm.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+        self.perm = state["perm"].clone()
+        self.pos = int(state["pos"])
+
+
+# ------------------------------------------------------------------------------- schedules
+def lr_at(cfg: Config, step: int, total: int) -> float:
+    """Learning rate of step `step` (0-based) out of `total`: warm-up, then the schedule."""
+    base, tr = cfg.algorithm.lr, cfg.training
+    if tr.warmup_steps and step < tr.warmup_steps:
+        return base * (step + 1) / tr.warmup_steps
+    if tr.lr_schedule == "multistep":
+        return base * (0.1 ** ((step >= total // 2) + (step >= (3 * total) // 4)))
+    if tr.lr_schedule == "cosine":
+        span = max(total - tr.warmup_steps, 1)
+        t = min(max(step - tr.warmup_steps, 0), span - 1)
+        return max(base * 0.5 * (1 + math.cos(math.pi * t / span)), base * 1e-6)
+    return base
+
+
+# ------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(sim: Any, x: Tensor, y: Tensor, batch_size: int = 1024) -> dict[str, Any]:
+    """Consensus model accuracy/loss and every agent's local test accuracy (fractions)."""
+    import copy
+
+    rows = sim.params
+    n = rows.shape[0]
+    total = len(y)
+    model = sim.model
+    has_buffers = any(True for _ in model.buffers())
+    correct = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
+    if not has_buffers:
+        layout = sim.engine.layout
+        template = copy.deepcopy(model).eval()
+        stacked = torch.cat([rows, rows.mean(0, keepdim=True)])  # agents, then the consensus model
+
+        def logits_of(row: Tensor, inputs: Tensor) -> Tensor:
+            params = dict(zip(layout.names, layout.views(row)))
+            return torch.func.functional_call(template, params, (inputs,))
+
+        batched = torch.func.vmap(logits_of, in_dims=(0, None))
+        step = max(1, batch_size // max(1, (n + 1) // 4))
+        for s in range(0, total, step):
+            xb, yb = x[s:s + step], y[s:s + step]
+            out = batched(stacked, xb)  # [n+1, B, C]
+            correct += (out.argmax(-1) == yb).sum(1)
+            loss_sum += torch.nn.functional.cross_entropy(out[-1], yb, reduction="sum").double()
+    else:
+        models = [sim.agent_model(i).eval() for i in range(n)] + [sim.agent_model(None).eval()]
+        for s in range(0, total, batch_size):
+            xb, yb = x[s:s + batch_size], y[s:s + batch_size]
+            for k, m in enumerate(models):
+                out = m(xb)
+                correct[k] += (out.argmax(-1) == yb).sum()
+                if k == n:
+                    loss_sum += torch.nn.functional.cross_entropy(out, yb, reduction="sum").double()
+    acc = (correct.double() / total).tolist()
+    local = acc[:n]
+    return {
+        "consensus_acc": acc[n],
+        "consensus_loss": float(loss_sum) / total,
+        "local_acc_mean": sum(local) / n,
+        "local_acc_min": min(local),
+        "local_acc_max": max(local),
+        "local_acc": local,
+    }
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# -------------------------------------------------------------------------------- file helpers
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def write_metrics(path: Path, records: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in records))
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    p = Path(run_dir) / CONFIG
+    if not p.is_file():
+        raise RunError(f"{run_dir} is not a run directory (no {CONFIG})")
+    return config_from_dict(read_toml(p), str(p)).validate()
+
+
+# ------------------------------------------------------------------------------------ trainer
+class _Interrupt:
+    """Turns the first Ctrl-C into a flag checked between steps; a second one aborts at once."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._old = None
+
+    def __enter__(self) -> _Interrupt:
+        if _in_main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class Trainer:
+    """Trains one configured run in `run_dir` on the simulator backend."""
+
+    def __init__(self, cfg: Config, run_dir: Path, quiet: bool = False, prepared: Prepared | None = None):
+        from crossgrad.simulator import Simulator
+
+        self.cfg, self.run_dir, self.quiet = cfg, Path(run_dir), quiet
+        p = self.p = prepared or prepare(cfg)
+        self.sim = Simulator(p.model, p.topology, p.algorithm)
+        self.n = p.topology.n
+        tr = cfg.training
+        self.batch_size = tr.batch_size
+        largest = max(len(s) for s in p.shards)
+        self.steps_per_epoch = max(1, math.ceil(largest / tr.batch_size))
+        self.total_steps = tr.steps if tr.steps is not None else tr.epochs * self.steps_per_epoch
+        self.streams = [AgentStream(s.to("cpu"), sd) for s, sd in zip(p.shards, agent_seeds(tr.seed, self.n, 1))]
+        self.aug_gens = [torch.Generator().manual_seed(sd) for sd in agent_seeds(tr.seed, self.n, 2)]
+        self.step = 0
+        self.metrics: list[dict] = []
+        self.elapsed = 0.0
+        self._reset_accumulators()
+
+    # -------------------------------------------------------------- accumulators
+    def _reset_accumulators(self) -> None:
+        dev = self.sim.params.device
+        self.acc = {
+            "loss": torch.zeros(self.n, dtype=torch.float64, device=dev),
+            "steps": 0,
+            "bias_mv": torch.zeros((), dtype=torch.float64, device=dev),
+            "bias_mv_n": 0,
+            "bias_dv": torch.zeros((), dtype=torch.float64, device=dev),
+            "bias_dv_n": 0,
+        }
+
+    def _accumulate(self, losses: Tensor) -> None:
+        a = self.acc
+        a["loss"] += losses.detach().double()
+        a["steps"] += 1
+        last, plan = self.sim.engine.last, self.sim.engine.ctx.plan
+        g = last.get("g_self")
+        mv, dv = last.get("mv"), last.get("dv")
+        if g is not None and mv is not None and len(plan.in_dst):
+            a["bias_mv"] += (mv - g.index_select(0, plan.in_dst)).abs().mean().double()
+            a["bias_mv_n"] += 1
+        if g is not None and dv is not None and len(plan.out_src):
+            a["bias_dv"] += (dv - g.index_select(0, plan.out_src)).abs().mean().double()
+            a["bias_dv_n"] += 1
+
+    # -------------------------------------------------------------- batches
+    def _batches(self) -> list[tuple[Tensor, Tensor]]:
+        p, dev = self.p, self.p.device
+        out = []
+        for i, stream in enumerate(self.streams):
+            idx = stream.next(self.batch_size).to(dev)
+            xb, yb = p.x_train.index_select(0, idx), p.y_train.index_select(0, idx)
+            if p.augment is not None:
+                xb = p.augment(xb, generator=self.aug_gens[i])
+            out.append((xb, yb))
+        return out
+
+    # -------------------------------------------------------------- evaluation record
+    def _evaluate(self, t0: float, steps_at_t0: int) -> dict[str, Any]:
+        sim, a = self.sim, self.acc
+        ev = evaluate(sim, self.p.x_test, self.p.y_test, self.cfg.training.eval_batch_size)
+        stats = sim.stats
+        now = time.perf_counter()
+        wall = self.elapsed + (now - t0)
+        done = self.step - steps_at_t0
+        agents = (a["loss"] / a["steps"]).tolist() if a["steps"] else None
+        rec = {
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 6),
+            "lr": sim.lr,
+            **ev,
+            "train_loss": (sum(agents) / len(agents)) if agents else None,
+            "train_loss_agents": agents,
+            "consensus_distance": sim.consensus_distance(),
+            "bias_mv": float(a["bias_mv"]) / a["bias_mv_n"] if a["bias_mv_n"] else None,
+            "bias_dv": float(a["bias_dv"]) / a["bias_dv_n"] if a["bias_dv_n"] else None,
+            "bytes_round1": stats["bytes_per_agent_per_step"][0] if self.step else 0.0,
+            "bytes_round2": stats["bytes_per_agent_per_step"][1] if self.step else 0.0,
+            "grad_evals": stats["grad_evals"],
+            "grad_evals_per_agent_per_step": stats["grad_evals_per_agent_per_step"] if self.step else 0.0,
+            "qp_failures": stats["qp_failures"],
+            "wall_time_s": wall,
+            "steps_per_s": done / (now - t0) if done and now > t0 else None,
+            "peak_mem_mb": peak_memory_mb(self.p.device),
+        }
+        self._reset_accumulators()
+        return rec
+
+    # -------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "sim": self.sim.state_dict(),
+            "streams": [s.state_dict() for s in self.streams],
+            "aug_gens": [g.get_state() for g in self.aug_gens],
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.p.device.type == "cuda" else [],
+            "acc": dict(self.acc),
+            "metrics": self.metrics,
+            "elapsed": self.elapsed,
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise RunError(f"checkpoint version {state.get('version')} is not supported "
+                           f"(expected {CHECKPOINT_VERSION})")
+        self.sim.load_state_dict(state["sim"])
+        for s, st in zip(self.streams, state["streams"]):
+            s.load_state_dict(st)
+        for g, st in zip(self.aug_gens, state["aug_gens"]):
+            g.set_state(st)
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and self.p.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = int(state["step"])
+        self.metrics = list(state["metrics"])
+        self.elapsed = float(state["elapsed"])
+        dev = self.sim.params.device
+        self.acc = {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in state["acc"].items()}
+
+    def save_checkpoint(self) -> None:
+        state = self.state_dict()
+        _atomic_write_bytes(self.run_dir / CHECKPOINT, lambda p: torch.save(state, p))
+
+    def load_checkpoint(self) -> None:
+        path = self.run_dir / CHECKPOINT
+        if not path.is_file():
+            raise RunError(f"nothing to resume in {self.run_dir} (no {CHECKPOINT})")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling problem means a bad file
+            raise RunError(f"cannot read {path}: {e}") from None
+        self.load_state_dict(state)
+
+    # -------------------------------------------------------------- summary
+    def summary(self, status: str, message: str = "") -> dict[str, Any]:
+        cfg, stats = self.cfg, self.sim.stats
+        final = {k: v for k, v in (self.metrics[-1] if self.metrics else {}).items() if k != "local_acc"}
+        accs = [m["consensus_acc"] for m in self.metrics if m.get("consensus_acc") is not None]
+        bpas = stats["bytes_per_agent_per_step"] if self.step else [0.0, 0.0]
+        return _jsonable({
+            "method": cfg.method,
+            "setting": cfg.setting,
+            "seed": cfg.training.seed,
+            "status": status,
+            "message": message,
+            "algorithm": self.sim.engine.algorithm.describe(),
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "epochs": self.step / self.steps_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "final": final,
+            "consensus_acc": final.get("consensus_acc"),
+            "local_acc_mean": final.get("local_acc_mean"),
+            "best_consensus_acc": max(accs) if accs else None,
+            "bytes_per_agent_per_step": bpas,
+            "bytes_per_agent_total": [b * self.step for b in bpas],
+            "grad_evals": stats["grad_evals"],
+            "grad_evals_per_agent_per_step": stats["grad_evals_per_agent_per_step"] if self.step else 0.0,
+            "qp_failures": stats["qp_failures"],
+            "wall_time_s": self.elapsed,
+            "peak_mem_mb": peak_memory_mb(self.p.device),
+            "shard_sizes": [len(s) for s in self.p.shards],
+            "config": cfg.to_dict(),
+        })
+
+    # -------------------------------------------------------------- the loop
+    def _log(self, msg: str, bar: Any = None) -> None:
+        if bar is not None:
+            bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def _eval_line(self, rec: dict) -> str:
+        tl = rec["train_loss"]
+        return (f"[{self.run_dir.name}] epoch {rec['epoch']:g} step {rec['step']}: "
+                f"consensus acc {100 * rec['consensus_acc']:.2f}% "
+                f"local acc {100 * rec['local_acc_mean']:.2f}% "
+                f"(min {100 * rec['local_acc_min']:.1f}, max {100 * rec['local_acc_max']:.1f}) "
+                f"train loss {'-' if tl is None else f'{tl:.4f}'} "
+                f"consensus dist {rec['consensus_distance']:.3g}")
+
+    def train(self, stop_after: int | None = None) -> RunResult:
+        """Train to the end (or to `stop_after` total steps / Ctrl-C, then checkpoint and stop)."""
+        from tqdm import tqdm
+
+        cfg, tr = self.cfg, self.cfg.training
+        eval_steps = tr.eval_every_steps or tr.eval_every * self.steps_per_epoch
+        ckpt_steps = tr.checkpoint_every * self.steps_per_epoch if tr.checkpoint_every else 0
+        metrics_path = self.run_dir / METRICS
+        t0, steps_at_t0 = time.perf_counter(), self.step
+        if self.step == 0 and not self.metrics:
+            self.metrics.append(self._evaluate(t0, steps_at_t0))
+        write_metrics(metrics_path, self.metrics)
+        bar = None
+        if not self.quiet:
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                       desc=self.run_dir.name, file=sys.stderr, mininterval=0.5)
+        status, message = "completed", ""
+        last_loss = float("nan")
+        with _Interrupt() as intr:
+            try:
+                while self.step < self.total_steps:
+                    if intr.hit or (stop_after is not None and self.step >= stop_after):
+                        status = "interrupted"
+                        message = f"stopped at step {self.step} of {self.total_steps}"
+                        break
+                    self.sim.set_lr(lr_at(cfg, self.step, self.total_steps))
+                    losses = self.sim.step(self._batches())
+                    self.step += 1
+                    self._accumulate(losses)
+                    if bar is not None:
+                        bar.update(1)
+                        if self.step % 10 == 0 or self.step == self.total_steps:
+                            last_loss = float(losses.mean())
+                            bar.set_postfix(epoch=f"{self.step / self.steps_per_epoch:.2f}",
+                                            loss=f"{last_loss:.4f}", refresh=False)
+                    if self.step % eval_steps == 0 or self.step == self.total_steps:
+                        rec = self._evaluate(t0, steps_at_t0)
+                        self.metrics.append(rec)
+                        with open(metrics_path, "a", encoding="utf-8") as f:
+                            f.write(json.dumps(_jsonable(rec)) + "\n")
+                        if self.quiet or bar is not None:
+                            self._log(self._eval_line(rec), bar)
+                    if self.step == self.total_steps or (ckpt_steps and self.step % ckpt_steps == 0):
+                        self.elapsed_now(t0)
+                        t0, steps_at_t0 = time.perf_counter(), self.step
+                        self.save_checkpoint()
+            except NonFiniteError as e:
+                status = "diverged"
+                message = (f"training diverged: non-finite {e.what} at step {e.step + 1} on agent {e.agent}"
+                           f"; the last good checkpoint (if any) is kept in {self.run_dir / CHECKPOINT}")
+            finally:
+                if bar is not None:
+                    bar.close()
+        if status == "interrupted":
+            self.elapsed_now(t0)
+            self.save_checkpoint()
+            write_metrics(metrics_path, self.metrics)
+            message += f"; resume with: crossgrad run --resume {self.run_dir}"
+            return RunResult(status, self.run_dir, None, message)
+        if status == "diverged":
+            self.elapsed_now(t0)
+        summary = self.summary(status, message)
+        atomic_write_text(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        return RunResult(status, self.run_dir, summary, message)
+
+    def elapsed_now(self, t0: float) -> None:
+        """Fold the wall time since t0 into `elapsed` (t0 is then restarted by the caller)."""
+        self.elapsed += time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------ entry points
+def _run_dist(cfg: Config, run_dir: Path, quiet: bool) -> RunResult:
+    try:
+        import crossgrad.distributed as dist_backend
+    except ImportError as e:
+        if e.name and e.name.startswith("crossgrad.distributed"):
+            raise ConfigError("backend 'dist' is not available yet (crossgrad.distributed is not part of this "
+                              "installation); use backend = \"sim\"") from None
+        raise
+    runner = getattr(dist_backend, "run_experiment", None)
+    if runner is None:
+        raise ConfigError("backend 'dist': crossgrad.distributed has no run_experiment(cfg, run_dir) entry point")
+    result = runner(cfg, run_dir, quiet=quiet)
+    if isinstance(result, RunResult):
+        return result
+    return RunResult("completed", run_dir, result if isinstance(result, dict) else None)
+
+
+def run_experiment(cfg: Config, *, quiet: bool = False, stop_after: int | None = None,
+                   overwrite: bool = False) -> RunResult:
+    """Run one configured experiment into output.out_dir/<name>; a finished run there is an error."""
+    cfg.validate()
+    run_dir = Path(cfg.output.out_dir) / cfg.run_name()
+    if (run_dir / SUMMARY).exists() and not overwrite:
+        raise RunError(f"{run_dir} already holds a finished run; pick another output.name or out_dir")
+    if (run_dir / CHECKPOINT).exists() and not overwrite:
+        raise RunError(f"{run_dir} holds an unfinished run; continue it with: crossgrad run --resume {run_dir}")
+    if cfg.backend == "dist":
+        return _run_dist(cfg, run_dir, quiet)
+    prepared = prepare(cfg)  # validate everything before touching the run directory
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (SUMMARY, CHECKPOINT, METRICS):
+        (run_dir / stale).unlink(missing_ok=True)
+    atomic_write_text(run_dir / CONFIG, dump_toml(cfg.to_dict()))
+    trainer = Trainer(cfg, run_dir, quiet=quiet, prepared=prepared)
+    return trainer.train(stop_after=stop_after)
+
+
+def resume_experiment(run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None) -> RunResult:
+    """Continue an interrupted run from its checkpoint; the result equals an uninterrupted run (CPU)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"cannot resume: {run_dir} is not a directory")
+    cfg = load_run_config(run_dir)
+    if (run_dir / SUMMARY).exists():
+        raise RunError(f"{run_dir} is already finished ({SUMMARY} exists); nothing to resume")
+    if cfg.backend == "dist":
+        return _run_dist(cfg, run_dir, quiet)
+    trainer = Trainer(cfg, run_dir, quiet=quiet)
+    trainer.load_checkpoint()
+    return trainer.train(stop_after=stop_after)

@@ -1,0 +1,618 @@
+"""Communication graphs and their mixing matrices.
+
+A :class:`Topology` holds ``n`` agents and a row-stochastic mixing matrix ``W`` (float64,
+``[n, n]``). ``W[i, j] > 0`` with ``j != i`` means agent ``i`` *receives* from agent ``j``: ``j`` is an
+in-neighbour of ``i`` and the edge is written ``(src, dst) = (j, i)``. Each row of ``W`` is the
+averaging rule of one receiver, so rows sum to 1; columns need not (directed graphs).
+
+Every constructor validates what it builds (square, finite, non-negative, rows summing to 1,
+strongly connected), so an algorithm handed a ``Topology`` never has to re-check it. Mistakes raise
+:class:`TopologyError` (a ``ValueError``) with a message naming the offending row, edge or agents.
+
+Mixing weights (``weights=``) for graphs built from edges:
+
+* ``"uniform"``: ``w_ij = 1 / (indeg_i + 1)`` for ``j`` in ``N_in(i) ∪ {i}``, the choice of the
+  reference NGC implementation. Symmetric (hence doubly stochastic) only on regular undirected
+  graphs.
+* ``"metropolis"``: Metropolis–Hastings, ``w_ij = 1 / (1 + max(deg_i, deg_j))`` and
+  ``w_ii = 1 - sum_j w_ij``. Symmetric and doubly stochastic on any undirected graph; not defined
+  for directed graphs.
+
+Note on ``torus``: the reference NGC code's "torus" was really the circulant graph ``C_n(1, 5)``
+(agent i linked to i ± 1 and i ± 5), which is not a torus and breaks for ``n = 10`` (i + 5 and
+i - 5 coincide). Ours is the genuine 2-D ``rows x cols`` grid with wrap-around.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["TOPOLOGIES", "Topology", "TopologyError", "make_topology"]
+
+_ROW_TOL = 1e-9     # |row sum - 1| allowed (relative to 1)
+_SYM_TOL = 1e-12    # |W - W^T| allowed for is_symmetric
+_WEIGHT_SCHEMES = ("uniform", "metropolis")
+
+
+class TopologyError(ValueError):
+    """An invalid graph or mixing matrix, or bad arguments to a topology constructor."""
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _fmt_agents(agents: Iterable[int], limit: int = 10) -> str:
+    """``{4, 5}``; long sets are cut so the message stays readable."""
+    items = sorted(agents)
+    shown = ", ".join(str(a) for a in items[:limit])
+    if len(items) > limit:
+        shown += f", ... ({len(items)} agents)"
+    return "{" + shown + "}"
+
+
+def _check_int(value: Any, what: str, minimum: int | None = None) -> int:
+    """Accept Python/NumPy/torch integers (not bools, not floats) and check a lower bound."""
+    if isinstance(value, bool):
+        raise TopologyError(f"{what} must be an integer, got {value!r}")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise TopologyError(f"{what} must be an integer, got {value!r}") from None
+    if minimum is not None and out < minimum:
+        raise TopologyError(f"{what} must be >= {minimum}, got {out}")
+    return out
+
+
+def _check_scheme(weights: str) -> str:
+    if weights not in _WEIGHT_SCHEMES:
+        raise TopologyError(f"weights must be 'uniform' or 'metropolis', got {weights!r}")
+    return weights
+
+
+def _reach(adj_out: Sequence[Sequence[int]], start: int) -> set[int]:
+    """Agents reachable from ``start`` following ``adj_out`` (breadth-first)."""
+    seen = {start}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for a in frontier:
+            for b in adj_out[a]:
+                if b not in seen:
+                    seen.add(b)
+                    nxt.append(b)
+        frontier = nxt
+    return seen
+
+
+def _connectivity_problem(ins: Sequence[Sequence[int]], outs: Sequence[Sequence[int]]) -> str | None:
+    """Why the graph is not strongly connected, or None if it is.
+
+    Information flows along out-edges; agent 0 must reach everyone and everyone must reach agent 0.
+    """
+    n = len(ins)
+    if n <= 1:
+        return None
+    undirected = all(set(ins[i]) == set(outs[i]) for i in range(n))
+    kind = "connected" if undirected else "strongly connected"
+    missed = set(range(n)) - _reach(outs, 0)
+    if missed:
+        return f"graph is not {kind}: agents {_fmt_agents(missed)} cannot be reached from agent 0"
+    missed = set(range(n)) - _reach(ins, 0)
+    if missed:
+        return f"graph is not {kind}: agent 0 cannot be reached from agents {_fmt_agents(missed)}"
+    return None
+
+
+def _rebuild(W: Tensor, name: str, params: dict[str, Any]) -> Topology:
+    """Pickle/copy support: the object is immutable, so state is restored through the constructor."""
+    return Topology(W, name=name, _params=params)
+
+
+# ----------------------------------------------------------------------------- the class
+
+
+class Topology:
+    """An immutable communication graph of ``n`` agents with a row-stochastic mixing matrix.
+
+    Build one with :meth:`from_weights`, :meth:`from_edges`, a named constructor (:meth:`ring`,
+    :meth:`torus`, ...) or :func:`make_topology`. ``Topology(W, name)`` is the same as
+    :meth:`from_weights`.
+    """
+
+    __slots__ = ("_W", "_name", "_params", "_in", "_out", "_gap")
+
+    # -------------------------------------------------------------- construction / validation
+
+    def __init__(self, W: Tensor | np.ndarray | Sequence[Sequence[float]], name: str = "custom",
+                 *, _params: dict[str, Any] | None = None) -> None:
+        Wt = self._validate(W)
+        n = Wt.shape[0]
+        pos = (Wt > 0).numpy()
+        ins = tuple(tuple(int(j) for j in np.flatnonzero(pos[i]) if j != i) for i in range(n))
+        outs = tuple(tuple(int(i) for i in np.flatnonzero(pos[:, j]) if i != j) for j in range(n))
+        problem = _connectivity_problem(ins, outs)
+        if problem is not None:
+            raise TopologyError(problem)
+        Wt.requires_grad_(False)
+        set_ = object.__setattr__
+        set_(self, "_W", Wt)
+        set_(self, "_name", str(name))
+        set_(self, "_params", dict(_params or {}))
+        set_(self, "_in", ins)
+        set_(self, "_out", outs)
+        set_(self, "_gap", None)
+
+    @staticmethod
+    def _validate(W: Any) -> Tensor:
+        """Convert to a fresh float64 CPU tensor and check shape, finiteness, signs and row sums."""
+        try:
+            if isinstance(W, Tensor):
+                src = W.detach()
+            else:
+                src = torch.as_tensor(np.asarray(W))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TopologyError(f"W cannot be read as a numeric matrix: {err}") from None
+        if src.is_complex() or src.dtype == torch.bool:
+            raise TopologyError(f"W must hold real numbers, got dtype {src.dtype}")
+        Wt = src.to(device="cpu", dtype=torch.float64).clone()
+        if Wt.dim() != 2 or Wt.shape[0] != Wt.shape[1]:
+            raise TopologyError(f"W must be a square n x n matrix, got shape {tuple(Wt.shape)}")
+        n = Wt.shape[0]
+        if n == 0:
+            raise TopologyError("W must describe at least one agent (n >= 1), got shape (0, 0)")
+        bad = (~torch.isfinite(Wt)).nonzero()
+        if len(bad):
+            i, j = (int(v) for v in bad[0])
+            raise TopologyError(f"W[{i}, {j}] is {Wt[i, j].item()}; mixing weights must be finite")
+        neg = (Wt < 0).nonzero()
+        if len(neg):
+            i, j = (int(v) for v in neg[0])
+            raise TopologyError(f"W[{i}, {j}] = {Wt[i, j].item():.12g} is negative; mixing weights must be >= 0")
+        sums = Wt.sum(1)
+        off = ((sums - 1).abs() > _ROW_TOL).nonzero()
+        if len(off):
+            i = int(off[0])
+            raise TopologyError(
+                f"row {i} of W sums to {sums[i].item():.12g}, not 1 "
+                "(W must be row-stochastic: each agent's weights over itself and its in-neighbours sum to 1)"
+            )
+        return Wt
+
+    @classmethod
+    def from_weights(cls, W: Tensor | np.ndarray | Sequence[Sequence[float]], name: str = "custom") -> Topology:
+        """Wrap a given mixing matrix after validating it (w_ii = 0 is allowed)."""
+        return cls(W, name=name)
+
+    @classmethod
+    def from_edges(cls, n: int, edges: Iterable[Sequence[int]], directed: bool = False,
+                   weights: str = "uniform", name: str = "custom") -> Topology:
+        """Build W from an edge list of ``(src, dst)`` pairs (``dst`` receives from ``src``).
+
+        Undirected mode adds both directions of every pair. Self-loops, duplicates (in undirected
+        mode also ``(a, b)`` after ``(b, a)``), out-of-range ids and disconnected graphs are errors.
+        """
+        return cls._from_edges(n, edges, directed, weights, name, {})
+
+    @classmethod
+    def _from_edges(cls, n: int, edges: Iterable[Sequence[int]], directed: bool, weights: str,
+                    name: str, params: dict[str, Any]) -> Topology:
+        n = _check_int(n, "n (number of agents)", 1)
+        _check_scheme(weights)
+        if isinstance(edges, (str, bytes)):
+            raise TopologyError("edges must be an iterable of (src, dst) pairs, got a string")
+        try:
+            edge_iter = iter(edges)
+        except TypeError:
+            raise TopologyError(f"edges must be an iterable of (src, dst) pairs, got {edges!r}") from None
+        adj = np.zeros((n, n), dtype=bool)    # adj[dst, src]
+        seen: dict[tuple[int, int], tuple[int, int]] = {}
+        for k, e in enumerate(edge_iter):
+            try:
+                pair = tuple(e)
+            except TypeError:
+                raise TopologyError(f"edge #{k} ({e!r}) is not a (src, dst) pair") from None
+            if len(pair) != 2:
+                raise TopologyError(f"edge #{k} ({e!r}) is not a (src, dst) pair")
+            s = _check_int(pair[0], f"source of edge #{k}")
+            d = _check_int(pair[1], f"destination of edge #{k}")
+            for a in (s, d):
+                if not 0 <= a < n:
+                    raise TopologyError(f"edge #{k} ({s}, {d}) names agent {a}, but agents are 0..{n - 1}")
+            if s == d:
+                raise TopologyError(f"edge #{k} ({s}, {d}) is a self-loop; self-weights come from the weight scheme")
+            key = (s, d) if directed else (min(s, d), max(s, d))
+            if key in seen:
+                first = seen[key]
+                if first == (s, d):
+                    raise TopologyError(f"duplicate edge ({s}, {d})")
+                raise TopologyError(
+                    f"edge ({s}, {d}) duplicates edge {first}: the graph is undirected, "
+                    "so (a, b) and (b, a) are the same edge"
+                )
+            seen[key] = (s, d)
+            adj[d, s] = True
+            if not directed:
+                adj[s, d] = True
+        ins = [tuple(int(j) for j in np.flatnonzero(adj[i])) for i in range(n)]
+        outs = [tuple(int(i) for i in np.flatnonzero(adj[:, j])) for j in range(n)]
+        problem = _connectivity_problem(ins, outs)
+        if problem is not None:
+            raise TopologyError(problem)
+        return cls(cls._weights_from_adjacency(adj, weights), name=name, _params=params)
+
+    @staticmethod
+    def _weights_from_adjacency(adj: np.ndarray, weights: str) -> Tensor:
+        """Mixing matrix for a boolean adjacency ``adj[dst, src]`` (no diagonal)."""
+        n = adj.shape[0]
+        A = torch.as_tensor(adj, dtype=torch.float64)
+        if weights == "uniform":
+            M = A + torch.eye(n, dtype=torch.float64)
+            return M / M.sum(1, keepdim=True)
+        asym = np.argwhere(adj & ~adj.T)
+        if len(asym):
+            d, s = (int(v) for v in asym[0])
+            raise TopologyError(
+                f"metropolis weights need an undirected graph, but edge ({s}, {d}) has no reverse ({d}, {s}); "
+                "use weights='uniform' for directed graphs"
+            )
+        deg = A.sum(1)
+        W = A / (1 + torch.maximum(deg[:, None], deg[None, :]))
+        W += torch.diag(1 - W.sum(1))
+        return W
+
+    # Immutability: attributes are set once in __init__.
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"Topology is immutable (cannot set {key!r})")
+
+    def __delattr__(self, key: str) -> None:
+        raise AttributeError(f"Topology is immutable (cannot delete {key!r})")
+
+    def __reduce__(self) -> tuple[Callable[..., Topology], tuple[Any, ...]]:
+        return _rebuild, (self._W.clone(), self._name, dict(self._params))
+
+    # -------------------------------------------------------------- named constructors
+
+    @classmethod
+    def _undirected(cls, n: int, pairs: Iterable[tuple[int, int]], weights: str, name: str,
+                    params: dict[str, Any] | None = None) -> Topology:
+        """From unordered pairs that may repeat or include (i, i) (they are dropped first)."""
+        uniq = sorted({(min(a, b), max(a, b)) for a, b in pairs if a != b})
+        return cls._from_edges(n, uniq, False, weights, name, params or {})
+
+    @classmethod
+    def ring(cls, n: int, weights: str = "uniform") -> Topology:
+        """Undirected cycle 0-1-...-(n-1)-0.
+
+        Degenerate cases: ``n = 1`` is a lone agent (``W = [[1]]``) and ``n = 2`` a single edge
+        (both agents average with each other); every agent has degree 2 only for ``n >= 3``.
+        """
+        n = _check_int(n, "n (number of agents)", 1)
+        return cls._undirected(n, ((i, (i + 1) % n) for i in range(n)), weights, "ring")
+
+    @classmethod
+    def directed_ring(cls, n: int, weights: str = "uniform") -> Topology:
+        """Agent i receives from agent i-1 only (w = 1/2 each); the smallest strongly connected digraph.
+
+        ``n = 1`` is a lone agent; ``n = 2`` coincides with the undirected single edge.
+        """
+        n = _check_int(n, "n (number of agents)", 1)
+        edges = sorted({((i - 1) % n, i) for i in range(n) if (i - 1) % n != i})
+        return cls._from_edges(n, edges, True, weights, "directed_ring", {})
+
+    @classmethod
+    def torus(cls, rows: int, cols: int | None = None, weights: str = "uniform") -> Topology:
+        """2-D ``rows x cols`` grid with wrap-around; agent id = ``row * cols + col``.
+
+        ``torus(n)`` factors n into the most square ``r x c`` with ``r, c >= 3`` if possible, else
+        with ``r, c >= 2`` (e.g. 8 -> 2 x 4), else raises. Neighbour sets are *sets*: on a side of
+        length 2 the up and down (or left and right) neighbours are the same agent, so a ``2 x c``
+        torus has degree 3 (c >= 3) and ``2 x 2`` is a 4-cycle. With explicit sides, a side of 1 is
+        allowed and degenerates to a ring.
+        """
+        if cols is None:
+            n = _check_int(rows, "n (number of agents)", 1)
+            r, c = cls._torus_shape(n)
+        else:
+            r = _check_int(rows, "rows", 1)
+            c = _check_int(cols, "cols", 1)
+        n = r * c
+        pairs = []
+        for i in range(r):
+            for j in range(c):
+                a = i * c + j
+                pairs.append((a, ((i + 1) % r) * c + j))
+                pairs.append((a, i * c + (j + 1) % c))
+        return cls._undirected(n, pairs, weights, "torus", {"rows": r, "cols": c})
+
+    @staticmethod
+    def _torus_shape(n: int) -> tuple[int, int]:
+        """Most square factorisation ``r x c`` (``r <= c``), preferring ``r >= 3`` over ``r = 2``."""
+        for lo in (3, 2):
+            for r in range(math.isqrt(n), lo - 1, -1):
+                if n % r == 0:
+                    return r, n // r
+        raise TopologyError(
+            f"n={n} cannot be arranged as an r x c torus (needs r, c >= 2 with r * c = n); "
+            "pass rows and cols explicitly or pick another n or topology"
+        )
+
+    @classmethod
+    def full(cls, n: int, weights: str = "uniform") -> Topology:
+        """Complete graph: every agent receives from every other (W = 1/n everywhere)."""
+        n = _check_int(n, "n (number of agents)", 1)
+        return cls._undirected(n, ((i, j) for i in range(n) for j in range(i + 1, n)), weights, "full")
+
+    @classmethod
+    def chain(cls, n: int, weights: str = "uniform") -> Topology:
+        """Path 0-1-...-(n-1): a ring without its closing edge, the worst-connected tree."""
+        n = _check_int(n, "n (number of agents)", 1)
+        return cls._undirected(n, ((i, i + 1) for i in range(n - 1)), weights, "chain")
+
+    @classmethod
+    def star(cls, n: int, weights: str = "uniform") -> Topology:
+        """Agent 0 is the hub, linked to every other agent; leaves are linked only to the hub."""
+        n = _check_int(n, "n (number of agents)", 1)
+        return cls._undirected(n, ((0, i) for i in range(1, n)), weights, "star")
+
+    @classmethod
+    def exponential(cls, n: int, directed: bool = False, weights: str = "uniform") -> Topology:
+        """Exponential graph: links at distances 2^k (2^k < n) around the ring.
+
+        Undirected (default): agent i is linked to i ± 2^k mod n (as a set, so i + n/2 and i - n/2
+        count once). ``directed=True``: the one-peer-per-power variant, i sends to i + 2^k, so it
+        receives from i - 2^k; in- and out-degree are both ceil(log2 n).
+        """
+        n = _check_int(n, "n (number of agents)", 1)
+        hops = [1 << k for k in range(max(n - 1, 0).bit_length())]  # all 2^k < n
+        if not directed:
+            return cls._undirected(n, ((i, (i + h) % n) for i in range(n) for h in hops), weights,
+                                   "exponential")
+        edges = sorted({(i, (i + h) % n) for i in range(n) for h in hops})
+        return cls._from_edges(n, edges, True, weights, "exponential", {})
+
+    @classmethod
+    def erdos_renyi(cls, n: int, p: float, seed: int | None = 0, max_tries: int = 100,
+                    weights: str = "uniform") -> Topology:
+        """Random undirected G(n, p), redrawn until connected; the same seed gives the same graph.
+
+        Uses ``numpy.random.default_rng(seed)``; raises after ``max_tries`` disconnected draws.
+        """
+        n = _check_int(n, "n (number of agents)", 1)
+        max_tries = _check_int(max_tries, "max_tries", 1)
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)):
+            raise TopologyError(f"p must be a number in (0, 1], got {p!r}")
+        p = float(p)
+        if not 0 < p <= 1:
+            raise TopologyError(f"p must be in (0, 1], got {p}")
+        if seed is not None:
+            seed = _check_int(seed, "seed")
+        _check_scheme(weights)
+        rng = np.random.default_rng(seed)
+        iu, ju = np.triu_indices(n, k=1)
+        params = {"p": p, "seed": seed}
+        for attempt in range(1, max_tries + 1):
+            keep = rng.random(len(iu)) < p
+            adj = [[] for _ in range(n)]
+            for a, b in zip(iu[keep].tolist(), ju[keep].tolist()):
+                adj[a].append(b)
+                adj[b].append(a)
+            if len(_reach(adj, 0)) == n:
+                pairs = list(zip(iu[keep].tolist(), ju[keep].tolist()))
+                return cls._from_edges(n, pairs, False, weights, "erdos_renyi", {**params, "tries": attempt})
+        raise TopologyError(
+            f"no connected Erdos-Renyi graph G(n={n}, p={p}) in {max_tries} draws (seed={seed}); "
+            f"raise p (connectivity needs roughly p > ln(n)/n = {math.log(max(n, 2)) / n:.3g}) or max_tries"
+        )
+
+    # -------------------------------------------------------------- accessors
+
+    @property
+    def n(self) -> int:
+        """Number of agents."""
+        return self._W.shape[0]
+
+    @property
+    def W(self) -> Tensor:
+        """The mixing matrix (float64 [n, n]); a copy, so callers cannot mutate the topology."""
+        return self._W.clone()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Constructor parameters worth reporting (e.g. torus rows/cols, Erdos-Renyi p and seed)."""
+        return dict(self._params)
+
+    def _agent(self, i: int) -> int:
+        i = _check_int(i, "agent id")
+        if not 0 <= i < self.n:
+            raise TopologyError(f"agent {i} does not exist; agents are 0..{self.n - 1}")
+        return i
+
+    def in_neighbors(self, i: int) -> list[int]:
+        """Agents that i receives from (W[i, j] > 0, j != i), sorted."""
+        return list(self._in[self._agent(i)])
+
+    neighbors = in_neighbors
+
+    def out_neighbors(self, i: int) -> list[int]:
+        """Agents that receive from i (W[j, i] > 0, j != i), sorted."""
+        return list(self._out[self._agent(i)])
+
+    def in_degree(self, i: int) -> int:
+        return len(self._in[self._agent(i)])
+
+    degree = in_degree
+
+    def out_degree(self, i: int) -> int:
+        return len(self._out[self._agent(i)])
+
+    @property
+    def in_degrees(self) -> list[int]:
+        return [len(x) for x in self._in]
+
+    @property
+    def out_degrees(self) -> list[int]:
+        return [len(x) for x in self._out]
+
+    @property
+    def edges(self) -> list[tuple[int, int]]:
+        """Directed edges (src, dst) with W[dst, src] > 0, src != dst, sorted by (dst, src)."""
+        return [(s, d) for d in range(self.n) for s in self._in[d]]
+
+    @property
+    def is_directed(self) -> bool:
+        """True if some edge lacks its reverse (the sparsity pattern is not symmetric)."""
+        return any(set(a) != set(b) for a, b in zip(self._in, self._out))
+
+    @property
+    def is_symmetric(self) -> bool:
+        """W == W^T within 1e-12 (then W is also doubly stochastic)."""
+        return bool(((self._W - self._W.T).abs() <= _SYM_TOL).all())
+
+    @property
+    def is_doubly_stochastic(self) -> bool:
+        """Columns also sum to 1 (within 1e-9): plain averaging then preserves the network mean."""
+        return bool(((self._W.sum(0) - 1).abs() <= _ROW_TOL).all())
+
+    @property
+    def is_regular(self) -> bool:
+        """Every agent has the same in-degree and out-degree k."""
+        degs = set(self.in_degrees) | set(self.out_degrees)
+        return len(degs) == 1
+
+    @property
+    def spectral_gap(self) -> float:
+        """1 - |lambda_2|, lambda_2 the eigenvalue of W of second-largest modulus (1.0 for n = 1).
+
+        Larger means faster consensus; 0 means averaging with W need not converge.
+        """
+        if self._gap is None:
+            if self.n == 1:
+                gap = 1.0
+            else:
+                mods = np.sort(np.abs(np.linalg.eigvals(self._W.numpy())))[::-1]
+                gap = float(min(max(1.0 - mods[1], 0.0), 1.0))
+            object.__setattr__(self, "_gap", gap)
+        return self._gap
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-data description for logs and reports."""
+        return {
+            "name": self.name,
+            "n": self.n,
+            "params": self.params,
+            "n_edges": len(self.edges),
+            "directed": self.is_directed,
+            "symmetric": self.is_symmetric,
+            "doubly_stochastic": self.is_doubly_stochastic,
+            "regular": self.is_regular,
+            "spectral_gap": self.spectral_gap,
+            "in_degrees": self.in_degrees,
+            "out_degrees": self.out_degrees,
+        }
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self._params.items())
+        return (f"Topology(name={self.name!r}, n={self.n}{extra}, edges={len(self.edges)}, "
+                f"directed={self.is_directed}, spectral_gap={self.spectral_gap:.4g})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Topology):
+            return NotImplemented
+        return self._W.shape == other._W.shape and bool(torch.equal(self._W, other._W))
+
+    def __hash__(self) -> int:
+        return hash((self.n, self._W.numpy().tobytes()))
+
+
+# ----------------------------------------------------------------------------- factory
+
+
+def _make_ring(n: int, weights: str = "uniform") -> Topology:
+    return Topology.ring(n, weights=weights)
+
+
+def _make_directed_ring(n: int, weights: str = "uniform") -> Topology:
+    return Topology.directed_ring(n, weights=weights)
+
+
+def _make_torus(n: int, rows: int | None = None, cols: int | None = None, weights: str = "uniform") -> Topology:
+    n = _check_int(n, "n (number of agents)", 1)
+    if rows is None and cols is None:
+        return Topology.torus(n, weights=weights)
+    if rows is None or cols is None:
+        side = _check_int(rows if rows is not None else cols, "rows" if rows is not None else "cols", 1)
+        if n % side:
+            raise TopologyError(f"n={n} agents cannot fill a torus with a side of {side}")
+        rows, cols = (side, n // side) if rows is not None else (n // side, side)
+    topo = Topology.torus(rows, cols, weights=weights)
+    if topo.n != n:
+        raise TopologyError(f"torus {rows} x {cols} has {topo.n} agents, not n={n}")
+    return topo
+
+
+def _make_full(n: int, weights: str = "uniform") -> Topology:
+    return Topology.full(n, weights=weights)
+
+
+def _make_chain(n: int, weights: str = "uniform") -> Topology:
+    return Topology.chain(n, weights=weights)
+
+
+def _make_star(n: int, weights: str = "uniform") -> Topology:
+    return Topology.star(n, weights=weights)
+
+
+def _make_exponential(n: int, directed: bool = False, weights: str = "uniform") -> Topology:
+    return Topology.exponential(n, directed=directed, weights=weights)
+
+
+def _make_erdos_renyi(n: int, p: float | None = None, seed: int | None = 0, max_tries: int = 100,
+                      weights: str = "uniform") -> Topology:
+    if p is None:
+        raise TopologyError("erdos_renyi needs an edge probability p in (0, 1], e.g. p=0.3")
+    return Topology.erdos_renyi(n, p, seed=seed, max_tries=max_tries, weights=weights)
+
+
+#: name -> builder(n, **options); used by configs through :func:`make_topology`.
+TOPOLOGIES: dict[str, Callable[..., Topology]] = {
+    "ring": _make_ring,
+    "directed_ring": _make_directed_ring,
+    "torus": _make_torus,
+    "full": _make_full,
+    "chain": _make_chain,
+    "star": _make_star,
+    "exponential": _make_exponential,
+    "erdos_renyi": _make_erdos_renyi,
+}
+
+
+def make_topology(name: str, n: int, **kw: Any) -> Topology:
+    """Build a named topology of n agents, e.g. ``make_topology("erdos_renyi", 8, p=0.4, seed=1)``.
+
+    Names are case-insensitive and ``-`` may stand for ``_``. Unknown names or options raise
+    :class:`TopologyError` listing what is accepted, so config typos fail loudly.
+    """
+    if not isinstance(name, str):
+        raise TopologyError(f"topology name must be a string, got {name!r}")
+    key = name.strip().lower().replace("-", "_")
+    if key not in TOPOLOGIES:
+        raise TopologyError(f"unknown topology {name!r}; choose one of {', '.join(sorted(TOPOLOGIES))}")
+    builder = TOPOLOGIES[key]
+    accepted = [p for p in inspect.signature(builder).parameters if p != "n"]
+    unknown = sorted(set(kw) - set(accepted))
+    if unknown:
+        raise TopologyError(
+            f"unknown option(s) {', '.join(unknown)} for topology {key!r}; accepted: {', '.join(accepted)}"
+        )
+    return builder(n, **kw)
