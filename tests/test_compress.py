@@ -61,3 +61,12 @@ def test_error_feedback_keeps_what_was_not_sent():
 def test_identity_roundtrip():
     rows = torch.randn(3, 7)
     assert torch.equal(Identity().decode(Identity().encode(rows), rows.dtype), rows)
+
+
+def test_roundtrip_equals_decode_of_encode():
+    layout = layout_of(5, 11, 3, 64, 1)
+    comp = ScaledSign(layout)
+    for dtype in (torch.float32, torch.float64):
+        rows = torch.randn(7, layout.size, dtype=dtype)
+        rows[:, ::5] = 0.0
+        assert torch.equal(comp.roundtrip(rows), comp.decode(comp.encode(rows), dtype))

@@ -24,6 +24,10 @@ class Compressor(Protocol):
 
     def decode(self, payload: Payload, dtype: torch.dtype) -> Tensor: ...
 
+    def roundtrip(self, rows: Tensor) -> Tensor:
+        """decode(encode(rows)), computed directly."""
+        ...
+
 
 def payload_row_bytes(payload: Payload) -> int:
     """Bytes one row of a payload occupies on the wire."""
@@ -40,6 +44,9 @@ class Identity:
 
     def decode(self, payload: Payload, dtype: torch.dtype) -> Tensor:
         return payload[0].to(dtype)
+
+    def roundtrip(self, rows: Tensor) -> Tensor:
+        return rows
 
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -67,30 +74,57 @@ class ScaledSign:
 
     A 1-bit code has no zero, so an element that is exactly 0 is sent as +scale (torch.sign would
     give 0); this is the only difference from the formula and it is what the wire can carry.
+    Each tensor's bits start on a byte boundary, so a message is sum(ceil(numel/8) + 4) bytes.
     """
 
     name = "sign"
 
     def __init__(self, layout: ParamLayout):
         self.layout = layout
-        self._slices = layout.slices()
+        numels = torch.tensor(layout.numels)
+        self._numels = numels
+        self._segments = layout.segment_ids()
+        padded = (numels + 7) // 8 * 8
+        # position in the padded bit stream of every element, and a gather map that fills the
+        # padding bits from an extra always-false column at index P
+        starts = torch.cumsum(padded, 0) - padded
+        self._positions = torch.repeat_interleave(starts - torch.tensor(layout.offsets), numels) + torch.arange(
+            layout.size
+        )
+        gather = torch.full((int(padded.sum()),), layout.size, dtype=torch.long)
+        gather[self._positions] = torch.arange(layout.size)
+        self._gather = gather
+        self._device_cache: dict[torch.device, tuple[Tensor, ...]] = {}
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if device not in self._device_cache:
+            self._device_cache[device] = tuple(
+                t.to(device) for t in (self._numels, self._segments, self._positions, self._gather)
+            )
+        return self._device_cache[device]
+
+    def _scales(self, rows: Tensor) -> Tensor:
+        numels, segments, _, _ = self._on(rows.device)
+        sums = torch.segment_reduce(rows.abs(), "sum", lengths=numels.expand(rows.shape[0], -1), axis=1)
+        return (sums / numels.to(rows.dtype)).to(torch.float32)
 
     def encode(self, rows: Tensor) -> Payload:
-        bits = torch.cat([pack_bits(rows[:, s] < 0) for s in self._slices], dim=1)
-        scales = torch.stack([rows[:, s].abs().mean(dim=1) for s in self._slices], dim=1)
-        return bits, scales.to(torch.float32)
+        _, _, _, gather = self._on(rows.device)
+        negative = torch.nn.functional.pad(rows < 0, (0, 1))
+        return pack_bits(negative[:, gather]), self._scales(rows)
 
     def decode(self, payload: Payload, dtype: torch.dtype) -> Tensor:
         packed, scales = payload
-        out = torch.empty(packed.shape[0], self.layout.size, dtype=dtype, device=packed.device)
-        start = 0
-        for t, (s, numel) in enumerate(zip(self._slices, self.layout.numels)):
-            nbytes = (numel + 7) // 8
-            negative = unpack_bits(packed[:, start : start + nbytes], numel)
-            start += nbytes
-            scale = scales[:, t : t + 1].to(dtype)
-            out[:, s] = torch.where(negative, -scale, scale)
-        return out
+        _, segments, positions, _ = self._on(packed.device)
+        negative = unpack_bits(packed, packed.shape[1] * 8)[:, positions]
+        scale = scales.to(dtype)[:, segments]
+        return torch.where(negative, -scale, scale)
+
+    def roundtrip(self, rows: Tensor) -> Tensor:
+        """decode(encode(rows)) without packing: what the sender knows the receiver will see."""
+        _, segments, _, _ = self._on(rows.device)
+        scale = self._scales(rows).to(rows.dtype)[:, segments]
+        return torch.where(rows < 0, -scale, scale)
 
     def message_bytes(self) -> int:
         """Bytes per message: sum over tensors of ceil(numel / 8) + 4."""
@@ -107,13 +141,16 @@ def make_compressor(name: str, layout: ParamLayout) -> Compressor:
         raise ValueError(f"unknown compressor {name!r}; available: {sorted(COMPRESSORS)}") from None
 
 
-def error_feedback(compressor: Compressor, rows: Tensor, memory: Tensor) -> tuple[Payload, Tensor]:
+def error_feedback(
+    compressor: Compressor, rows: Tensor, memory: Tensor, send: bool = True
+) -> tuple[Payload | None, Tensor]:
     """Compress rows + memory; update memory in place to what was not sent (e <- e + g - c).
 
-    Returns the payload to send and its decoded value c (what the receiver will see).
+    Returns the payload to send (None when `send` is false: a self-gradient never leaves the
+    agent) and its decoded value c, what the receiver will see.
     """
     corrected = memory + rows
-    payload = compressor.encode(corrected)
-    decoded = compressor.decode(payload, rows.dtype)
+    payload = compressor.encode(corrected) if send else None
+    decoded = compressor.roundtrip(corrected)
     torch.sub(corrected, decoded, out=memory)
     return payload, decoded

@@ -128,6 +128,7 @@ class TrainingConfig:
     seed: int = 0
     checkpoint_every: int = 1            # epochs; 0 = only on Ctrl-C and at the end
     device: str = "auto"                 # auto | cpu | cuda | cuda:1 ...
+    threads: int = 0                     # torch CPU threads; 0 = torch's default
 
 
 @dataclass
@@ -186,7 +187,7 @@ class Config:
         if tr.lr_schedule not in SCHEDULES:
             raise ConfigError(f"training.lr_schedule must be one of {', '.join(SCHEDULES)}, "
                               f"not {tr.lr_schedule!r}")
-        for key in ("warmup_steps", "checkpoint_every"):
+        for key in ("warmup_steps", "checkpoint_every", "threads"):
             if getattr(tr, key) < 0:
                 raise ConfigError(f"training.{key} must be >= 0, not {getattr(tr, key)}")
         if tr.eval_every < 1:

@@ -246,7 +246,7 @@ class Engine:
         if self.compressor is not None:
             payload, mv = error_feedback(self.compressor, mv, self.edge_memory)
             if self.self_memory is not None:
-                g_self = error_feedback(self.compressor, g_self, self.self_memory)[1]
+                g_self = error_feedback(self.compressor, g_self, self.self_memory, send=False)[1]
             clock.tick("compress")
             if algo.round2:
                 received = self.comm.exchange_edges(payload)

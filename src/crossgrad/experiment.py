@@ -125,6 +125,8 @@ def prepare(cfg: Config) -> Prepared:
     from crossgrad.topology import make_topology
 
     cfg.validate()
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
     device = resolve_device(cfg.training.device)
     topo = make_topology(cfg.topology.name, cfg.topology.n_agents, weights=cfg.topology.weights,
                          **cfg.topology.options)

@@ -1,0 +1,245 @@
+"""Grids of runs from one TOML file: algorithms x topologies x grid keys x seeds.
+
+A sweep file is a run config (the usual [data], [model], [algorithm], [training], ... sections
+give the shared base) plus a [sweep] table::
+
+    [sweep]
+    algorithms = [                       # a name, or a table merged into [algorithm]
+        {name = "ngc", alpha = 1.0},
+        {name = "dsgd", momentum = 0.9, nesterov = true},
+        "compngc",
+    ]
+    topologies = ["ring", {name = "torus", n_agents = 16}]   # merged into [topology]
+    seeds = [0, 1, 2]
+    jobs = 1                             # parallel processes (--jobs overrides)
+
+    [sweep.grid]                         # any section.key, as with --set
+    "data.partition" = ["label_sorted", "dirichlet"]
+
+Every combination becomes one run directory under output.out_dir (default
+``runs/<sweep file name>``), named from its method, setting, seed and grid values; runs whose
+summary.json exists are skipped, runs with a checkpoint but no summary are resumed.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crossgrad.algorithms import ConfigError
+from crossgrad.config import Config, apply_overrides, config_from_dict, dump_toml, read_toml
+
+SWEEP_KEYS = ("algorithms", "topologies", "seeds", "grid", "jobs")
+
+
+@dataclass
+class SweepRun:
+    cfg: Config
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+
+def _entries(value: Any, what: str) -> list[dict]:
+    if value is None:
+        return [{}]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"[sweep] {what} must be a non-empty list")
+    out = []
+    for v in value:
+        if isinstance(v, str):
+            out.append({"name": v})
+        elif isinstance(v, dict):
+            out.append(dict(v))
+        else:
+            raise ConfigError(f"[sweep] {what}: each entry must be a name or a table, not {v!r}")
+    return out
+
+
+def _slug(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text).strip("-") or "x"
+
+
+def expand(path: str | Path, overrides: list[str] | None = None) -> tuple[list[SweepRun], int]:
+    """All runs of a sweep file, validated; returns (runs, jobs from the file)."""
+    path = Path(path)
+    data = read_toml(path)
+    sweep = data.pop("sweep", None)
+    if not isinstance(sweep, dict):
+        raise ConfigError(f"{path}: a sweep file needs a [sweep] table (keys: {', '.join(SWEEP_KEYS)})")
+    unknown = sorted(set(sweep) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown [sweep] key(s) {', '.join(unknown)}; known: {', '.join(SWEEP_KEYS)}")
+    data = apply_overrides(data, overrides)
+    data.setdefault("output", {})
+    if not isinstance(data["output"], dict):
+        raise ConfigError(f"{path}: [output] must be a table")
+    if data["output"].get("name"):
+        raise ConfigError(f"{path}: output.name cannot be set in a sweep (every run is named automatically)")
+    data["output"].setdefault("out_dir", str(Path("runs") / path.stem))
+    algos = _entries(sweep.get("algorithms"), "algorithms")
+    topos = _entries(sweep.get("topologies"), "topologies")
+    seeds = sweep.get("seeds", [data.get("training", {}).get("seed", 0)])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                             for s in seeds):
+        raise ConfigError(f"{path}: [sweep] seeds must be a non-empty list of integers")
+    grid = sweep.get("grid", {})
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{path}: [sweep.grid] must be a table of section.key = [values]")
+    for k, v in grid.items():
+        if not isinstance(v, list) or not v:
+            raise ConfigError(f"{path}: [sweep.grid] {k!r} must be a non-empty list of values")
+        if len(k.split(".")) != 2:
+            raise ConfigError(f"{path}: [sweep.grid] keys are section.key, not {k!r}")
+    jobs = sweep.get("jobs", 1)
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"{path}: [sweep] jobs must be a positive integer")
+    grid_keys = list(grid)
+    runs: list[tuple[Config, str, str]] = []
+    for topo, algo, values, seed in itertools.product(topos, algos, itertools.product(*grid.values()), seeds):
+        d = copy.deepcopy(data)
+        d.setdefault("topology", {}).update(topo)
+        d.setdefault("algorithm", {}).update(algo)
+        for key, value in zip(grid_keys, values):
+            section, k = key.split(".")
+            d.setdefault(section, {})
+            if not isinstance(d[section], dict):
+                raise ConfigError(f"{path}: [sweep.grid] {key!r}: {section!r} is not a section")
+            d[section][k] = value
+        d.setdefault("training", {})["seed"] = seed
+        cfg = config_from_dict(d, str(path))
+        try:
+            cfg.validate()
+        except ConfigError as e:
+            raise ConfigError(f"{path}: run {algo or ''} {topo or ''} seed {seed}: {e}") from None
+        name = cfg.run_name()
+        for key, value in zip(grid_keys, values):
+            name += f"_{key.split('.')[-1]}={_slug(value)}"
+        ident = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "output"}, sort_keys=True)
+        runs.append((cfg, name, ident))
+    # disambiguate runs whose readable names collide (e.g. two entries differing only in lr)
+    counts: dict[str, int] = {}
+    for _, name, _ in runs:
+        counts[name] = counts.get(name, 0) + 1
+    out, seen = [], set()
+    for cfg, name, ident in runs:
+        if counts[name] > 1:
+            name += "_" + hashlib.sha1(ident.encode()).hexdigest()[:8]
+        if name in seen:
+            raise ConfigError(f"{path}: the sweep lists the same run twice ({name})")
+        seen.add(name)
+        cfg.output.name = name
+        out.append(SweepRun(cfg, Path(cfg.output.out_dir) / name))
+    return out, jobs
+
+
+def _status(run: SweepRun) -> str:
+    from crossgrad.experiment import CHECKPOINT, SUMMARY
+
+    if (run.run_dir / SUMMARY).exists():
+        return "done"
+    if (run.run_dir / CHECKPOINT).exists():
+        return "resume"
+    return "new"
+
+
+def _result_line(run: SweepRun) -> str:
+    from crossgrad.experiment import SUMMARY
+
+    try:
+        s = json.loads((run.run_dir / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no summary"
+    acc = s.get("consensus_acc")
+    return f"{s.get('status')}" + (f", consensus acc {100 * acc:.2f}%" if isinstance(acc, (int, float)) else "")
+
+
+def _run_inprocess(run: SweepRun, state: str, quiet: bool) -> int:
+    from crossgrad.experiment import resume_experiment, run_experiment, user_errors
+
+    try:
+        if state == "resume":
+            result = resume_experiment(run.run_dir, quiet=quiet)
+        else:
+            result = run_experiment(run.cfg, quiet=quiet)
+    except user_errors() as e:
+        print(f"crossgrad: error in {run.name}: {e}", file=sys.stderr)
+        return 2
+    if result.message:
+        print(result.message, file=sys.stderr)
+    return result.exit_code
+
+
+def _run_subprocess(run: SweepRun, state: str, threads: int) -> int:
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if state == "resume":
+        args = ["run", "--resume", str(run.run_dir), "--quiet"]
+    else:
+        cfg_path = run.run_dir / "sweep-config.toml"
+        cfg_path.write_text(dump_toml(run.cfg.to_dict()), encoding="utf-8")
+        args = ["run", str(cfg_path), "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    src = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with open(run.run_dir / "run.log", "a", encoding="utf-8") as log:
+        proc = subprocess.run([sys.executable, "-m", "crossgrad", *args], stdout=log, stderr=subprocess.STDOUT,
+                              env=env, check=False)
+    return proc.returncode
+
+
+def run_sweep(path: str | Path, overrides: list[str] | None = None, jobs: int | None = None,
+              quiet: bool = False, dry_run: bool = False) -> int:
+    """Run every missing run of a sweep; returns 0 if all finished, 1 if any failed or diverged."""
+    runs, file_jobs = expand(path, overrides)
+    jobs = jobs or file_jobs
+    states = [_status(r) for r in runs]
+    todo = [(r, s) for r, s in zip(runs, states) if s != "done"]
+    print(f"sweep {path}: {len(runs)} runs in {runs[0].cfg.output.out_dir if runs else '-'}; "
+          f"{len(runs) - len(todo)} already done, {len(todo)} to run" + (f" with {jobs} jobs" if jobs > 1 else ""))
+    for r, s in zip(runs, states):
+        if s == "done":
+            print(f"  skip {r.name} (summary.json exists)")
+        elif dry_run:
+            print(f"  {'resume' if s == 'resume' else 'run'} {r.name}")
+    if dry_run or not todo:
+        return 0
+    failures = 0
+    if jobs == 1:
+        for k, (r, s) in enumerate(todo, 1):
+            print(f"[{k}/{len(todo)}] {'resuming' if s == 'resume' else 'running'} {r.name}", flush=True)
+            rc = _run_inprocess(r, s, quiet)
+            if rc == 130:
+                print("sweep interrupted; run it again to continue", file=sys.stderr)
+                return 130
+            failures += rc != 0
+            print(f"[{k}/{len(todo)}] {r.name}: {_result_line(r) if rc in (0, 1) else f'failed (exit {rc})'}",
+                  flush=True)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        done = 0
+
+        def work(item: tuple[SweepRun, str]) -> tuple[SweepRun, int]:
+            return item[0], _run_subprocess(item[0], item[1], threads)
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for fut in as_completed([pool.submit(work, item) for item in todo]):
+                r, rc = fut.result()
+                done += 1
+                failures += rc != 0
+                line = _result_line(r) if rc in (0, 1) else f"failed (exit {rc}); see {r.run_dir / 'run.log'}"
+                print(f"[{done}/{len(todo)}] {r.name}: {line}", flush=True)
+    if failures:
+        print(f"{failures} of {len(todo)} runs failed or diverged", file=sys.stderr)
+        return 1
+    return 0
