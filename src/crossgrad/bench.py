@@ -153,8 +153,9 @@ def state_bytes(sim: Simulator) -> int:
 
 def scaling_table(model_name: str = "lenet5", input_shape: tuple[int, ...] = (1, 28, 28),
                   sizes: tuple[int, ...] = (8, 16, 32, 64, 128, 256), topologies: tuple[str, ...] = ("ring",),
-                  label: str = "ngc(a=1)", batch: int = 32, steps: int = 2, device: str = "cpu") -> list[dict]:
-    """Step time per forward/backward pass and state memory per agent as n grows."""
+                  label: str = "ngc(a=1)", batch: int = 32, steps: int = 2, repeats: int = 2,
+                  device: str = "cpu") -> list[dict]:
+    """Step time per forward/backward pass (best of `repeats` rounds) and state memory as n grows."""
     dev = torch.device(device)
     rows = []
     for topo_name in topologies:
@@ -166,11 +167,14 @@ def scaling_table(model_name: str = "lenet5", input_shape: tuple[int, ...] = (1,
             name, kw = BENCH_ALGORITHMS[label]
             sim = Simulator(model, topo, make_algorithm(name, lr=0.01, **kw), device=dev)
             sim.step(batches[0])
-            start = time.perf_counter()
-            for _ in range(steps):
-                sim.step(batches[0])
-            _sync(dev)
-            step_s = (time.perf_counter() - start) / steps
+            step_s = float("inf")
+            for _ in range(repeats):
+                _sync(dev)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    sim.step(batches[0])
+                _sync(dev)
+                step_s = min(step_s, (time.perf_counter() - start) / steps)
             passes = sim.stats["grad_evals"] // sim.stats["steps"]
             rows.append({
                 "topology": topo_name, "agents": n, "passes/step": passes, "step s": step_s,
@@ -196,3 +200,51 @@ def format_rows(rows: list[dict]) -> str:
     lines = [" | ".join(col[i].rjust(w) for col, w in zip(cols, widths)) for i in range(len(rows) + 1)]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`crossgrad bench`: throughput vs bound per algorithm, overheads, and a scaling table."""
+    import argparse
+    import platform
+
+    p = argparse.ArgumentParser(prog="crossgrad bench", description=main.__doc__)
+    p.add_argument("--models", default="lenet5:1x28x28,cnn5:3x32x32",
+                   help="comma-separated name:CxHxW (default: %(default)s)")
+    p.add_argument("--agents", type=int, default=16)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3, help="steps per timed round")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds; the best is kept")
+    p.add_argument("--algorithms", default=",".join(BENCH_ALGORITHMS), help="default: all")
+    p.add_argument("--scaling", default="8,16,32,64,128,256", help="agent counts for the scaling table ('' skips)")
+    p.add_argument("--scaling-topologies", default="ring,exponential")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--evaluator", default="auto", choices=["auto", "loop", "vmap"])
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unknown = [a for a in args.algorithms.split(",") if a not in BENCH_ALGORITHMS]
+    if unknown:
+        p.error(f"unknown algorithm label(s) {unknown}; choose from {list(BENCH_ALGORITHMS)}")
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"device {args.device}, torch {torch.__version__}")
+    for spec in args.models.split(","):
+        name, _, shape = spec.partition(":")
+        input_shape = tuple(int(v) for v in shape.split("x"))
+        rows = throughput_table(name, input_shape, n=args.agents, batch=args.batch, steps=args.steps,
+                                repeats=args.repeats, algorithms=args.algorithms.split(","), device=args.device,
+                                evaluator=args.evaluator)
+        print(f"\n{name} {shape}, {args.agents} agents on a ring, batch {args.batch} per agent "
+              f"(ratio = simulator samples/s / bound samples/s; % = share of step time)")
+        print(format_rows(rows))
+    if args.scaling:
+        sizes = tuple(int(v) for v in args.scaling.split(","))
+        rows = scaling_table(sizes=sizes, topologies=tuple(args.scaling_topologies.split(",")),
+                             batch=args.batch, device=args.device)
+        print("\nscaling: lenet5 1x28x28, ngc(a=1)")
+        print(format_rows(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
