@@ -4,6 +4,7 @@ Exit codes: 0 success; 1 a run diverged (NaN/Inf) or failed; 2 a configuration o
 (one line on stderr, no traceback); 130 interrupted (a checkpoint was written, resume with
 `crossgrad run --resume DIR`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-EPILOG_SET = ("--set takes section.key=value, the value a TOML literal (algorithm.alpha=0, "
-              'data.name="mnist"; a bare word is taken as a string). Top-level keys have no section '
-              "(backend=sim). Sections: data, model, topology, algorithm, training, output.")
+EPILOG_SET = (
+    "--set takes section.key=value, the value a TOML literal (algorithm.alpha=0, "
+    'data.name="mnist"; a bare word is taken as a string). Top-level keys have no section '
+    "(backend=sim). Sections: data, model, topology, algorithm, training, output."
+)
 
 
 def _error(msg: str) -> int:
@@ -28,8 +31,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume:
         if args.config or args.set or args.out_dir or args.name or args.backend:
-            return _error("--resume DIR takes no config file and no --set/--out-dir/--name/--backend "
-                          "(the run continues with the config saved in DIR)")
+            return _error(
+                "--resume DIR takes no config file and no --set/--out-dir/--name/--backend "
+                "(the run continues with the config saved in DIR)"
+            )
         result = resume_experiment(args.resume, quiet=args.quiet, stop_after=args.stop_after)
     else:
         overrides = list(args.set or [])
@@ -118,7 +123,8 @@ def cmd_topology(args: argparse.Namespace) -> int:
     params = ", ".join(f"{k}={v}" for k, v in (s.get("params") or {}).items())
     print(f"topology          {s['name']}" + (f" ({params})" if params else ""))
     print(f"agents            {s['n']}")
-    print(f"edges             {s['n_edges']} ({'directed' if s['directed'] else 'undirected: both directions counted'})")
+    kind = "directed" if s["directed"] else "undirected: both directions counted"
+    print(f"edges             {s['n_edges']} ({kind})")
     print(f"in-degree         {degrees(s['in_degrees'])}")
     print(f"out-degree        {degrees(s['out_degrees'])}")
     print(f"regular           {'yes' if s['regular'] else 'no'}")
@@ -141,7 +147,13 @@ QUICKSTART_BASE = {
     "model": {"name": "lenet5", "norm": "evonorm"},
     "topology": {"name": "ring", "n_agents": 5},
     "algorithm": {"lr": 0.05, "momentum": 0.9, "nesterov": True},
-    "training": {"batch_size": 32, "lr_schedule": "multistep", "seed": 0, "checkpoint_every": 0},
+    "training": {
+        "batch_size": 32,
+        "lr_schedule": "multistep",
+        "seed": 0,
+        "checkpoint_every": 0,
+        "threads": 1,
+    },
 }
 QUICKSTART_RUNS = (("ngc", {"name": "ngc", "alpha": 1.0}), ("dsgdm-n", {"name": "dsgd"}))
 
@@ -155,8 +167,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     start = time.perf_counter()
-    print(f"crossgrad quickstart: NGC (alpha=1) vs DSGDm-N on sklearn digits, 5 agents on a ring, "
-          f"full label skew (each agent sees 2 of the 10 classes), {args.epochs} epochs -> {out}", flush=True)
+    print(
+        f"crossgrad quickstart: NGC (alpha=1) vs DSGDm-N on sklearn digits, 5 agents on a ring, "
+        f"full label skew (each agent sees 2 of the 10 classes), {args.epochs} epochs -> {out}",
+        flush=True,
+    )
     dirs = []
     for name, algo in QUICKSTART_RUNS:
         data = copy.deepcopy(QUICKSTART_BASE)
@@ -173,8 +188,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if rc:
         return rc
     rc = plot_main([str(out)], out=str(out))
-    print(f"\nquickstart finished in {time.perf_counter() - start:.1f} s. Learning curves: {out}/curves_*.png "
-          f"(and .svg); per-run metrics in {', '.join(str(d / 'metrics.jsonl') for d in dirs)}")
+    print(
+        f"\nquickstart finished in {time.perf_counter() - start:.1f} s. Learning curves: {out}/curves_*.png "
+        f"(and .svg); per-run metrics in {', '.join(str(d / 'metrics.jsonl') for d in dirs)}"
+    )
     return rc
 
 
@@ -182,44 +199,71 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="crossgrad",
-        description="Decentralized deep learning on non-IID data: NGC, CompNGC, DSGD(m-N), QGM, CGA, CompCGA.",
+        description="Decentralized deep learning on non-IID data: "
+        "NGC, CompNGC, DSGD(m-N), QGM, CGA, CompCGA.",
         epilog="Start with `crossgrad quickstart`. Exit codes: 0 ok, 1 a run diverged or failed, "
-               "2 bad configuration or input, 130 interrupted (checkpoint written).",
+        "2 bad configuration or input, 130 interrupted (checkpoint written).",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    r = sub.add_parser("run", help="train one configuration (or resume one)", epilog=EPILOG_SET,
-                       description="Train one run from a TOML config (defaults for anything left out) into "
-                                   "output.out_dir/output.name; writes config.toml, metrics.jsonl, "
-                                   "checkpoint.pt and summary.json there.")
+    r = sub.add_parser(
+        "run",
+        help="train one configuration (or resume one)",
+        epilog=EPILOG_SET,
+        description="Train one run from a TOML config (defaults for anything left out) into "
+        "output.out_dir/output.name; writes config.toml, metrics.jsonl, "
+        "checkpoint.pt and summary.json there.",
+    )
     r.add_argument("config", nargs="?", help="TOML config file (optional: defaults otherwise)")
-    r.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    r.add_argument(
+        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)"
+    )
     r.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its checkpoint")
     r.add_argument("--out-dir", help="same as --set output.out_dir=DIR")
     r.add_argument("--name", help="run directory name (same as --set output.name=NAME)")
     r.add_argument("--backend", choices=("sim", "dist"), help="same as --set backend=...")
-    r.add_argument("--stop-after", type=int, metavar="STEPS",
-                   help="stop after this many steps in total, writing a checkpoint as Ctrl-C does")
-    r.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run in the same directory")
+    r.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEPS",
+        help="stop after this many steps in total, writing a checkpoint as Ctrl-C does",
+    )
+    r.add_argument(
+        "--overwrite", action="store_true", help="replace a finished or unfinished run in the same directory"
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bar; one log line per evaluation")
     r.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("sweep", help="run a grid of configurations from one TOML file", epilog=EPILOG_SET,
-                       description="Expand the [sweep] table of FILE (algorithms x topologies x grid keys x "
-                                   "seeds) and run every run whose summary.json does not exist yet "
-                                   "(unfinished runs with a checkpoint are resumed).")
+    s = sub.add_parser(
+        "sweep",
+        help="run a grid of configurations from one TOML file",
+        epilog=EPILOG_SET,
+        description="Expand the [sweep] table of FILE (algorithms x topologies x grid keys x "
+        "seeds) and run every run whose summary.json does not exist yet "
+        "(unfinished runs with a checkpoint are resumed).",
+    )
     s.add_argument("file", help="sweep TOML file")
-    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override the base config (repeatable)")
+    s.add_argument(
+        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override the base config (repeatable)"
+    )
     s.add_argument("--jobs", type=int, help="parallel processes (default: [sweep] jobs, or 1)")
     s.add_argument("--dry-run", action="store_true", help="list the runs without running them")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_sweep)
 
-    for name, func, what in (("report", cmd_report, "print the mean ± std table of finished runs "
-                                                    "(and write report.md / report.csv)"),
-                             ("plot", cmd_plot, "draw learning curves of finished runs (PNG and SVG)")):
-        c = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] +
-                           "; run directories are found recursively under DIR.")
+    for name, func, what in (
+        (
+            "report",
+            cmd_report,
+            "print the mean ± std table of finished runs (and write report.md / report.csv)",
+        ),
+        ("plot", cmd_plot, "draw learning curves of finished runs (PNG and SVG)"),
+    ):
+        c = sub.add_parser(
+            name,
+            help=what,
+            description=what[0].upper() + what[1:] + "; run directories are found recursively under DIR.",
+        )
         c.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or folders holding them")
         c.add_argument("--out", help="where to write the files (default: the first DIR)")
         c.set_defaults(func=func)
@@ -227,25 +271,39 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the models with parameter counts")
     m.add_argument("--input-shape", metavar="C,H,W", help="count parameters at this input shape")
     m.add_argument("--num-classes", type=int, default=10, help="number of classes (default 10)")
-    m.add_argument("--norm", action="append", help="norm(s) to show: evonorm, group, batch, none (repeatable)")
+    m.add_argument(
+        "--norm", action="append", help="norm(s) to show: evonorm, group, batch, none (repeatable)"
+    )
     m.set_defaults(func=cmd_models)
 
     t = sub.add_parser("topology", help="describe a topology: degrees, symmetry, stochasticity, spectral gap")
-    t.add_argument("name", help="ring, directed_ring, torus, full, chain, star, exponential, erdos_renyi, ...")
+    t.add_argument(
+        "name", help="ring, directed_ring, torus, full, chain, star, exponential, erdos_renyi, ..."
+    )
     t.add_argument("n", type=int, help="number of agents")
     t.add_argument("--weights", default="uniform", help="mixing weights scheme (default: uniform)")
-    t.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="extra topology option, e.g. p=0.3 or seed=1 for erdos_renyi (repeatable)")
+    t.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra topology option, e.g. p=0.3 or seed=1 for erdos_renyi (repeatable)",
+    )
     t.add_argument("--matrix", action="store_true", help="also print the mixing matrix W")
     t.set_defaults(func=cmd_topology)
 
-    q = sub.add_parser("quickstart", help="train NGC and DSGDm-N on sklearn digits and compare them",
-                       description="Train NGC (alpha=1) and DSGDm-N (Nesterov momentum 0.9) on scikit-learn's "
-                                   "embedded digits dataset, 5 agents on a ring with full label skew, then print "
-                                   "the comparison table and write the learning curves.")
-    q.add_argument("--out", default=str(Path("runs") / "quickstart"), help="output folder (default: runs/quickstart)")
-    q.add_argument("--epochs", type=int, default=QUICKSTART_EPOCHS,
-                   help=f"epochs per run (default {QUICKSTART_EPOCHS})")
+    q = sub.add_parser(
+        "quickstart",
+        help="train NGC and DSGDm-N on sklearn digits and compare them",
+        description="Train NGC (alpha=1) and DSGDm-N (Nesterov momentum 0.9) on scikit-learn's "
+        "embedded digits dataset, 5 agents on a ring with full label skew, then print "
+        "the comparison table and write the learning curves.",
+    )
+    q.add_argument(
+        "--out", default=str(Path("runs") / "quickstart"), help="output folder (default: runs/quickstart)"
+    )
+    q.add_argument(
+        "--epochs", type=int, default=QUICKSTART_EPOCHS, help=f"epochs per run (default {QUICKSTART_EPOCHS})"
+    )
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quickstart)
     return p

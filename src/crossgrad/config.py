@@ -39,6 +39,7 @@ Overrides use one convention, ``section.key=value`` with the value parsed as a T
 (``algorithm.alpha=0``, ``data.name="mnist"``); a value that is not a TOML literal is taken as
 a bare string (``data.name=mnist``). Top-level keys have no section (``backend=dist``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,9 +59,22 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
-    "AlgorithmConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "OutputConfig",
-    "TopologyConfig", "TrainingConfig", "apply_overrides", "config_from_dict", "dump_toml", "load_config",
-    "method_label", "parse_override", "setting_label", "ALGORITHM_KEYS",
+    "AlgorithmConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "TopologyConfig",
+    "TrainingConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "dump_toml",
+    "load_config",
+    "method_label",
+    "parse_override",
+    "setting_label",
+    "ALGORITHM_KEYS",
 ]
 
 PARTITIONS = ("label_sorted", "iid", "dirichlet", "shards")
@@ -104,11 +118,11 @@ class AlgorithmConfig:
     nesterov: bool = True
     qgm: bool = False
     weight_decay: float = 0.0
-    alpha: float = 1.0           # ngc, compngc
-    compress_self: bool = True   # compngc, compcga
-    weights: str = "mixing"      # combine weights for ngc/cga families: "mixing" (W) or "uniform" (1/(k+1))
-    margin: float = 0.5          # cga, compcga
-    eps: float = 1e-12           # cga, compcga
+    alpha: float = 1.0  # ngc, compngc
+    compress_self: bool = True  # compngc, compcga
+    weights: str = "mixing"  # combine weights for ngc/cga families: "mixing" (W) or "uniform" (1/(k+1))
+    margin: float = 0.5  # cga, compcga
+    eps: float = 1e-12  # cga, compcga
 
 
 #: the algorithm hyperparameter keys (everything in [algorithm] but `name`)
@@ -122,13 +136,13 @@ class TrainingConfig:
     steps: int | None = None
     lr_schedule: str = "constant"
     warmup_steps: int = 0
-    eval_every: int = 1                  # epochs
+    eval_every: int = 1  # epochs
     eval_every_steps: int | None = None  # evaluate every k steps instead (when set)
     eval_batch_size: int = 1024
     seed: int = 0
-    checkpoint_every: int = 1            # epochs; 0 = only on Ctrl-C and at the end
-    device: str = "auto"                 # auto | cpu | cuda | cuda:1 ...
-    threads: int = 0                     # torch CPU threads; 0 = torch's default
+    checkpoint_every: int = 1  # epochs; 0 = only on Ctrl-C and at the end
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
+    threads: int = 0  # torch CPU threads; 0 = torch's default
 
 
 @dataclass
@@ -157,8 +171,9 @@ class Config:
 
         cls = ALGORITHMS.get(self.algorithm.name.lower())
         if cls is None:
-            raise ConfigError(f"unknown algorithm {self.algorithm.name!r}; "
-                              f"available: {', '.join(sorted(ALGORITHMS))}")
+            raise ConfigError(
+                f"unknown algorithm {self.algorithm.name!r}; available: {', '.join(sorted(ALGORITHMS))}"
+            )
         accepted = {f.name for f in fields(cls)}
         return {k: getattr(self.algorithm, k) for k in ALGORITHM_KEYS if k in accepted}
 
@@ -185,8 +200,9 @@ class Config:
         if tr.steps is not None and tr.steps < 1:
             raise ConfigError(f"training.steps must be >= 1, not {tr.steps}")
         if tr.lr_schedule not in SCHEDULES:
-            raise ConfigError(f"training.lr_schedule must be one of {', '.join(SCHEDULES)}, "
-                              f"not {tr.lr_schedule!r}")
+            raise ConfigError(
+                f"training.lr_schedule must be one of {', '.join(SCHEDULES)}, not {tr.lr_schedule!r}"
+            )
         for key in ("warmup_steps", "checkpoint_every", "threads"):
             if getattr(tr, key) < 0:
                 raise ConfigError(f"training.{key} must be >= 0, not {getattr(tr, key)}")
@@ -200,8 +216,9 @@ class Config:
             raise ConfigError(f"training.device must be auto, cpu, cuda or cuda:N, not {tr.device!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
-        if self.output.name is not None and (not self.output.name or "/" in self.output.name
-                                             or self.output.name in (".", "..")):
+        if self.output.name is not None and (
+            not self.output.name or "/" in self.output.name or self.output.name in (".", "..")
+        ):
             raise ConfigError(f"output.name must be a plain directory name, not {self.output.name!r}")
         self.make_algorithm()  # unknown algorithm, alpha outside [0, 1], gamma <= 0, ...
         return self
@@ -286,7 +303,9 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
             return dict(value)
     else:  # pragma: no cover
         return value
-    tname = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(base, "a table")
+    tname = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        base, "a table"
+    )
     raise ConfigError(f"{where} must be {tname}, not {value!r}")
 
 
@@ -314,8 +333,10 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
         elif key in _TOP_KEYS:
             setattr(cfg, key, _coerce(key, value, top_hints[key]))
         else:
-            raise ConfigError(f"{source}: unknown section or key {key!r}; known sections: "
-                              f"{', '.join(_SECTIONS)}; top-level keys: {', '.join(sorted(_TOP_KEYS))}")
+            raise ConfigError(
+                f"{source}: unknown section or key {key!r}; known sections: "
+                f"{', '.join(_SECTIONS)}; top-level keys: {', '.join(sorted(_TOP_KEYS))}"
+            )
     return cfg
 
 
@@ -334,7 +355,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """"section.key=value" -> (["section", "key"], value); the value is a TOML literal or a bare string."""
+    """ "section.key=value" -> (["section", "key"], value); the value is a TOML literal or a bare string."""
     if "=" not in text:
         raise ConfigError(f"--set expects section.key=value, got {text!r}")
     key, raw = text.split("=", 1)
@@ -342,10 +363,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.split(".")
     if not key or any(not p for p in path) or len(path) > 2:
         raise ConfigError(f"--set expects section.key=value (or a top-level key=value), got {text!r}")
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-]*", raw) and raw not in ("true", "false"):
+        return path, raw  # a bare word such as data.name=mnist (also "nan", "inf": strings, not floats)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw  # a bare string such as data.name=mnist
+        value = raw
     return path, value
 
 
@@ -361,8 +384,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
         else:
             section, key = path
             if section not in _SECTIONS:
-                raise ConfigError(f"--set {text!r}: unknown section {section!r}; "
-                                  f"known sections: {', '.join(_SECTIONS)}")
+                raise ConfigError(
+                    f"--set {text!r}: unknown section {section!r}; known sections: {', '.join(_SECTIONS)}"
+                )
             out.setdefault(section, {})
             if not isinstance(out[section], dict):
                 raise ConfigError(f"[{section}] must be a table")
@@ -390,11 +414,15 @@ def _toml_value(v: Any) -> str:
             return "inf" if v > 0 else "-inf"
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+        return (
+            '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+        )
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+        return (
+            "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+        )
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
@@ -404,8 +432,11 @@ def _toml_key(k: str) -> str:
 
 def dump_toml(data: dict[str, Any]) -> str:
     """Write nested plain data (top-level scalars, then one table per section) as TOML. None is omitted."""
-    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items()
-             if not isinstance(v, dict) and v is not None]
+    lines = [
+        f"{_toml_key(k)} = {_toml_value(v)}"
+        for k, v in data.items()
+        if not isinstance(v, dict) and v is not None
+    ]
     for k, v in data.items():
         if isinstance(v, dict):
             if lines:

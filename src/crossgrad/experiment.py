@@ -16,6 +16,7 @@ reshuffles and continues, so its stream of samples never stops and no sample is 
 The seed fixes the model initialisation, the partition, every agent's batch order and the
 augmentation. Resuming from a checkpoint restores all of these and continues bit for bit (CPU).
 """
+
 from __future__ import annotations
 
 import json
@@ -45,10 +46,28 @@ CHECKPOINT_VERSION = 1
 
 #: keys of every metrics.jsonl record (accuracies are fractions in [0, 1]; bytes per agent per step)
 METRIC_KEYS = (
-    "step", "epoch", "lr", "consensus_acc", "consensus_loss", "local_acc_mean", "local_acc_min",
-    "local_acc_max", "local_acc", "train_loss", "train_loss_agents", "consensus_distance", "bias_mv",
-    "bias_dv", "bytes_round1", "bytes_round2", "grad_evals", "grad_evals_per_agent_per_step",
-    "qp_failures", "wall_time_s", "steps_per_s", "peak_mem_mb",
+    "step",
+    "epoch",
+    "lr",
+    "consensus_acc",
+    "consensus_loss",
+    "local_acc_mean",
+    "local_acc_min",
+    "local_acc_max",
+    "local_acc",
+    "train_loss",
+    "train_loss_agents",
+    "consensus_distance",
+    "bias_mv",
+    "bias_dv",
+    "bytes_round1",
+    "bytes_round2",
+    "grad_evals",
+    "grad_evals_per_agent_per_step",
+    "qp_failures",
+    "wall_time_s",
+    "steps_per_s",
+    "peak_mem_mb",
 )
 #: metrics that depend on the machine and the clock (not compared between runs)
 TIMING_KEYS = ("wall_time_s", "steps_per_s", "peak_mem_mb")
@@ -60,7 +79,7 @@ class RunError(ConfigError):
 
 @dataclass
 class RunResult:
-    status: str            # "completed" | "interrupted" | "diverged"
+    status: str  # "completed" | "interrupted" | "diverged"
     run_dir: Path
     summary: dict | None = None
     message: str = ""
@@ -128,26 +147,34 @@ def prepare(cfg: Config) -> Prepared:
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     device = resolve_device(cfg.training.device)
-    topo = make_topology(cfg.topology.name, cfg.topology.n_agents, weights=cfg.topology.weights,
-                         **cfg.topology.options)
+    topo = make_topology(
+        cfg.topology.name, cfg.topology.n_agents, weights=cfg.topology.weights, **cfg.topology.options
+    )
     algorithm = cfg.make_algorithm()
     d = cfg.data
     train, test = load_dataset(d.name, d.data_dir)
-    shards = partition(train.y, topo.n, d.partition, cfg.training.seed, beta=d.beta,
-                       shards_per_agent=d.shards_per_agent)
+    shards = partition(
+        train.y, topo.n, d.partition, cfg.training.seed, beta=d.beta, shards_per_agent=d.shards_per_agent
+    )
     shards = [torch.as_tensor(s, dtype=torch.long) for s in shards]
     empty = [i for i, s in enumerate(shards) if len(s) == 0]
     if empty:
-        raise ConfigError(f"the {d.partition} partition of {d.name} leaves agent(s) "
-                          f"{', '.join(map(str, empty))} without any training sample; use fewer agents "
-                          "or another partition")
+        raise ConfigError(
+            f"the {d.partition} partition of {d.name} leaves agent(s) "
+            f"{', '.join(map(str, empty))} without any training sample; use fewer agents "
+            "or another partition"
+        )
     input_shape = tuple(int(s) for s in train.input_shape)
     torch.manual_seed(cfg.training.seed)  # fixes the initialisation
     try:
-        model = make_model(cfg.model.name, input_shape, train.num_classes, cfg.model.norm, **cfg.model.options)
+        model = make_model(
+            cfg.model.name, input_shape, train.num_classes, cfg.model.norm, **cfg.model.options
+        )
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"model {cfg.model.name!r} does not fit {d.name} "
-                          f"(input {'x'.join(map(str, input_shape))}, {train.num_classes} classes): {e}") from None
+        raise ConfigError(
+            f"model {cfg.model.name!r} does not fit {d.name} "
+            f"(input {'x'.join(map(str, input_shape))}, {train.num_classes} classes): {e}"
+        ) from None
     augment = None
     if d.augment:
         from crossgrad.data.augment import Augment
@@ -155,8 +182,21 @@ def prepare(cfg: Config) -> Prepared:
         augment = Augment.for_dataset(d.name) if hasattr(Augment, "for_dataset") else Augment()
     x_train = _normalised(train, d.name).to(device)
     x_test = _normalised(test, d.name).to(device)
-    return Prepared(cfg, x_train, train.y.long().to(device), x_test, test.y.long().to(device), shards,
-                    input_shape, train.num_classes, model.to(device), topo, algorithm, device, augment)
+    return Prepared(
+        cfg,
+        x_train,
+        train.y.long().to(device),
+        x_test,
+        test.y.long().to(device),
+        shards,
+        input_shape,
+        train.num_classes,
+        model.to(device),
+        topo,
+        algorithm,
+        device,
+        augment,
+    )
 
 
 # ---------------------------------------------------------------------------- per-agent data
@@ -183,7 +223,7 @@ class AgentStream:
         while need > 0:
             if self.pos >= len(self.perm):
                 self.perm, self.pos = self._shuffle(), 0
-            take = self.perm[self.pos:self.pos + need]
+            take = self.perm[self.pos : self.pos + need]
             self.pos += len(take)
             need -= len(take)
             parts.append(take)
@@ -232,20 +272,20 @@ def evaluate(sim: Any, x: Tensor, y: Tensor, batch_size: int = 1024) -> dict[str
         stacked = torch.cat([rows, rows.mean(0, keepdim=True)])  # agents, then the consensus model
 
         def logits_of(row: Tensor, inputs: Tensor) -> Tensor:
-            params = dict(zip(layout.names, layout.views(row)))
+            params = dict(zip(layout.names, layout.views(row), strict=False))
             return torch.func.functional_call(template, params, (inputs,))
 
         batched = torch.func.vmap(logits_of, in_dims=(0, None))
         step = max(1, batch_size // max(1, (n + 1) // 4))
         for s in range(0, total, step):
-            xb, yb = x[s:s + step], y[s:s + step]
+            xb, yb = x[s : s + step], y[s : s + step]
             out = batched(stacked, xb)  # [n+1, B, C]
             correct += (out.argmax(-1) == yb).sum(1)
             loss_sum += torch.nn.functional.cross_entropy(out[-1], yb, reduction="sum").double()
     else:
         models = [sim.agent_model(i).eval() for i in range(n)] + [sim.agent_model(None).eval()]
         for s in range(0, total, batch_size):
-            xb, yb = x[s:s + batch_size], y[s:s + batch_size]
+            xb, yb = x[s : s + batch_size], y[s : s + batch_size]
             for k, m in enumerate(models):
                 out = m(xb)
                 correct[k] += (out.argmax(-1) == yb).sum()
@@ -349,7 +389,10 @@ class Trainer:
         largest = max(len(s) for s in p.shards)
         self.steps_per_epoch = max(1, math.ceil(largest / tr.batch_size))
         self.total_steps = tr.steps if tr.steps is not None else tr.epochs * self.steps_per_epoch
-        self.streams = [AgentStream(s.to("cpu"), sd) for s, sd in zip(p.shards, agent_seeds(tr.seed, self.n, 1))]
+        self.streams = [
+            AgentStream(s.to("cpu"), sd)
+            for s, sd in zip(p.shards, agent_seeds(tr.seed, self.n, 1), strict=False)
+        ]
         self.aug_gens = [torch.Generator().manual_seed(sd) for sd in agent_seeds(tr.seed, self.n, 2)]
         self.step = 0
         self.metrics: list[dict] = []
@@ -445,12 +488,13 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != CHECKPOINT_VERSION:
-            raise RunError(f"checkpoint version {state.get('version')} is not supported "
-                           f"(expected {CHECKPOINT_VERSION})")
+            raise RunError(
+                f"checkpoint version {state.get('version')} is not supported (expected {CHECKPOINT_VERSION})"
+            )
         self.sim.load_state_dict(state["sim"])
-        for s, st in zip(self.streams, state["streams"]):
+        for s, st in zip(self.streams, state["streams"], strict=False):
             s.load_state_dict(st)
-        for g, st in zip(self.aug_gens, state["aug_gens"]):
+        for g, st in zip(self.aug_gens, state["aug_gens"], strict=False):
             g.set_state(st)
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and self.p.device.type == "cuda":
@@ -481,31 +525,33 @@ class Trainer:
         final = {k: v for k, v in (self.metrics[-1] if self.metrics else {}).items() if k != "local_acc"}
         accs = [m["consensus_acc"] for m in self.metrics if m.get("consensus_acc") is not None]
         bpas = stats["bytes_per_agent_per_step"] if self.step else [0.0, 0.0]
-        return _jsonable({
-            "method": cfg.method,
-            "setting": cfg.setting,
-            "seed": cfg.training.seed,
-            "status": status,
-            "message": message,
-            "algorithm": self.sim.engine.algorithm.describe(),
-            "steps": self.step,
-            "total_steps": self.total_steps,
-            "epochs": self.step / self.steps_per_epoch,
-            "steps_per_epoch": self.steps_per_epoch,
-            "final": final,
-            "consensus_acc": final.get("consensus_acc"),
-            "local_acc_mean": final.get("local_acc_mean"),
-            "best_consensus_acc": max(accs) if accs else None,
-            "bytes_per_agent_per_step": bpas,
-            "bytes_per_agent_total": [b * self.step for b in bpas],
-            "grad_evals": stats["grad_evals"],
-            "grad_evals_per_agent_per_step": stats["grad_evals_per_agent_per_step"] if self.step else 0.0,
-            "qp_failures": stats["qp_failures"],
-            "wall_time_s": self.elapsed,
-            "peak_mem_mb": peak_memory_mb(self.p.device),
-            "shard_sizes": [len(s) for s in self.p.shards],
-            "config": cfg.to_dict(),
-        })
+        return _jsonable(
+            {
+                "method": cfg.method,
+                "setting": cfg.setting,
+                "seed": cfg.training.seed,
+                "status": status,
+                "message": message,
+                "algorithm": self.sim.engine.algorithm.describe(),
+                "steps": self.step,
+                "total_steps": self.total_steps,
+                "epochs": self.step / self.steps_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch,
+                "final": final,
+                "consensus_acc": final.get("consensus_acc"),
+                "local_acc_mean": final.get("local_acc_mean"),
+                "best_consensus_acc": max(accs) if accs else None,
+                "bytes_per_agent_per_step": bpas,
+                "bytes_per_agent_total": [b * self.step for b in bpas],
+                "grad_evals": stats["grad_evals"],
+                "grad_evals_per_agent_per_step": stats["grad_evals_per_agent_per_step"] if self.step else 0.0,
+                "qp_failures": stats["qp_failures"],
+                "wall_time_s": self.elapsed,
+                "peak_mem_mb": peak_memory_mb(self.p.device),
+                "shard_sizes": [len(s) for s in self.p.shards],
+                "config": cfg.to_dict(),
+            }
+        )
 
     # -------------------------------------------------------------- the loop
     def _log(self, msg: str, bar: Any = None) -> None:
@@ -516,12 +562,14 @@ class Trainer:
 
     def _eval_line(self, rec: dict) -> str:
         tl = rec["train_loss"]
-        return (f"[{self.run_dir.name}] epoch {rec['epoch']:g} step {rec['step']}: "
-                f"consensus acc {100 * rec['consensus_acc']:.2f}% "
-                f"local acc {100 * rec['local_acc_mean']:.2f}% "
-                f"(min {100 * rec['local_acc_min']:.1f}, max {100 * rec['local_acc_max']:.1f}) "
-                f"train loss {'-' if tl is None else f'{tl:.4f}'} "
-                f"consensus dist {rec['consensus_distance']:.3g}")
+        return (
+            f"[{self.run_dir.name}] epoch {rec['epoch']:g} step {rec['step']}: "
+            f"consensus acc {100 * rec['consensus_acc']:.2f}% "
+            f"local acc {100 * rec['local_acc_mean']:.2f}% "
+            f"(min {100 * rec['local_acc_min']:.1f}, max {100 * rec['local_acc_max']:.1f}) "
+            f"train loss {'-' if tl is None else f'{tl:.4f}'} "
+            f"consensus dist {rec['consensus_distance']:.3g}"
+        )
 
     def train(self, stop_after: int | None = None) -> RunResult:
         """Train to the end (or to `stop_after` total steps / Ctrl-C, then checkpoint and stop)."""
@@ -537,8 +585,15 @@ class Trainer:
         write_metrics(metrics_path, self.metrics)
         bar = None
         if not self.quiet:
-            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                       desc=self.run_dir.name, file=sys.stderr, mininterval=0.5)
+            bar = tqdm(
+                total=self.total_steps,
+                initial=self.step,
+                unit="step",
+                dynamic_ncols=True,
+                desc=self.run_dir.name,
+                file=sys.stderr,
+                mininterval=0.5,
+            )
         status, message = "completed", ""
         last_loss = float("nan")
         with _Interrupt() as intr:
@@ -556,8 +611,11 @@ class Trainer:
                         bar.update(1)
                         if self.step % 10 == 0 or self.step == self.total_steps:
                             last_loss = float(losses.mean())
-                            bar.set_postfix(epoch=f"{self.step / self.steps_per_epoch:.2f}",
-                                            loss=f"{last_loss:.4f}", refresh=False)
+                            bar.set_postfix(
+                                epoch=f"{self.step / self.steps_per_epoch:.2f}",
+                                loss=f"{last_loss:.4f}",
+                                refresh=False,
+                            )
                     if self.step % eval_steps == 0 or self.step == self.total_steps:
                         rec = self._evaluate(t0, steps_at_t0)
                         self.metrics.append(rec)
@@ -571,8 +629,10 @@ class Trainer:
                         self.save_checkpoint()
             except NonFiniteError as e:
                 status = "diverged"
-                message = (f"training diverged: non-finite {e.what} at step {e.step + 1} on agent {e.agent}"
-                           f"; the last good checkpoint (if any) is kept in {self.run_dir / CHECKPOINT}")
+                message = (
+                    f"training diverged: non-finite {e.what} at step {e.step + 1} on agent {e.agent}"
+                    f"; the last good checkpoint (if any) is kept in {self.run_dir / CHECKPOINT}"
+                )
             finally:
                 if bar is not None:
                     bar.close()
@@ -599,27 +659,34 @@ def _run_dist(cfg: Config, run_dir: Path, quiet: bool) -> RunResult:
         import crossgrad.distributed as dist_backend
     except ImportError as e:
         if e.name and e.name.startswith("crossgrad.distributed"):
-            raise ConfigError("backend 'dist' is not available yet (crossgrad.distributed is not part of this "
-                              "installation); use backend = \"sim\"") from None
+            raise ConfigError(
+                "backend 'dist' is not available yet (crossgrad.distributed is not part of this "
+                'installation); use backend = "sim"'
+            ) from None
         raise
     runner = getattr(dist_backend, "run_experiment", None)
     if runner is None:
-        raise ConfigError("backend 'dist': crossgrad.distributed has no run_experiment(cfg, run_dir) entry point")
+        raise ConfigError(
+            "backend 'dist': crossgrad.distributed has no run_experiment(cfg, run_dir) entry point"
+        )
     result = runner(cfg, run_dir, quiet=quiet)
     if isinstance(result, RunResult):
         return result
     return RunResult("completed", run_dir, result if isinstance(result, dict) else None)
 
 
-def run_experiment(cfg: Config, *, quiet: bool = False, stop_after: int | None = None,
-                   overwrite: bool = False) -> RunResult:
+def run_experiment(
+    cfg: Config, *, quiet: bool = False, stop_after: int | None = None, overwrite: bool = False
+) -> RunResult:
     """Run one configured experiment into output.out_dir/<name>; a finished run there is an error."""
     cfg.validate()
     run_dir = Path(cfg.output.out_dir) / cfg.run_name()
     if (run_dir / SUMMARY).exists() and not overwrite:
         raise RunError(f"{run_dir} already holds a finished run; pick another output.name or out_dir")
     if (run_dir / CHECKPOINT).exists() and not overwrite:
-        raise RunError(f"{run_dir} holds an unfinished run; continue it with: crossgrad run --resume {run_dir}")
+        raise RunError(
+            f"{run_dir} holds an unfinished run; continue it with: crossgrad run --resume {run_dir}"
+        )
     if cfg.backend == "dist":
         return _run_dist(cfg, run_dir, quiet)
     prepared = prepare(cfg)  # validate everything before touching the run directory
@@ -631,7 +698,9 @@ def run_experiment(cfg: Config, *, quiet: bool = False, stop_after: int | None =
     return trainer.train(stop_after=stop_after)
 
 
-def resume_experiment(run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None) -> RunResult:
+def resume_experiment(
+    run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None
+) -> RunResult:
     """Continue an interrupted run from its checkpoint; the result equals an uninterrupted run (CPU)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

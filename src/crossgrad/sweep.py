@@ -20,6 +20,7 @@ Every combination becomes one run directory under output.out_dir (default
 ``runs/<sweep file name>``), named from its method, setting, seed and grid values; runs whose
 summary.json exists are skipped, runs with a checkpoint but no summary are resumed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -80,7 +81,9 @@ def expand(path: str | Path, overrides: list[str] | None = None) -> tuple[list[S
         raise ConfigError(f"{path}: a sweep file needs a [sweep] table (keys: {', '.join(SWEEP_KEYS)})")
     unknown = sorted(set(sweep) - set(SWEEP_KEYS))
     if unknown:
-        raise ConfigError(f"{path}: unknown [sweep] key(s) {', '.join(unknown)}; known: {', '.join(SWEEP_KEYS)}")
+        raise ConfigError(
+            f"{path}: unknown [sweep] key(s) {', '.join(unknown)}; known: {', '.join(SWEEP_KEYS)}"
+        )
     data = apply_overrides(data, overrides)
     data.setdefault("output", {})
     if not isinstance(data["output"], dict):
@@ -91,8 +94,11 @@ def expand(path: str | Path, overrides: list[str] | None = None) -> tuple[list[S
     algos = _entries(sweep.get("algorithms"), "algorithms")
     topos = _entries(sweep.get("topologies"), "topologies")
     seeds = sweep.get("seeds", [data.get("training", {}).get("seed", 0)])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                             for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
         raise ConfigError(f"{path}: [sweep] seeds must be a non-empty list of integers")
     grid = sweep.get("grid", {})
     if not isinstance(grid, dict):
@@ -111,7 +117,7 @@ def expand(path: str | Path, overrides: list[str] | None = None) -> tuple[list[S
         d = copy.deepcopy(data)
         d.setdefault("topology", {}).update(topo)
         d.setdefault("algorithm", {}).update(algo)
-        for key, value in zip(grid_keys, values):
+        for key, value in zip(grid_keys, values, strict=False):
             section, k = key.split(".")
             d.setdefault(section, {})
             if not isinstance(d[section], dict):
@@ -124,7 +130,7 @@ def expand(path: str | Path, overrides: list[str] | None = None) -> tuple[list[S
         except ConfigError as e:
             raise ConfigError(f"{path}: run {algo or ''} {topo or ''} seed {seed}: {e}") from None
         name = cfg.run_name()
-        for key, value in zip(grid_keys, values):
+        for key, value in zip(grid_keys, values, strict=False):
             name += f"_{key.split('.')[-1]}={_slug(value)}"
         ident = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "output"}, sort_keys=True)
         runs.append((cfg, name, ident))
@@ -162,7 +168,9 @@ def _result_line(run: SweepRun) -> str:
     except (OSError, ValueError):
         return "no summary"
     acc = s.get("consensus_acc")
-    return f"{s.get('status')}" + (f", consensus acc {100 * acc:.2f}%" if isinstance(acc, (int, float)) else "")
+    return f"{s.get('status')}" + (
+        f", consensus acc {100 * acc:.2f}%" if isinstance(acc, (int, float)) else ""
+    )
 
 
 def _run_inprocess(run: SweepRun, state: str, quiet: bool) -> int:
@@ -193,21 +201,34 @@ def _run_subprocess(run: SweepRun, state: str, threads: int) -> int:
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(run.run_dir / "run.log", "a", encoding="utf-8") as log:
-        proc = subprocess.run([sys.executable, "-m", "crossgrad", *args], stdout=log, stderr=subprocess.STDOUT,
-                              env=env, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "crossgrad", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            check=False,
+        )
     return proc.returncode
 
 
-def run_sweep(path: str | Path, overrides: list[str] | None = None, jobs: int | None = None,
-              quiet: bool = False, dry_run: bool = False) -> int:
+def run_sweep(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    jobs: int | None = None,
+    quiet: bool = False,
+    dry_run: bool = False,
+) -> int:
     """Run every missing run of a sweep; returns 0 if all finished, 1 if any failed or diverged."""
     runs, file_jobs = expand(path, overrides)
     jobs = jobs or file_jobs
     states = [_status(r) for r in runs]
-    todo = [(r, s) for r, s in zip(runs, states) if s != "done"]
-    print(f"sweep {path}: {len(runs)} runs in {runs[0].cfg.output.out_dir if runs else '-'}; "
-          f"{len(runs) - len(todo)} already done, {len(todo)} to run" + (f" with {jobs} jobs" if jobs > 1 else ""))
-    for r, s in zip(runs, states):
+    todo = [(r, s) for r, s in zip(runs, states, strict=False) if s != "done"]
+    print(
+        f"sweep {path}: {len(runs)} runs in {runs[0].cfg.output.out_dir if runs else '-'}; "
+        f"{len(runs) - len(todo)} already done, {len(todo)} to run"
+        + (f" with {jobs} jobs" if jobs > 1 else "")
+    )
+    for r, s in zip(runs, states, strict=False):
         if s == "done":
             print(f"  skip {r.name} (summary.json exists)")
         elif dry_run:
@@ -223,8 +244,10 @@ def run_sweep(path: str | Path, overrides: list[str] | None = None, jobs: int | 
                 print("sweep interrupted; run it again to continue", file=sys.stderr)
                 return 130
             failures += rc != 0
-            print(f"[{k}/{len(todo)}] {r.name}: {_result_line(r) if rc in (0, 1) else f'failed (exit {rc})'}",
-                  flush=True)
+            print(
+                f"[{k}/{len(todo)}] {r.name}: {_result_line(r) if rc in (0, 1) else f'failed (exit {rc})'}",
+                flush=True,
+            )
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         done = 0

@@ -1,0 +1,13 @@
+"""Datasets, partitions and augmentation."""
+from crossgrad.data import augment
+from crossgrad.data.augment import Augment, dataset_stats, normalize
+from crossgrad.data.datasets import (
+    DATASETS, DataError, Dataset, available_datasets, load_dataset, make_synthetic, read_cifar_jpeg_tar, read_idx,
+)
+from crossgrad.data.partition import PARTITIONS, PartitionError, class_histogram, format_histogram, partition
+
+__all__ = [
+    "Augment", "DATASETS", "DataError", "Dataset", "PARTITIONS", "PartitionError", "augment", "available_datasets",
+    "class_histogram", "dataset_stats", "format_histogram", "load_dataset", "make_synthetic", "normalize",
+    "partition", "read_cifar_jpeg_tar", "read_idx",
+]

@@ -1,0 +1,206 @@
+import gzip
+import io
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crossgrad.data import (
+    Augment, DataError, PartitionError, class_histogram, format_histogram, load_dataset, normalize, partition,
+    read_cifar_jpeg_tar, read_idx,
+)
+from crossgrad.data.augment import random_crop, random_hflip
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason="../shared/data not present")
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+    return bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+
+
+def write_idx_set(folder: Path, n_train=20, n_test=10, gz=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        imgs = rng.integers(0, 256, (n, 28, 28))
+        labels = np.arange(n) % 10
+        for kind, arr in (("images-idx3", imgs), ("labels-idx1", labels)):
+            raw = idx_bytes(arr)
+            name = f"{split}-{kind}-ubyte"
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
+            else:
+                (folder / name).write_bytes(raw)
+
+
+@needs_shared
+@pytest.mark.parametrize("name,counts", [
+    ("mnist", [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]),
+    ("fashion_mnist", [6000] * 10),
+])
+def test_real_idx_datasets(name, counts):
+    train, test = load_dataset(name, SHARED)
+    assert train.x.shape == (60000, 1, 28, 28) and train.x.dtype == torch.uint8
+    assert test.x.shape == (10000, 1, 28, 28)
+    assert train.class_counts().tolist() == counts
+    assert len(train.classes) == 10
+
+
+@needs_shared
+def test_cifar_jpeg_reader_matches_lossless_subset_on_a_few_images(tmp_path):
+    """Re-pack the first train images of the real tarball into a small one and compare pixels."""
+    from PIL import Image
+
+    src = SHARED / "cifar10-jpeg" / "cifar-10-images-jpg.tar.gz"
+    order = (SHARED / "cifar10-jpeg" / "train_order.csv").read_text().splitlines()
+    wanted = [line.split(",")[4] for line in order[1:9]]
+    small = tmp_path / "small.tar"
+    with tarfile.open(src) as tar, tarfile.open(small, "w") as out:
+        for m in tar.getmembers():
+            if m.name in wanted or (m.name.startswith("CIFAR-10-images/test/cat/000") and m.name.endswith(".jpg")):
+                out.addfile(m, tar.extractfile(m))
+    csv = tmp_path / "order.csv"
+    csv.write_text("\n".join(order[:9]) + "\n")
+    train, test = read_cifar_jpeg_tar(small, csv)
+    exact = np.array(Image.open(SHARED / "cifar10-lossless-subset" / "cifar10_batch_0.png")).reshape(1000, 32, 32, 3)
+    got = train.x.permute(0, 2, 3, 1).numpy().astype(float)
+    err = np.abs(got - exact[:8]).mean() / 255
+    assert err < 15 / 255, err
+    assert train.y.tolist() == [int(line.split(",")[3]) for line in order[1:9]]
+    assert set(test.y.tolist()) == {3}
+
+
+def test_synthetic_jpeg_tarball(tmp_path):
+    from PIL import Image
+
+    tar_path = tmp_path / "c.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        for split in ("train", "test"):
+            for cls in ("cat", "ship"):
+                for k in range(2):
+                    buf = io.BytesIO()
+                    Image.new("RGB", (32, 32), (10 * k, 100, 200)).save(buf, format="JPEG")
+                    info = tarfile.TarInfo(f"CIFAR-10-images/{split}/{cls}/{k:04d}.jpg")
+                    info.size = len(buf.getvalue())
+                    tar.addfile(info, io.BytesIO(buf.getvalue()))
+        bad = tarfile.TarInfo("CIFAR-10-images/train/cat/0009.jpg")
+        bad.size = 5
+        tar.addfile(bad, io.BytesIO(b"notjp"))
+    with pytest.raises(DataError, match="0009.jpg"):
+        read_cifar_jpeg_tar(tar_path, None)
+
+
+def test_idx_loader_and_errors(tmp_path):
+    write_idx_set(tmp_path / "mnist")
+    train, test = load_dataset("mnist", tmp_path, verify=False)
+    assert train.x.shape == (20, 1, 28, 28) and test.y.tolist() == list(range(10))
+    with pytest.raises(DataError, match="md5"):
+        load_dataset("mnist", tmp_path)  # not the official files
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:-100]))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz.*truncated"):
+        load_dataset("mnist", tmp_path, verify=False)
+    path.write_bytes(path.read_bytes()[:50])  # broken gzip stream
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
+        load_dataset("mnist", tmp_path, verify=False)
+
+
+@pytest.mark.parametrize("blob,msg", [
+    (b"\x01\x02\x08\x01\x00\x00\x00\x01\x05", "magic"),
+    (b"\x00\x00\x0d\x01\x00\x00\x00\x01\x05", "element type"),
+    (b"\x00\x00\x08\x03\x00\x00", "header"),
+    (b"\x00\x00\x08\x01\x00\x00\x00\x05\x01", "truncated"),
+])
+def test_read_idx_rejects_bad_files(tmp_path, blob, msg):
+    p = tmp_path / "x-idx"
+    p.write_bytes(blob)
+    with pytest.raises(DataError, match=msg):
+        read_idx(p)
+
+
+def test_label_out_of_range(tmp_path):
+    write_idx_set(tmp_path, gz=False)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.full(10, 12)))
+    with pytest.raises(DataError, match="out of range"):
+        load_dataset("mnist", tmp_path, verify=False)
+
+
+def test_missing_files_and_unknown_dataset(tmp_path):
+    with pytest.raises(DataError, match="not found.*data-dir"):
+        load_dataset("fashion_mnist", tmp_path)
+    with pytest.raises(DataError, match="cifar10"):
+        load_dataset("cifar10", tmp_path)
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_dataset("imagenet")
+
+
+def test_digits_and_synthetic():
+    train, test = load_dataset("digits")
+    assert train.x.shape[1:] == (1, 8, 8) and train.x.dtype == torch.uint8
+    assert len(train) + len(test) == 1797
+    assert (test.class_counts() > 30).all()
+    a, _ = load_dataset("synthetic", seed=3, n_train=50)
+    b, _ = load_dataset("synthetic", seed=3, n_train=50)
+    c, _ = load_dataset("synthetic", seed=4, n_train=50)
+    assert torch.equal(a.x, b.x) and not torch.equal(a.x, c.x)
+
+
+def test_label_sorted_gives_two_classes_per_agent():
+    y = torch.arange(1000) % 10
+    parts = partition(y, 5, "label_sorted", seed=0)
+    hist = class_histogram(y, parts, 10)
+    assert ((hist > 0).sum(1) == 2).all()
+    assert hist.sum() == 1000
+    assert "total" in format_histogram(hist)
+
+
+@pytest.mark.parametrize("method,kw", [("iid", {}), ("dirichlet", {"beta": 0.3}), ("shards", {"shards_per_agent": 3}),
+                                       ("label_sorted", {})])
+def test_partitions_cover_everything_once_and_are_seeded(method, kw):
+    y = torch.arange(600) % 10
+    parts = partition(y, 6, method, seed=1, **kw)
+    flat = torch.cat(parts).sort().values
+    assert torch.equal(flat, torch.arange(600))
+    again = partition(y, 6, method, seed=1, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(parts, again))
+    if method == "iid":
+        assert (class_histogram(y, parts, 10) > 0).all()
+
+
+def test_partition_errors():
+    y = torch.arange(10) % 2
+    with pytest.raises(PartitionError, match="without data"):
+        partition(y, 10, "dirichlet", seed=0, beta=0.01)
+    with pytest.raises(PartitionError):
+        partition(y, 20, "iid")
+    with pytest.raises(PartitionError, match="unknown partition"):
+        partition(y, 2, "bogus")
+    with pytest.raises(PartitionError):
+        partition(y, 2, "dirichlet", beta=0)
+
+
+def test_augment_is_seeded_and_correct():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    assert torch.equal(random_crop(x, 0, torch.Generator()), x)
+    flipped = random_hflip(x, torch.Generator().manual_seed(0), p=1.0)
+    assert torch.equal(flipped, x.flip(-1))
+    aug = Augment(crop_padding=2, hflip=True)
+    a = aug(x, torch.Generator().manual_seed(5))
+    b = aug(x, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == x.shape
+    # every crop is a shifted window of the zero-padded image
+    cropped = random_crop(x, 1, torch.Generator().manual_seed(2))
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for i in range(2):
+        assert any(torch.equal(cropped[i], padded[i, :, r:r + 4, c:c + 4]) for r in range(3) for c in range(3))
+
+
+def test_normalize():
+    x = torch.full((2, 1, 2, 2), 255, dtype=torch.uint8)
+    out = normalize(x, ((0.5,), (0.25,)))
+    assert out.dtype == torch.float32 and torch.allclose(out, torch.full_like(out, 2.0))
