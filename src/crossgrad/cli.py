@@ -306,12 +306,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quickstart)
+
+    # listed for --help only: main() hands `bench` to crossgrad.bench.main before parsing
+    sub.add_parser("bench", help="simulator throughput vs the compute bound, overheads, scaling "
+                   "(`crossgrad bench --help` for its options)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser; argparse.REMAINDER would not pass a leading --option
+        from crossgrad.bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
