@@ -7,6 +7,7 @@ Error feedback (sender-side memory) is a separate function so any compressor can
 """
 from __future__ import annotations
 
+import sys
 from typing import Protocol
 
 import torch
@@ -49,7 +50,18 @@ class Identity:
         return rows
 
 
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+def _as_int64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# Multiplying eight 0/1 bytes (read as one little-endian int64) by this constant gathers them into
+# the top byte, first element in the most significant bit; the cross terms land below bit 56 or
+# overflow away, and never carry into it.
+_PACK_MAGIC = _as_int64(sum(1 << (63 - 9 * k) for k in range(8)))
+# Replicating a byte into all eight and masking keeps bit 7-k in byte k: the inverse of the above.
+_UNPACK_REPLICATE = 0x0101010101010101
+_UNPACK_MASK = _as_int64(sum(1 << (7 - k) << (8 * k) for k in range(8)))
+assert sys.byteorder == "little", "bit packing assumes a little-endian machine"
 
 
 def pack_bits(bits: Tensor) -> Tensor:
@@ -58,15 +70,14 @@ def pack_bits(bits: Tensor) -> Tensor:
     pad = (-m) % 8
     if pad:
         bits = torch.nn.functional.pad(bits, (0, pad))
-    grouped = bits.reshape(e, -1, 8).to(torch.uint8)
-    return (grouped * _BIT_WEIGHTS.to(bits.device)).sum(-1, dtype=torch.uint8)
+    words = bits.contiguous().view(torch.uint8).view(torch.int64)
+    return ((words * _PACK_MAGIC) >> 56).to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, m: int) -> Tensor:
     """Inverse of :func:`pack_bits`: uint8 [E, ceil(m/8)] -> bool [E, m]."""
-    e = packed.shape[0]
-    bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS.to(packed.device)) != 0
-    return bits.reshape(e, -1)[:, :m]
+    words = (packed.to(torch.int64) * _UNPACK_REPLICATE) & _UNPACK_MASK
+    return words.view(torch.uint8).view(packed.shape[0], -1)[:, :m] != 0
 
 
 class ScaledSign:
@@ -83,52 +94,42 @@ class ScaledSign:
     def __init__(self, layout: ParamLayout):
         self.layout = layout
         self._slices = layout.slices()
-        numels = torch.tensor(layout.numels)
-        self._numels = numels
-        self._segments = layout.segment_ids()
-        padded = (numels + 7) // 8 * 8
-        # position in the padded bit stream of every element, and a gather map that fills the
-        # padding bits from an extra always-false column at index P
-        starts = torch.cumsum(padded, 0) - padded
-        self._positions = torch.repeat_interleave(starts - torch.tensor(layout.offsets), numels) + torch.arange(
-            layout.size
-        )
-        gather = torch.full((int(padded.sum()),), layout.size, dtype=torch.long)
-        gather[self._positions] = torch.arange(layout.size)
-        self._gather = gather
-        self._device_cache: dict[torch.device, tuple[Tensor, ...]] = {}
-
-    def _on(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if device not in self._device_cache:
-            self._device_cache[device] = tuple(
-                t.to(device) for t in (self._numels, self._segments, self._positions, self._gather)
-            )
-        return self._device_cache[device]
+        padded = [(k + 7) // 8 * 8 for k in layout.numels]
+        starts = [sum(padded[:t]) for t in range(len(padded))]
+        self._padded_slices = [slice(a, a + k) for a, k in zip(starts, layout.numels)]
+        self._padded_size = sum(padded)
 
     def _scales(self, rows: Tensor) -> Tensor:
         """float32 [E, T]: mean absolute value of each tensor of each row."""
         # a loop of T contiguous-slice reductions beats segment_reduce and index_add on CPU
         return torch.stack([rows[:, s].abs().mean(1) for s in self._slices], 1).to(torch.float32)
 
-    def _expand(self, scales: Tensor, dtype: torch.dtype) -> Tensor:
-        numels, _, _, _ = self._on(scales.device)
-        return scales.to(dtype).repeat_interleave(numels, dim=1)
-
     def encode(self, rows: Tensor) -> Payload:
-        _, _, _, gather = self._on(rows.device)
-        negative = torch.nn.functional.pad(torch.signbit(rows), (0, 1))
-        return pack_bits(negative[:, gather]), self._scales(rows)
+        negative = torch.signbit(rows)
+        if self._padded_size != rows.shape[1]:  # give every tensor a byte-aligned start
+            aligned = torch.zeros(rows.shape[0], self._padded_size, dtype=torch.bool, device=rows.device)
+            for s, ps in zip(self._slices, self._padded_slices):
+                aligned[:, ps] = negative[:, s]
+            negative = aligned
+        return pack_bits(negative), self._scales(rows)
 
     def decode(self, payload: Payload, dtype: torch.dtype) -> Tensor:
         packed, scales = payload
-        _, _, positions, _ = self._on(packed.device)
-        negative = unpack_bits(packed, packed.shape[1] * 8)[:, positions]
-        # copysign(scale, +-0.5) sets the sign without a (slow) masked select
-        return torch.copysign(self._expand(scales, dtype), 0.5 - negative.to(dtype))
+        # copysign(scale, +-0.5) sets each sign without a (slow) masked select
+        half = 0.5 - unpack_bits(packed, self._padded_size).to(dtype)
+        scales = scales.to(dtype)
+        out = torch.empty(packed.shape[0], self.layout.size, dtype=dtype, device=packed.device)
+        for t, (s, ps) in enumerate(zip(self._slices, self._padded_slices)):
+            torch.copysign(scales[:, t : t + 1], half[:, ps], out=out[:, s])
+        return out
 
     def roundtrip(self, rows: Tensor) -> Tensor:
         """decode(encode(rows)) without packing: what the sender knows the receiver will see."""
-        return torch.copysign(self._expand(self._scales(rows), rows.dtype), rows)
+        scales = self._scales(rows).to(rows.dtype)
+        out = torch.empty_like(rows)
+        for t, s in enumerate(self._slices):
+            torch.copysign(scales[:, t : t + 1], rows[:, s], out=out[:, s])
+        return out
 
     def message_bytes(self) -> int:
         """Bytes per message: sum over tensors of ceil(numel / 8) + 4."""
