@@ -6,6 +6,7 @@ or hangs makes the others raise `CommTimeoutError` naming it, instead of hanging
 """
 from __future__ import annotations
 
+import re
 import time
 from datetime import timedelta
 
@@ -15,6 +16,15 @@ from torch import Tensor
 
 from crossgrad.comm.base import EdgePlan, count_round1, count_round2
 from crossgrad.compress import Payload
+
+
+def _describe(error: Exception, timeout: float) -> str:
+    """gloo's message, without its source path and advice: 'connection closed by peer' and the like."""
+    msg = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "imeout" in msg or "imed out" in msg:
+        return f"no answer within {timeout:g} s"
+    msg = re.sub(r"^\[[^\]]*\]\s*", "", msg)
+    return msg.split(". This is typically")[0]
 
 
 class CommTimeoutError(RuntimeError):
@@ -79,14 +89,13 @@ class DistComm:
         failed: list[int] = []
         detail = ""
         for work, (_, _, peer) in zip(works, ops):
-            left = deadline - time.monotonic()
+            left = max(deadline - time.monotonic(), 1e-3)  # past the deadline: still collect finished ones
             try:
-                if left <= 0 or not work.wait(timeout=timedelta(seconds=max(left, 1e-3))):
+                if not work.wait(timeout=timedelta(seconds=left)):
                     failed.append(peer)
                     detail = detail or f"no answer within {self.timeout:g} s"
             except RuntimeError as e:  # gloo raises on timeout and on a closed connection
                 failed.append(peer)
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                detail = detail or ("no answer within " f"{self.timeout:g} s" if "imeout" in msg else msg)
+                detail = detail or _describe(e, self.timeout)
         if failed:
             raise CommTimeoutError(self.rank, sorted(set(failed)), round_name, detail)
