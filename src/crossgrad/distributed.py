@@ -1,6 +1,6 @@
 """Running the engine with one agent per process on torch.distributed (gloo on CPU, NCCL on GPU).
 
-    torchrun --nproc-per-node 5 -m crossgrad.distributed_demo ...   (see docs/distributed.md)
+See docs/distributed.md for a complete script and the torchrun command lines.
 
 Training uses only point-to-point messages along graph edges. `gather_rows` is a collective used
 for evaluation only (the consensus model and local accuracies are computed on rank 0).
