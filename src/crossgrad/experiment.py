@@ -655,24 +655,11 @@ class Trainer:
 
 # ------------------------------------------------------------------------------ entry points
 def _run_dist(cfg: Config, run_dir: Path, quiet: bool) -> RunResult:
-    try:
-        import crossgrad.distributed as dist_backend
-    except ImportError as e:
-        if e.name and e.name.startswith("crossgrad.distributed"):
-            raise ConfigError(
-                "backend 'dist' is not available yet (crossgrad.distributed is not part of this "
-                'installation); use backend = "sim"'
-            ) from None
-        raise
-    runner = getattr(dist_backend, "run_experiment", None)
-    if runner is None:
-        raise ConfigError(
-            "backend 'dist': crossgrad.distributed has no run_experiment(cfg, run_dir) entry point"
-        )
-    result = runner(cfg, run_dir, quiet=quiet)
-    if isinstance(result, RunResult):
-        return result
-    return RunResult("completed", run_dir, result if isinstance(result, dict) else None)
+    raise ConfigError(
+        "backend 'dist' is not available yet in `crossgrad run`; the distributed engine itself is "
+        "(crossgrad.distributed: init_from_env, make_engine): see docs/distributed.md, "
+        'or use backend = "sim"'
+    )
 
 
 def run_experiment(
