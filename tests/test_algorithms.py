@@ -16,8 +16,6 @@ import crossgrad as cg
 from crossgrad.topology import Topology
 
 
-
-
 def tiny_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()

@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from crossgrad.data import (
-    Augment, DataError, PartitionError, class_histogram, format_histogram, load_dataset, normalize, partition,
-    read_cifar_jpeg_tar, read_idx,
+    Augment,
+    DataError,
+    PartitionError,
+    class_histogram,
+    format_histogram,
+    load_dataset,
+    normalize,
+    partition,
+    read_cifar_jpeg_tar,
+    read_idx,
 )
 from crossgrad.data.augment import random_crop, random_hflip
 

@@ -23,9 +23,10 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 __all__ = [
     "Stat", "Row", "collect", "load_metrics", "aggregate", "format_table", "report_main",

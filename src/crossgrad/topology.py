@@ -153,10 +153,7 @@ class Topology:
     def _validate(W: Any) -> Tensor:
         """Convert to a fresh float64 CPU tensor and check shape, finiteness, signs and row sums."""
         try:
-            if isinstance(W, Tensor):
-                src = W.detach()
-            else:
-                src = torch.as_tensor(np.asarray(W))
+            src = W.detach() if isinstance(W, Tensor) else torch.as_tensor(np.asarray(W))
         except (TypeError, ValueError, RuntimeError) as err:
             raise TopologyError(f"W cannot be read as a numeric matrix: {err}") from None
         if src.is_complex() or src.dtype == torch.bool:

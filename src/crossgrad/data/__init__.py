@@ -2,7 +2,14 @@
 from crossgrad.data import augment
 from crossgrad.data.augment import Augment, dataset_stats, normalize
 from crossgrad.data.datasets import (
-    DATASETS, DataError, Dataset, available_datasets, load_dataset, make_synthetic, read_cifar_jpeg_tar, read_idx,
+    DATASETS,
+    DataError,
+    Dataset,
+    available_datasets,
+    load_dataset,
+    make_synthetic,
+    read_cifar_jpeg_tar,
+    read_idx,
 )
 from crossgrad.data.partition import PARTITIONS, PartitionError, class_histogram, format_histogram, partition
 
