@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from crossgrad.algorithms import ConfigError
+from crossgrad.data.partition import PARTITIONS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -77,7 +78,6 @@ __all__ = [
     "ALGORITHM_KEYS",
 ]
 
-PARTITIONS = ("label_sorted", "iid", "dirichlet", "shards")
 SCHEDULES = ("constant", "multistep", "cosine")
 BACKENDS = ("sim", "dist")
 
