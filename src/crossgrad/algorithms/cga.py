@@ -47,6 +47,7 @@ class CGA(Algorithm):
         return {
             "slot": slot.to(device),
             "kmax": kmax,
+            "regular": bool(len(counts)) and bool((counts == kmax).all()),
             "v": torch.full((ctx.layout.num_tensors, plan.n_local, kmax), self.margin, dtype=torch.float64,
                             device=device),
             "qp_failures": 0,
@@ -59,14 +60,19 @@ class CGA(Algorithm):
         g = g_self * ctx.self_w.to(g_self.dtype).unsqueeze(1)
         if kmax == 0:
             return g
-        rows = torch.zeros(plan.n_local, kmax, g.shape[1], dtype=g.dtype, device=g.device)
-        rows[plan.out_src.to(g.device), state["slot"]] = dv * ctx.out_w.to(dv.dtype).unsqueeze(1)
+        weighted = dv * ctx.out_w.to(dv.dtype).unsqueeze(1)
+        if state["regular"]:  # out-edges are sorted by sender, kmax each: already [n, k, P]
+            rows = weighted.view(plan.n_local, kmax, -1)
+        else:
+            rows = torch.zeros(plan.n_local, kmax, g.shape[1], dtype=g.dtype, device=g.device)
+            rows[plan.out_src.to(g.device), state["slot"]] = weighted
         slices = ctx.layout.slices()
         Q, c = [], []
         for s in slices:
-            m = rows[:, :, s].to(torch.float64)
-            Q.append(m @ m.transpose(1, 2))
-            c.append((m @ g[:, s].to(torch.float64).unsqueeze(-1)).squeeze(-1))
+            # Gram matrices in the compute dtype (float32 is ample for a k x k system); the QP is float64
+            m = rows[:, :, s]
+            Q.append((m @ m.transpose(1, 2)).to(torch.float64))
+            c.append((m @ g[:, s].unsqueeze(-1)).squeeze(-1).to(torch.float64))
         Q = torch.stack(Q)  # [L, n_local, k, k]
         c = torch.stack(c)
         diag = Q.diagonal(dim1=-2, dim2=-1)
