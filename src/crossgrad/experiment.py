@@ -20,6 +20,7 @@ augmentation. Resuming from a checkpoint restores all of these and continues bit
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import math
 import os
 import resource
@@ -662,27 +663,78 @@ def _run_dist(cfg: Config, run_dir: Path, quiet: bool) -> RunResult:
     )
 
 
+LOCK = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_holder(run_dir: Path) -> int | None:
+    """The live process that holds `run_dir`, or None."""
+    try:
+        pid = int((Path(run_dir) / LOCK).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 and _pid_alive(pid) else None
+
+
+@contextmanager
+def claim_run_dir(run_dir: Path):
+    """Only one process trains in a run directory at a time; a dead process's lock is taken over.
+
+    The lock file is created with O_EXCL, so two sweeps sharing an output folder never write the
+    same run's files at once: the second one is told the run is busy.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = lock_holder(run_dir)
+            if holder is not None and holder != os.getpid():
+                raise RunError(f"{run_dir} is in use by process {holder} (remove {path} if that is wrong)") from None
+            path.unlink(missing_ok=True)  # left by a process that died
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    else:
+        raise RunError(f"cannot lock {run_dir}")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def run_experiment(
     cfg: Config, *, quiet: bool = False, stop_after: int | None = None, overwrite: bool = False
 ) -> RunResult:
     """Run one configured experiment into output.out_dir/<name>; a finished run there is an error."""
     cfg.validate()
     run_dir = Path(cfg.output.out_dir) / cfg.run_name()
-    if (run_dir / SUMMARY).exists() and not overwrite:
-        raise RunError(f"{run_dir} already holds a finished run; pick another output.name or out_dir")
-    if (run_dir / CHECKPOINT).exists() and not overwrite:
-        raise RunError(
-            f"{run_dir} holds an unfinished run; continue it with: crossgrad run --resume {run_dir}"
-        )
     if cfg.backend == "dist":
         return _run_dist(cfg, run_dir, quiet)
     prepared = prepare(cfg)  # validate everything before touching the run directory
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (SUMMARY, CHECKPOINT, METRICS):
-        (run_dir / stale).unlink(missing_ok=True)
-    atomic_write_text(run_dir / CONFIG, dump_toml(cfg.to_dict()))
-    trainer = Trainer(cfg, run_dir, quiet=quiet, prepared=prepared)
-    return trainer.train(stop_after=stop_after)
+    with claim_run_dir(run_dir):
+        if (run_dir / SUMMARY).exists() and not overwrite:
+            raise RunError(f"{run_dir} already holds a finished run; pick another output.name or out_dir")
+        if (run_dir / CHECKPOINT).exists() and not overwrite:
+            raise RunError(
+                f"{run_dir} holds an unfinished run; continue it with: crossgrad run --resume {run_dir}"
+            )
+        for stale in (SUMMARY, CHECKPOINT, METRICS):
+            (run_dir / stale).unlink(missing_ok=True)
+        atomic_write_text(run_dir / CONFIG, dump_toml(cfg.to_dict()))
+        trainer = Trainer(cfg, run_dir, quiet=quiet, prepared=prepared)
+        return trainer.train(stop_after=stop_after)
 
 
 def resume_experiment(
@@ -693,10 +745,11 @@ def resume_experiment(
     if not run_dir.is_dir():
         raise RunError(f"cannot resume: {run_dir} is not a directory")
     cfg = load_run_config(run_dir)
-    if (run_dir / SUMMARY).exists():
-        raise RunError(f"{run_dir} is already finished ({SUMMARY} exists); nothing to resume")
     if cfg.backend == "dist":
         return _run_dist(cfg, run_dir, quiet)
-    trainer = Trainer(cfg, run_dir, quiet=quiet)
-    trainer.load_checkpoint()
-    return trainer.train(stop_after=stop_after)
+    with claim_run_dir(run_dir):
+        if (run_dir / SUMMARY).exists():
+            raise RunError(f"{run_dir} is already finished ({SUMMARY} exists); nothing to resume")
+        trainer = Trainer(cfg, run_dir, quiet=quiet)
+        trainer.load_checkpoint()
+        return trainer.train(stop_after=stop_after)

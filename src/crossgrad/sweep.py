@@ -151,10 +151,12 @@ def expand(path: str | Path, overrides: list[str] | None = None) -> tuple[list[S
 
 
 def _status(run: SweepRun) -> str:
-    from crossgrad.experiment import CHECKPOINT, SUMMARY
+    from crossgrad.experiment import CHECKPOINT, SUMMARY, lock_holder
 
     if (run.run_dir / SUMMARY).exists():
         return "done"
+    if lock_holder(run.run_dir) is not None:
+        return "busy"
     if (run.run_dir / CHECKPOINT).exists():
         return "resume"
     return "new"
@@ -194,7 +196,7 @@ def _run_subprocess(run: SweepRun, state: str, threads: int) -> int:
     if state == "resume":
         args = ["run", "--resume", str(run.run_dir), "--quiet"]
     else:
-        cfg_path = run.run_dir / "sweep-config.toml"
+        cfg_path = run.run_dir / f"sweep-config-{os.getpid()}.toml"  # per sweep: never shared
         cfg_path.write_text(dump_toml(run.cfg.to_dict()), encoding="utf-8")
         args = ["run", str(cfg_path), "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -222,7 +224,7 @@ def run_sweep(
     runs, file_jobs = expand(path, overrides)
     jobs = jobs or file_jobs
     states = [_status(r) for r in runs]
-    todo = [(r, s) for r, s in zip(runs, states, strict=False) if s != "done"]
+    todo = [(r, s) for r, s in zip(runs, states, strict=False) if s not in ("done", "busy")]
     print(
         f"sweep {path}: {len(runs)} runs in {runs[0].cfg.output.out_dir if runs else '-'}; "
         f"{len(runs) - len(todo)} already done, {len(todo)} to run"
@@ -231,6 +233,8 @@ def run_sweep(
     for r, s in zip(runs, states, strict=False):
         if s == "done":
             print(f"  skip {r.name} (summary.json exists)")
+        elif s == "busy":
+            print(f"  skip {r.name} (another process is running it)")
         elif dry_run:
             print(f"  {'resume' if s == 'resume' else 'run'} {r.name}")
     if dry_run or not todo:
@@ -238,6 +242,9 @@ def run_sweep(
     failures = 0
     if jobs == 1:
         for k, (r, s) in enumerate(todo, 1):
+            if _status(r) in ("done", "busy"):  # another sweep got there first
+                print(f"[{k}/{len(todo)}] skip {r.name} (done or running elsewhere)", flush=True)
+                continue
             print(f"[{k}/{len(todo)}] {'resuming' if s == 'resume' else 'running'} {r.name}", flush=True)
             rc = _run_inprocess(r, s, quiet)
             if rc == 130:
@@ -253,6 +260,8 @@ def run_sweep(
         done = 0
 
         def work(item: tuple[SweepRun, str]) -> tuple[SweepRun, int]:
+            if _status(item[0]) in ("done", "busy"):  # another sweep got there first
+                return item[0], 0
             return item[0], _run_subprocess(item[0], item[1], threads)
 
         with ThreadPoolExecutor(max_workers=jobs) as pool:
