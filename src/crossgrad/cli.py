@@ -326,8 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from crossgrad.experiment import user_errors
 
+    from crossgrad.experiment import RunBusyError
+
     try:
         return int(args.func(args) or 0)
+    except RunBusyError as e:
+        _error(str(e))
+        return RunBusyError.exit_code
     except user_errors() as e:
         return _error(str(e))
     except KeyboardInterrupt:

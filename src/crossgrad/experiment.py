@@ -78,6 +78,12 @@ class RunError(ConfigError):
     """A problem with a run directory (nothing to resume, a run already there, ...)."""
 
 
+class RunBusyError(RunError):
+    """Another live process is training in this run directory."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later; sweeps treat it as "running elsewhere"
+
+
 @dataclass
 class RunResult:
     status: str  # "completed" | "interrupted" | "diverged"
@@ -700,7 +706,7 @@ def claim_run_dir(run_dir: Path):
         except FileExistsError:
             holder = lock_holder(run_dir)
             if holder is not None and holder != os.getpid():
-                raise RunError(f"{run_dir} is in use by process {holder} (remove {path} if that is wrong)") from None
+                raise RunBusyError(f"{run_dir} is in use by process {holder} (remove {path} if that is wrong)") from None
             path.unlink(missing_ok=True)  # left by a process that died
             continue
         with os.fdopen(fd, "w") as f:

@@ -176,13 +176,16 @@ def _result_line(run: SweepRun) -> str:
 
 
 def _run_inprocess(run: SweepRun, state: str, quiet: bool) -> int:
-    from crossgrad.experiment import resume_experiment, run_experiment, user_errors
+    from crossgrad.experiment import RunBusyError, resume_experiment, run_experiment, user_errors
 
     try:
         if state == "resume":
             result = resume_experiment(run.run_dir, quiet=quiet)
         else:
             result = run_experiment(run.cfg, quiet=quiet)
+    except RunBusyError:
+        print(f"  skip {run.name} (another process is running it)")
+        return 0
     except user_errors() as e:
         print(f"crossgrad: error in {run.name}: {e}", file=sys.stderr)
         return 2
@@ -259,10 +262,13 @@ def run_sweep(
         threads = max(1, (os.cpu_count() or 1) // jobs)
         done = 0
 
+        from crossgrad.experiment import RunBusyError
+
         def work(item: tuple[SweepRun, str]) -> tuple[SweepRun, int]:
             if _status(item[0]) in ("done", "busy"):  # another sweep got there first
                 return item[0], 0
-            return item[0], _run_subprocess(item[0], item[1], threads)
+            rc = _run_subprocess(item[0], item[1], threads)
+            return item[0], 0 if rc == RunBusyError.exit_code else rc
 
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             for fut in as_completed([pool.submit(work, item) for item in todo]):

@@ -1,0 +1,82 @@
+"""Property-based fuzzing of the user-facing surface: a valid object or one documented error, never
+another exception and never a hang."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crossgrad.algorithms import ConfigError
+from crossgrad.config import load_config
+from crossgrad.data import PartitionError, partition
+from crossgrad.topology import Topology, TopologyError, make_topology
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64),
+                   st.sampled_from([0.0, 1.0, 0.5, -0.5, 1 / 3]))
+
+
+@FAST
+@given(st.integers(1, 6).flatmap(lambda n: st.lists(st.lists(floats, min_size=n, max_size=n), min_size=n,
+                                                    max_size=n)))
+def test_weight_matrices(rows):
+    try:
+        topo = Topology.from_weights(rows)
+    except TopologyError:
+        return
+    W = topo.W
+    assert torch.isfinite(W).all() and (W >= 0).all()
+    assert torch.allclose(W.sum(1), torch.ones(len(W), dtype=W.dtype), atol=1e-8)
+
+
+@FAST
+@given(st.sampled_from(["ring", "directed_ring", "torus", "full", "chain", "star", "exponential", "erdos_renyi",
+                        "bogus"]),
+       st.integers(-2, 40), st.dictionaries(st.sampled_from(["p", "seed", "rows", "cols", "weights", "x"]),
+                                            st.one_of(st.integers(-3, 12), st.floats(-1, 2), st.text(max_size=5)),
+                                            max_size=2))
+def test_topology_factory(name, n, kw):
+    try:
+        topo = make_topology(name, n, **kw)
+    except TopologyError:
+        return
+    assert topo.n == n and torch.allclose(topo.W.sum(1), torch.ones(n, dtype=topo.W.dtype))
+
+
+@FAST
+@given(st.integers(1, 60), st.integers(-1, 70), st.sampled_from(["iid", "label_sorted", "dirichlet", "shards", "?"]),
+       st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0.01, 10)), st.integers(-1, 5))
+def test_partitions(n_samples, n_agents, method, beta, shards):
+    labels = torch.arange(n_samples) % 7
+    try:
+        parts = partition(labels, n_agents, method, seed=0, beta=beta, shards_per_agent=shards)
+    except PartitionError:
+        return
+    assert len(parts) == n_agents and all(len(p) > 0 for p in parts)
+    assert torch.equal(torch.cat(parts).sort().values, torch.arange(n_samples))
+
+
+keys = st.sampled_from(["algorithm.alpha", "algorithm.gamma", "algorithm.lr", "algorithm.name", "training.epochs",
+                        "training.batch_size", "topology.n_agents", "topology.name", "data.partition", "data.beta",
+                        "model.name", "backend", "nosection.x", "algorithm.bogus", "training", ""])
+values = st.one_of(st.integers(-5, 50).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                   st.sampled_from(['"ngc"', "cga", '"ring"', "true", "[1, 2]", "{a = 1}", '"', "nan", "inf",
+                                    '"label_sorted"', '"lenet5"']),
+                   st.text(max_size=8))
+
+
+@FAST
+@given(st.lists(st.tuples(keys, values), max_size=4))
+def test_config_overrides(pairs):
+    try:
+        cfg = load_config(None, [f"{k}={v}" for k, v in pairs]).validate()
+    except ConfigError:
+        return
+    a = cfg.algorithm
+    assert 0 <= a.alpha <= 1 and 0 < a.gamma <= 1 and math.isfinite(a.lr) and a.lr > 0
+    assert cfg.training.batch_size >= 1 and cfg.topology.n_agents >= 1
+    np.testing.assert_(isinstance(cfg.algorithm.name, str))
