@@ -162,6 +162,11 @@ def _status(run: SweepRun) -> str:
     return "new"
 
 
+def _finished_elsewhere(run: SweepRun, rc: int) -> bool:
+    """A run refused (exit 2) because another sweep finished it meanwhile is no failure."""
+    return rc == 2 and _status(run) == "done"
+
+
 def _result_line(run: SweepRun) -> str:
     from crossgrad.experiment import SUMMARY
 
@@ -250,6 +255,7 @@ def run_sweep(
                 continue
             print(f"[{k}/{len(todo)}] {'resuming' if s == 'resume' else 'running'} {r.name}", flush=True)
             rc = _run_inprocess(r, s, quiet)
+            rc = 0 if _finished_elsewhere(r, rc) else rc
             if rc == 130:
                 print("sweep interrupted; run it again to continue", file=sys.stderr)
                 return 130
@@ -268,7 +274,7 @@ def run_sweep(
             if _status(item[0]) in ("done", "busy"):  # another sweep got there first
                 return item[0], 0
             rc = _run_subprocess(item[0], item[1], threads)
-            return item[0], 0 if rc == RunBusyError.exit_code else rc
+            return item[0], 0 if rc == RunBusyError.exit_code or _finished_elsewhere(item[0], rc) else rc
 
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             for fut in as_completed([pool.submit(work, item) for item in todo]):
