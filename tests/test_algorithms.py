@@ -320,3 +320,21 @@ def test_vmap_evaluator_matches_loop(name):
         loop.step(b)
         vmap.step(b)
     torch.testing.assert_close(vmap.params, loop.params, rtol=0, atol=1e-12)
+
+
+def test_nonfinite_received_message_is_named_with_its_round():
+    topo = Topology.ring(4)
+    sim = cg.Simulator(tiny_model(), topo, cg.make_algorithm("ngc", lr=0.1))
+    batches = make_batches(4, 2)
+    sim.step(batches[0])
+    comm = sim.engine.comm
+    real = comm.exchange_edges
+
+    def poisoned(payload):
+        out = real(payload)
+        out[0][0].fill_(float("inf"))  # the first out-edge: agent 0 hears from its first out-neighbour
+        return out
+
+    comm.exchange_edges = poisoned
+    with pytest.raises(cg.NonFiniteError, match=r"non-finite cross-gradient received from agent 1 in round 2 at step 1, agent 0"):
+        sim.step(batches[1])

@@ -262,12 +262,36 @@ class Engine:
         if algo.weight_decay:
             d = d.add(x_half, alpha=algo.weight_decay)
         d = self.momentum.direction(d, x_half, self.lr)
+        bad = ~torch.isfinite(d).all(dim=1)
+        if bad.any():  # one reduction per step; the diagnosis only runs on failure
+            self._raise_nonfinite(int(bad.nonzero()[0, 0]), neighbours, g_self, mv, dv)
         self.x = x_half.sub_(d, alpha=self.lr)
         clock.tick("update")
         self.stats.steps += 1
         self.stats.grad_evals += len(self._pair_data)
         self.stats.qp_failures = self.algo_state.get("qp_failures", 0)
         return losses[:n]
+
+    def _raise_nonfinite(self, k: int, neighbours: Tensor, g_self: Tensor, mv: Tensor | None,
+                         dv: Tensor | None) -> None:
+        """Name what made local agent k's update non-finite: a received message, or its own gradient."""
+        plan, step = self.ctx.plan, self.stats.steps
+        agent = self.plan.local[k]
+        for e in (plan.in_dst == k).nonzero().flatten().tolist():
+            if not torch.isfinite(neighbours[e]).all():
+                raise NonFiniteError(step, agent, f"model received from agent {int(plan.in_src[e])} in round 1")
+        if dv is not None:
+            for e in (plan.out_src == k).nonzero().flatten().tolist():
+                if not torch.isfinite(dv[e]).all():
+                    raise NonFiniteError(step, agent,
+                                         f"cross-gradient received from agent {int(plan.out_dst[e])} in round 2")
+        if not torch.isfinite(g_self[k]).all():
+            raise NonFiniteError(step, agent, "self-gradient")
+        if mv is not None:
+            for e in (plan.in_dst == k).nonzero().flatten().tolist():
+                if not torch.isfinite(mv[e]).all():
+                    raise NonFiniteError(step, agent, f"cross-gradient of agent {int(plan.in_src[e])}'s model")
+        raise NonFiniteError(step, agent, "update (overflow in combine or momentum)")
 
     def _check_finite(self, values: Tensor, what: str) -> None:
         bad = ~torch.isfinite(values)
