@@ -139,7 +139,7 @@ def test_label_out_of_range(tmp_path):
 
 
 def test_missing_files_and_unknown_dataset(tmp_path):
-    with pytest.raises(DataError, match="not found.*data-dir"):
+    with pytest.raises(DataError, match="not found.*data_dir"):
         load_dataset("fashion_mnist", tmp_path)
     with pytest.raises(DataError, match="cifar10"):
         load_dataset("cifar10", tmp_path)

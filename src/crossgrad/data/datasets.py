@@ -85,7 +85,7 @@ def check_md5(path: Path, expected: str | None) -> None:
     got = md5sum(path)
     if got != expected:
         raise DataError(f"{path}: md5 {got} does not match the official {expected}; the file is corrupt, "
-                        "truncated or a different dataset (pass verify=False to skip this check)")
+                        "truncated or a different dataset")
 
 
 def _read_maybe_gzip(path: Path) -> bytes:
@@ -179,7 +179,8 @@ def _load_idx(name: str, root: Path, download: bool, verify: bool) -> tuple[Data
     if files is None:
         searched = ", ".join(str(root / d) for d in _IDX_DIRS[name]) + f", {root}"
         raise DataError(f"{name}: IDX files ({', '.join(_IDX_FILES)}, optionally .gz) not found in {searched}; "
-                        "point --data-dir (data.data_dir) at them or use download=True")
+                        "point data.data_dir at them (or fetch them with "
+                        f"crossgrad.data.load_dataset('{name}', DIR, download=True))")
     arrays = {}
     for f, path in files.items():
         if verify:
@@ -349,8 +350,8 @@ def _load_cifar10(root: Path, download: bool, verify: bool) -> tuple[Dataset, Da
         _safe_extract(archive, root)
         return _load_cifar_py(root / "cifar-10-batches-py")
     raise DataError(f"cifar10: neither cifar-10-batches-py/ (official python batches) nor "
-                    f"cifar10-jpeg/cifar-10-images-jpg.tar.gz found under {root}; point --data-dir "
-                    "(data.data_dir) at them or use download=True")
+                    f"cifar10-jpeg/cifar-10-images-jpg.tar.gz found under {root}; point data.data_dir at them "
+                    "(or fetch them with crossgrad.data.load_dataset('cifar10', DIR, download=True))")
 
 
 # ------------------------------------------------------------------------------------------------
