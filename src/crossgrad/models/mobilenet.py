@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .registry import check_min_size, register_model
-from .small import conv_norm_act
+from .small import conv_norm_act, init_convs_kaiming
 
 __all__ = ["InvertedResidual", "MobileNetV2", "MOBILENETV2_CIFAR_CFG"]
 
@@ -71,12 +71,9 @@ class MobileNetV2(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.final = conv_norm_act(cin, last, norm, kernel_size=1, padding=0)
         self.head = nn.Linear(last, num_classes)
+        init_convs_kaiming(self)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
 

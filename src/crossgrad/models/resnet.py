@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .norms import norm_act
 from .registry import check_min_size, register_model
-from .small import conv_norm_act
+from .small import conv_norm_act, init_convs_kaiming
 
 __all__ = ["BasicBlock", "CifarResNet"]
 
@@ -76,11 +76,7 @@ class CifarResNet(nn.Module):
                 cin = wd
         self.layers = nn.Sequential(*blocks)
         self.head = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_convs_kaiming(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(self.stem(x))

@@ -141,3 +141,12 @@ class CNN5(nn.Module):
 def cnn5(input_shape, num_classes, norm="evonorm", widths: Sequence[int] = (32, 32, 64, 64)) -> nn.Module:
     """5-layer CNN from the NGC paper; inputs of at least 8x8."""
     return CNN5(input_shape, num_classes, norm, widths)
+
+
+def init_convs_kaiming(model: nn.Module) -> None:
+    """He (fan-out) initialisation for every conv layer, zero biases: the usual CIFAR-net init."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from .registry import check_min_size, register_model
-from .small import conv_norm_act
+from .small import conv_norm_act, init_convs_kaiming
 
 __all__ = ["VGG", "VGG11_CFG"]
 
@@ -43,11 +43,7 @@ class VGG(nn.Module):
                 cin = cout
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(cin * (h >> n_pool) * (w >> n_pool), num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_convs_kaiming(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).flatten(1))
