@@ -2,8 +2,10 @@
 
 See docs/distributed.md for a complete script and the torchrun command lines.
 
-Training uses only point-to-point messages along graph edges. `gather_rows` is a collective used
-for evaluation only (the consensus model and local accuracies are computed on rank 0).
+Training uses only point-to-point messages along graph edges (`DistComm`). The collectives here
+(`make_engine`'s start-up check, `gather_rows`, `gather_state`) run outside training steps:
+the first once at start-up, the others for evaluation only (the consensus model and the local
+models' accuracies are computed on rank 0).
 """
 from __future__ import annotations
 
@@ -19,39 +21,84 @@ from crossgrad.comm.dist import CommTimeoutError, DistComm
 from crossgrad.engine import Engine, LossFn
 from crossgrad.topology import Topology
 
-__all__ = ["CommTimeoutError", "DistComm", "gather_rows", "init_from_env", "make_engine"]
+__all__ = ["CommTimeoutError", "DistComm", "gather_rows", "gather_state", "init_from_env", "is_main",
+           "make_engine", "shutdown"]
 
 
 def init_from_env(backend: str | None = None, timeout: float = 60.0) -> torch.device:
     """Initialise the default process group from torchrun's environment; returns this rank's device.
 
-    The backend is NCCL when CUDA is available (one GPU per local rank), gloo otherwise.
+    Reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and LOCAL_RANK for the GPU). The backend is
+    NCCL when CUDA is available (one GPU per local rank), gloo otherwise; `backend="gloo"` forces
+    the CPU. `timeout` (seconds) bounds collectives and connection set-up.
     """
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RuntimeError(f"{', '.join(missing)} not set: launch with torchrun (see docs/distributed.md)")
+    if backend not in (None, "gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', not {backend!r}")
     cuda = torch.cuda.is_available() and backend != "gloo"
+    if backend == "nccl" and not cuda:
+        raise RuntimeError("backend 'nccl' needs CUDA, and none is available; use 'gloo'")
     backend = backend or ("nccl" if cuda else "gloo")
     device = torch.device("cpu")
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout),
+                                device_id=device if cuda else None)
     return device
+
+
+def is_main() -> bool:
+    """True on rank 0 (or without a process group): the rank that evaluates and writes results."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def shutdown() -> None:
+    """Destroy the process group if there is one (call at the end of a script)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def make_engine(model: nn.Module, topology: Topology, algorithm: Algorithm,
                 loss_fn: LossFn = nn.functional.cross_entropy, timeout: float = 60.0,
-                device: torch.device | str | None = None) -> Engine:
-    """The same engine as the simulator's, holding this rank's agent, on a `DistComm`."""
+                device: torch.device | str | None = None, evaluator: str = "auto",
+                check_init: bool = True) -> Engine:
+    """The same engine as the simulator's, holding this rank's agent (rank r = agent r), on a `DistComm`.
+
+    Call it on every rank with the same model weights (seed before building the model), topology
+    and algorithm; `engine.step([batch])` then takes this rank's minibatch. `timeout` (seconds)
+    bounds each communication round: a dead or hung neighbour raises `CommTimeoutError`.
+    `check_init` compares a fingerprint of the initial weights across ranks once (a collective)
+    and raises ValueError on every rank if they differ.
+    """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     comm = DistComm(topology.edges, topology.n, timeout=timeout, device=device)
-    return Engine(model, topology, algorithm, comm, loss_fn, device=device)
+    engine = Engine(model, topology, algorithm, comm, loss_fn, device=device, evaluator=evaluator)
+    if check_init:
+        _check_same_init(engine.x[0])
+    return engine
+
+
+def _check_same_init(row: Tensor) -> None:
+    weights = torch.linspace(1.0, 2.0, row.numel(), dtype=torch.float64, device=row.device)
+    mine = torch.stack([row.double().sum(), (row.double() * weights).sum()])
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    fingerprints = torch.stack(everyone).cpu()
+    differ = [r for r in range(len(everyone)) if not torch.equal(fingerprints[r], fingerprints[0])]
+    if differ:
+        raise ValueError(f"agents {differ} start from other weights than agent 0: every rank must build the "
+                         "same initial model (seed torch before building it)")
 
 
 def gather_rows(row: Tensor, dst: int = 0) -> Tensor | None:
-    """Evaluation only (a collective, not part of training): every rank's row, stacked on `dst`."""
+    """Evaluation only (a collective, not part of training): every rank's tensor, flattened and stacked on `dst`.
+
+    Returns [n, numel] on `dst` (row r = agent r), None elsewhere. All ranks must call it.
+    """
     row = row.reshape(1, -1).contiguous()
     if dist.get_rank() == dst:
         out = [torch.empty_like(row) for _ in range(dist.get_world_size())]
@@ -59,3 +106,21 @@ def gather_rows(row: Tensor, dst: int = 0) -> Tensor | None:
         return torch.cat(out)
     dist.gather(row, None, dst=dst)
     return None
+
+
+def gather_state(engine: Engine, dst: int = 0) -> dict[str, Tensor | list[Tensor]] | None:
+    """Evaluation only: every agent's parameters, buffers and byte counters, stacked on `dst` like the simulator's.
+
+    Returns {"x": [n, P], "buffers": [[n, *shape] per buffer], "bytes_sent": [n, 2]} on `dst`, None
+    elsewhere; the consensus model is x.mean(0). All ranks must call it.
+    """
+    x = gather_rows(engine.x[0], dst)
+    buffers = [gather_rows(b[0], dst) for b in engine.buffers]
+    sent = gather_rows(engine.comm.bytes_sent[0].to(engine.x.device), dst)
+    if x is None:
+        return None
+    return {
+        "x": x,
+        "buffers": [g.reshape(len(g), *b.shape[1:]) for g, b in zip(buffers, engine.buffers)],
+        "bytes_sent": sent.cpu(),
+    }
