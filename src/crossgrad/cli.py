@@ -324,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from crossgrad.experiment import user_errors
-
-    from crossgrad.experiment import RunBusyError
+    from crossgrad.experiment import RunBusyError, user_errors
 
     try:
         return int(args.func(args) or 0)

@@ -210,12 +210,19 @@ class Config:
             raise ConfigError(f"training.eval_every must be >= 1 (epochs), not {tr.eval_every}")
         if tr.eval_every_steps is not None and tr.eval_every_steps < 1:
             raise ConfigError(f"training.eval_every_steps must be >= 1, not {tr.eval_every_steps}")
+        if not 0 <= tr.seed < 2**63:
+            raise ConfigError(f"training.seed must be an integer in [0, 2**63), not {tr.seed}")
+        if tr.threads > MAX_THREADS:
+            raise ConfigError(f"training.threads must be at most {MAX_THREADS}, not {tr.threads}")
         if tr.eval_batch_size < 1:
             raise ConfigError(f"training.eval_batch_size must be >= 1, not {tr.eval_batch_size}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", tr.device):
             raise ConfigError(f"training.device must be auto, cpu, cuda or cuda:N, not {tr.device!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        for where, value in _strings(self.to_dict()):
+            if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+                raise ConfigError(f"{where} must not contain control characters or invalid UTF-8, not {value!r}")
         if self.output.name is not None and (
             not self.output.name or "/" in self.output.name or self.output.name in (".", "..")
         ):
@@ -237,6 +244,25 @@ class Config:
             return self.output.name
         slug = re.sub(r"[^a-z0-9.]+", "-", self.method.lower().replace("α", "a")).strip("-")
         return f"{slug}_{self.setting.replace('/', '_')}_s{self.training.seed}"
+
+
+MAX_THREADS = 512
+
+
+def _strings(data: Any, where: str = "") -> list[tuple[str, str]]:
+    """Every string (keys included) in nested config data, with its dotted location."""
+    if isinstance(data, str):
+        return [(where or "value", data)]
+    if isinstance(data, dict):
+        out = []
+        for k, v in data.items():
+            loc = f"{where}.{k}" if where else str(k)
+            out += [(loc, k)] if isinstance(k, str) else []
+            out += _strings(v, loc)
+        return out
+    if isinstance(data, (list, tuple)):
+        return [x for v in data for x in _strings(v, where)]
+    return []
 
 
 def _fmt_num(v: float) -> str:
@@ -402,6 +428,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 # ------------------------------------------------------------------------------ TOML writing
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -413,10 +442,9 @@ def _toml_value(v: Any) -> str:
         if math.isinf(v):
             return "inf" if v > 0 else "-inf"
         return repr(v)
-    if isinstance(v, str):
-        return (
-            '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
-        )
+    if isinstance(v, str):  # a TOML basic string: escape backslash, quote and every control character
+        return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 32 or ord(c) == 127 else c)
+                             for c in v) + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):

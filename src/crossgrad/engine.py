@@ -239,7 +239,7 @@ class Engine:
             evaluate = self.evaluate_batched
         losses = evaluate(rows, self._pair_data, batches, self.grads, self.buffers,
                           owners=self._pair_data, keep_buffers=n)
-        self._check_finite(losses[:n], "loss")
+        self._check_finite(losses[:n], "loss", neighbours)
         clock.tick("gradients")
         g_self, mv = self.grads[:n], (self.grads[n:] if algo.cross_gradients else None)
         dv = None
@@ -293,10 +293,15 @@ class Engine:
                     raise NonFiniteError(step, agent, f"cross-gradient of agent {int(plan.in_src[e])}'s model")
         raise NonFiniteError(step, agent, "update (overflow in combine or momentum)")
 
-    def _check_finite(self, values: Tensor, what: str) -> None:
+    def _check_finite(self, values: Tensor, what: str, neighbours: Tensor | None = None) -> None:
         bad = ~torch.isfinite(values)
         if bad.any():
-            agent = self.plan.local[int(bad.nonzero()[0, 0])]
+            k = int(bad.nonzero()[0, 0])
+            agent, plan = self.plan.local[k], self.ctx.plan
+            for e in ((plan.in_dst == k).nonzero().flatten().tolist() if neighbours is not None else []):
+                if not torch.isfinite(neighbours[e]).all():  # the cause, not the symptom
+                    raise NonFiniteError(self.stats.steps, agent,
+                                         f"model received from agent {int(plan.in_src[e])} in round 1")
             raise NonFiniteError(self.stats.steps, agent, what)
 
     def state_dict(self) -> dict[str, Any]:

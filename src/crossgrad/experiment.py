@@ -20,13 +20,14 @@ augmentation. Resuming from a checkpoint restores all of these and continues bit
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 import math
 import os
+import re
 import resource
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,11 @@ def prepare(cfg: Config) -> Prepared:
     shards = partition(
         train.y, topo.n, d.partition, cfg.training.seed, beta=d.beta, shards_per_agent=d.shards_per_agent
     )
+    if cfg.training.batch_size > len(train.y):
+        raise ConfigError(
+            f"training.batch_size={cfg.training.batch_size} is larger than the whole {d.name} training set "
+            f"({len(train.y)} samples)"
+        )
     shards = [torch.as_tensor(s, dtype=torch.long) for s in shards]
     empty = [i for i, s in enumerate(shards) if len(s) == 0]
     if empty:
@@ -321,10 +327,34 @@ def _atomic_write_bytes(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before it takes the name: a crash never leaves half a file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _one_line(text: Any, limit: int) -> str:
+    """An exception's text as one line of at most `limit` characters (for one-line CLI errors)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+#: config keys that may differ between a checkpoint and its resumption (where and how fast, not what)
+_RESUMABLE_KEYS = {"output", "training.device", "training.threads", "training.eval_batch_size"}
+
+
+def _comparable_config(d: Any) -> dict[str, Any] | None:
+    if not isinstance(d, dict):
+        return None
+    flat = {}
+    for k, v in d.items():
+        for kk, vv in (v.items() if isinstance(v, dict) and k != "backend" else [(None, v)]):
+            key = k if kk is None else f"{k}.{kk}"
+            if k not in _RESUMABLE_KEYS and key not in _RESUMABLE_KEYS:
+                flat[key] = vv
+    return flat
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -520,11 +550,52 @@ class Trainer:
         path = self.run_dir / CHECKPOINT
         if not path.is_file():
             raise RunError(f"nothing to resume in {self.run_dir} (no {CHECKPOINT})")
-        try:
+        try:  # data only: a checkpoint whose pickle refers to any code is refused, never executed
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling problem means a bad file
-            raise RunError(f"cannot read {path}: {e}") from None
-        self.load_state_dict(state)
+            text = str(e)
+            if "Weights only load failed" in text:
+                glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+                m = re.search(r"WeightsUnpickler error:\s*([^\n]*)", text)
+                detail = f"it refers to {glob.group(1)}" if glob else (m.group(1) if m else text)
+                raise RunError(
+                    f"cannot read {path}: it holds objects other than tensors and plain data "
+                    f"({_one_line(detail, 200)}); refusing to load it (nothing in it was run)"
+                ) from None
+            reason = _one_line(text, 200) or "empty file"
+            raise RunError(f"cannot read {path}: corrupt or truncated ({reason})") from None
+        if not isinstance(state, dict):
+            raise RunError(f"cannot read {path}: not a crossgrad checkpoint")
+        self._check_state(state, path)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+            raise RunError(
+                f"cannot resume from {path}: the checkpoint does not fit this run ({_one_line(e, 200)})"
+            ) from None
+
+    def _check_state(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint that is not this run's, before touching any state."""
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise RunError(
+                f"{path}: checkpoint version {state.get('version')} is not supported (expected {CHECKPOINT_VERSION})"
+            )
+        missing = [k for k in ("step", "sim", "streams", "aug_gens", "torch_rng", "acc", "metrics") if k not in state]
+        if missing:
+            raise RunError(f"cannot resume from {path}: not a complete checkpoint (missing {', '.join(missing)})")
+        mine, theirs = _comparable_config(self.cfg.to_dict()), _comparable_config(state.get("config"))
+        if theirs is not None and mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise RunError(
+                f"cannot resume from {path}: it was written by another configuration "
+                f"(differs in {', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''})"
+            )
+        step = state["step"]
+        if not isinstance(step, int) or not 0 <= step <= self.total_steps:
+            raise RunError(f"cannot resume from {path}: step {step!r} is outside this run's 0..{self.total_steps}")
+        for key in ("streams", "aug_gens"):
+            if not isinstance(state[key], (list, tuple)) or len(state[key]) != self.n:
+                raise RunError(f"cannot resume from {path}: {key} is not one entry per agent ({self.n})")
 
     # -------------------------------------------------------------- summary
     def summary(self, status: str, message: str = "") -> dict[str, Any]:
@@ -683,41 +754,74 @@ def _pid_alive(pid: int) -> bool:
 
 
 def lock_holder(run_dir: Path) -> int | None:
-    """The live process that holds `run_dir`, or None."""
+    """The live process that holds `run_dir` (its pid, or -1 if not known yet), or None."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK
     try:
-        pid = int((Path(run_dir) / LOCK).read_text().strip() or 0)
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return None
-    return pid if pid > 0 and _pid_alive(pid) else None
+    try:
+        try:  # a shared probe: it succeeds only if nobody holds the exclusive lock
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            pass  # held
+        else:
+            return None
+        try:
+            pid = int(os.read(fd, 32).decode().strip() or -1)
+        except ValueError:
+            pid = -1
+        return pid if pid == -1 or _pid_alive(pid) else -1
+    finally:
+        os.close(fd)  # also drops the probe
 
 
 @contextmanager
 def claim_run_dir(run_dir: Path):
     """Only one process trains in a run directory at a time; a dead process's lock is taken over.
 
-    The lock file is created with O_EXCL, so two sweeps sharing an output folder never write the
-    same run's files at once: the second one is told the run is busy.
+    The lock is an exclusive `flock` on `.lock` (which also records the holder's pid for messages
+    and `lock_holder`). The kernel drops it when its process dies, even by SIGKILL, so there is no
+    stale-lock guesswork and no window in which two processes both believe they hold the directory:
+    two sweeps sharing an output folder never write the same run's files at once; the second one
+    is told the run is busy.
     """
+    import fcntl
+
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK
-    for _ in range(3):
+    waits = [0.01, 0.05, 0.2]  # a `lock_holder` probe holds the lock for a moment: look again
+    for _ in range(100):
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            if waits:
+                time.sleep(waits.pop(0))
+                continue
             holder = lock_holder(run_dir)
-            if holder is not None and holder != os.getpid():
-                raise RunBusyError(f"{run_dir} is in use by process {holder} (remove {path} if that is wrong)") from None
-            path.unlink(missing_ok=True)  # left by a process that died
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
+            who = f"process {holder}" if holder is not None and holder > 0 else "another process"
+            raise RunBusyError(f"{run_dir} is in use by {who}; wait for it to finish or stop it") from None
+        try:  # the previous holder may have removed the file between our open and flock: open it again
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
     else:
         raise RunError(f"cannot lock {run_dir}")
     try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        for tmp in run_dir.glob(".*.tmp*"):  # half-written files of a process killed while saving
+            tmp.unlink(missing_ok=True)
         yield
     finally:
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # while still holding the lock (see the inode check above)
+        os.close(fd)
 
 
 def run_experiment(

@@ -162,6 +162,28 @@ def _status(run: SweepRun) -> str:
     return "new"
 
 
+def _check_not_another_run(run: SweepRun) -> None:
+    """A run directory that already holds a run of a different configuration (another sweep file
+    writing to the same out_dir with the same run names) is an error, never silently skipped or resumed."""
+    from crossgrad.experiment import CONFIG, _comparable_config
+
+    path = run.run_dir / CONFIG
+    if not path.is_file():
+        return
+    try:
+        theirs = _comparable_config(config_from_dict(read_toml(path), str(path)).to_dict())
+    except ConfigError:
+        theirs = None
+    mine = _comparable_config(run.cfg.to_dict())
+    if theirs != mine:
+        diff = sorted(k for k in set(mine) | set(theirs or {}) if mine.get(k) != (theirs or {}).get(k))
+        raise ConfigError(
+            f"{run.run_dir} already holds a run of another configuration "
+            f"(differs in {', '.join(diff[:6]) if theirs is not None else 'everything: unreadable ' + CONFIG}); "
+            "use another output.out_dir for this sweep"
+        )
+
+
 def _finished_elsewhere(run: SweepRun, rc: int) -> bool:
     """A run refused (exit 2) because another sweep finished it meanwhile is no failure."""
     return rc == 2 and _status(run) == "done"
@@ -231,6 +253,8 @@ def run_sweep(
     """Run every missing run of a sweep; returns 0 if all finished, 1 if any failed or diverged."""
     runs, file_jobs = expand(path, overrides)
     jobs = jobs or file_jobs
+    for r in runs:
+        _check_not_another_run(r)
     states = [_status(r) for r in runs]
     todo = [(r, s) for r, s in zip(runs, states, strict=False) if s not in ("done", "busy")]
     print(

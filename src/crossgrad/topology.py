@@ -57,8 +57,12 @@ def _fmt_agents(agents: Iterable[int], limit: int = 10) -> str:
     return "{" + shown + "}"
 
 
-def _check_int(value: Any, what: str, minimum: int | None = None) -> int:
-    """Accept Python/NumPy/torch integers (not bools, not floats) and check a lower bound."""
+#: the most agents a topology may have: W is a dense n x n matrix (4096 agents: 128 MiB)
+MAX_AGENTS = 4096
+
+
+def _check_int(value: Any, what: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Accept Python/NumPy/torch integers (not bools, not floats) and check the bounds."""
     if isinstance(value, bool):
         raise TopologyError(f"{what} must be an integer, got {value!r}")
     try:
@@ -67,6 +71,8 @@ def _check_int(value: Any, what: str, minimum: int | None = None) -> int:
         raise TopologyError(f"{what} must be an integer, got {value!r}") from None
     if minimum is not None and out < minimum:
         raise TopologyError(f"{what} must be >= {minimum}, got {out}")
+    if maximum is not None and out > maximum:
+        raise TopologyError(f"{what} must be at most {maximum}, got {out}")
     return out
 
 
@@ -200,7 +206,7 @@ class Topology:
     @classmethod
     def _from_edges(cls, n: int, edges: Iterable[Sequence[int]], directed: bool, weights: str,
                     name: str, params: dict[str, Any]) -> Topology:
-        n = _check_int(n, "n (number of agents)", 1)
+        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
         _check_scheme(weights)
         if isinstance(edges, (str, bytes)):
             raise TopologyError("edges must be an iterable of (src, dst) pairs, got a string")
@@ -290,7 +296,7 @@ class Topology:
         Degenerate cases: ``n = 1`` is a lone agent (``W = [[1]]``) and ``n = 2`` a single edge
         (both agents average with each other); every agent has degree 2 only for ``n >= 3``.
         """
-        n = _check_int(n, "n (number of agents)", 1)
+        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
         return cls._undirected(n, ((i, (i + 1) % n) for i in range(n)), weights, "ring")
 
     @classmethod
@@ -299,7 +305,7 @@ class Topology:
 
         ``n = 1`` is a lone agent; ``n = 2`` coincides with the undirected single edge.
         """
-        n = _check_int(n, "n (number of agents)", 1)
+        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
         edges = sorted({((i - 1) % n, i) for i in range(n) if (i - 1) % n != i})
         return cls._from_edges(n, edges, True, weights, "directed_ring", {})
 
@@ -314,12 +320,12 @@ class Topology:
         allowed and degenerates to a ring.
         """
         if cols is None:
-            n = _check_int(rows, "n (number of agents)", 1)
+            n = _check_int(rows, "n (number of agents)", 1, MAX_AGENTS)
             r, c = cls._torus_shape(n)
         else:
             r = _check_int(rows, "rows", 1)
             c = _check_int(cols, "cols", 1)
-        n = r * c
+        n = _check_int(r * c, "n = rows x cols (number of agents)", 1, MAX_AGENTS)
         pairs = []
         for i in range(r):
             for j in range(c):
@@ -343,19 +349,19 @@ class Topology:
     @classmethod
     def full(cls, n: int, weights: str = "uniform") -> Topology:
         """Complete graph: every agent receives from every other (W = 1/n everywhere)."""
-        n = _check_int(n, "n (number of agents)", 1)
+        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
         return cls._undirected(n, ((i, j) for i in range(n) for j in range(i + 1, n)), weights, "full")
 
     @classmethod
     def chain(cls, n: int, weights: str = "uniform") -> Topology:
         """Path 0-1-...-(n-1): a ring without its closing edge, the worst-connected tree."""
-        n = _check_int(n, "n (number of agents)", 1)
+        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
         return cls._undirected(n, ((i, i + 1) for i in range(n - 1)), weights, "chain")
 
     @classmethod
     def star(cls, n: int, weights: str = "uniform") -> Topology:
         """Agent 0 is the hub, linked to every other agent; leaves are linked only to the hub."""
-        n = _check_int(n, "n (number of agents)", 1)
+        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
         return cls._undirected(n, ((0, i) for i in range(1, n)), weights, "star")
 
     @classmethod
@@ -366,7 +372,7 @@ class Topology:
         count once). ``directed=True``: the one-peer-per-power variant, i sends to i + 2^k, so it
         receives from i - 2^k; in- and out-degree are both ceil(log2 n).
         """
-        n = _check_int(n, "n (number of agents)", 1)
+        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
         hops = [1 << k for k in range(max(n - 1, 0).bit_length())]  # all 2^k < n
         if not directed:
             return cls._undirected(n, ((i, (i + h) % n) for i in range(n) for h in hops), weights,
@@ -381,15 +387,15 @@ class Topology:
 
         Uses ``numpy.random.default_rng(seed)``; raises after ``max_tries`` disconnected draws.
         """
-        n = _check_int(n, "n (number of agents)", 1)
-        max_tries = _check_int(max_tries, "max_tries", 1)
+        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
+        max_tries = _check_int(max_tries, "max_tries", 1, 10_000)
         if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)):
             raise TopologyError(f"p must be a number in (0, 1], got {p!r}")
         p = float(p)
         if not 0 < p <= 1:
             raise TopologyError(f"p must be in (0, 1], got {p}")
         if seed is not None:
-            seed = _check_int(seed, "seed")
+            seed = _check_int(seed, "seed", 0)
         _check_scheme(weights)
         rng = np.random.default_rng(seed)
         iu, ju = np.triu_indices(n, k=1)
@@ -544,7 +550,7 @@ def _make_directed_ring(n: int, weights: str = "uniform") -> Topology:
 
 
 def _make_torus(n: int, rows: int | None = None, cols: int | None = None, weights: str = "uniform") -> Topology:
-    n = _check_int(n, "n (number of agents)", 1)
+    n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
     if rows is None and cols is None:
         return Topology.torus(n, weights=weights)
     if rows is None or cols is None:

@@ -75,7 +75,7 @@ def test_truncated_real_file_is_named(tmp_path, capsys):
     (["--set", "algorithm.gamma=0"], "gamma"),
     (["--set", "algorithm.name=sgd"], "unknown algorithm"),
     (["--set", "topology.name=torus", "--set", "topology.n_agents=7"], "torus"),
-    (["--set", "topology.n_agents=5000"], "cannot split"),
+    (["--set", "topology.n_agents=2000"], "cannot split"),
     (["--set", "model.name=vgg11"], "does not fit"),
     (["--set", "training.bogus=1"], "unknown key"),
     (["--set", "data.name=cifar10", "--set", 'data.data_dir="/nonexistent"'], "found under"),
@@ -88,3 +88,18 @@ def test_bad_configs(tmp_path, capsys, args, expect):
 def test_divergence_exits_1_and_names_step_and_agent(tmp_path, capsys):
     rc, err = run_cli(capsys, "--set", "algorithm.lr=1e9", "--set", "training.epochs=1", "--out-dir", str(tmp_path))
     assert rc == 1 and "non-finite" in err and "step" in err and "agent" in err
+
+
+def test_corrupt_data_dir_through_a_real_process(tmp_path):
+    """What a user at a shell sees: exactly one line on stderr, exit code 2, nothing else."""
+    import subprocess
+    import sys
+
+    root = corrupt_mnist(tmp_path, "truncated")
+    proc = subprocess.run([sys.executable, "-m", "crossgrad", "run", "--quiet", "--set", "data.name=mnist",
+                           "--set", f"data.data_dir={root}", "--out-dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("crossgrad: error: ") and "train-images-idx3-ubyte" in lines[0]
+    assert not (tmp_path / "o").exists()  # nothing written for a run that never started

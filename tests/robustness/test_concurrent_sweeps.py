@@ -39,3 +39,24 @@ seeds = [0, 1, 2]
         assert not (d / ".lock").exists()
     # each run trained once: the second sweep skipped or lost the race cleanly, never wrote twice
     assert [p.returncode for p in procs] == [0, 0], outputs
+
+
+def test_a_different_sweep_into_the_same_folder_is_refused(tmp_path, capsys):
+    from crossgrad.cli import main
+
+    out = tmp_path / "runs"
+
+    def sweep_file(name: str, lr: float):
+        p = tmp_path / f"{name}.toml"
+        p.write_text(f'[model]\nname = "mlp"\n[algorithm]\nlr = {lr}\n[training]\nsteps = 2\nthreads = 1\n'
+                     f'[output]\nout_dir = "{out}"\n[sweep]\nalgorithms = ["dsgd"]\n')
+        return str(p)
+
+    assert main(["sweep", sweep_file("a", 0.1), "--quiet"]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # same run names, another learning rate: skipping would pass off a's results as b's
+    assert main(["sweep", sweep_file("b", 0.05), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run of another configuration (differs in algorithm.lr)" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main(["sweep", sweep_file("a", 0.1), "--quiet"]) == 0  # the same sweep again: all skipped

@@ -38,14 +38,17 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
     rng = random.Random(1)
     run_dir = tmp_path / "killed"
     proc = crossgrad("run", *ARGS, "--out-dir", str(tmp_path), "--name", "killed")
-    kills = 0
+    kills, steps = 0, []
     for _ in range(12):  # bounded: at most 12 launches
         try:
-            proc.wait(rng.uniform(1.5, 4.0))  # imports take ~1.5 s, a run a few seconds
+            rc = proc.wait(rng.uniform(1.5, 4.0))  # imports take ~1.5 s, a run a few seconds
+            assert rc == 0, proc.stderr.read()  # a launch that was not killed finished cleanly
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
             kills += 1
+            if (run_dir / CHECKPOINT).exists():  # whatever the moment, the checkpoint there is whole
+                steps.append(torch.load(run_dir / CHECKPOINT, weights_only=True)["step"])
         if (run_dir / SUMMARY).exists():
             break
         if (run_dir / CHECKPOINT).exists():
@@ -57,5 +60,6 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
     time.sleep(0.1)
     assert (run_dir / SUMMARY).exists(), "the run never finished"
     assert kills >= 1, "the schedule never hit a running process"
+    assert steps == sorted(steps), "a resumed run went back past its last checkpoint"
     assert comparable(run_dir) == expected
     assert torch.equal(torch.load(run_dir / CHECKPOINT, weights_only=True)["sim"]["x"], final_params)

@@ -10,6 +10,7 @@ import csv
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import struct
@@ -108,7 +109,7 @@ def read_idx(path: Path) -> np.ndarray:
     if not 1 <= ndim <= 4 or len(raw) < 4 + 4 * ndim:
         raise DataError(f"{path}: IDX header declares {ndim} dimensions; the header is corrupt or truncated")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    expected = int(np.prod(dims, dtype=np.int64))
+    expected = math.prod(dims)  # exact: a corrupt header must not overflow into a plausible size
     payload = len(raw) - 4 - 4 * ndim
     if payload != expected:
         raise DataError(f"{path}: header promises {expected} bytes of data for shape {dims}, file holds "
@@ -190,10 +191,19 @@ def _load_idx(name: str, root: Path, download: bool, verify: bool) -> tuple[Data
     out = []
     for split in ("train", "t10k"):
         images, labels = arrays[f"{split}-images-idx3-ubyte"], arrays[f"{split}-labels-idx1-ubyte"]
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataError(f"{name}: {split} images {images.shape} and labels {labels.shape} do not match")
+        img_file, lab_file = files[f"{split}-images-idx3-ubyte"], files[f"{split}-labels-idx1-ubyte"]
+        if images.ndim != 3:
+            raise DataError(f"{img_file}: images must have 3 dimensions (count, rows, cols), not {images.shape}")
+        if labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{lab_file}: labels of shape {labels.shape} do not match the {len(images)} "
+                            f"images of {img_file}")
+        if len(labels) == 0 or images.shape[1] == 0 or images.shape[2] == 0:
+            raise DataError(f"{img_file}: holds no data (shape {images.shape})")
+        if out and images.shape[1:] != tuple(out[0].x.shape[2:]):
+            raise DataError(f"{img_file}: images are {images.shape[1]}x{images.shape[2]}"
+                            f", the training images {out[0].x.shape[2]}x{out[0].x.shape[3]}")
         if labels.max() >= 10:
-            raise DataError(f"{files[f'{split}-labels-idx1-ubyte']}: label {labels.max()} out of range 0..9")
+            raise DataError(f"{lab_file}: label {labels.max()} out of range 0..9")
         x = torch.from_numpy(images.copy()).unsqueeze(1)
         out.append(Dataset(x, torch.from_numpy(labels.astype(np.int64)), _CLASSES[name], name))
     return out[0], out[1]
@@ -228,8 +238,9 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             d = _BatchUnpickler(f, encoding="bytes").load()
         data = np.asarray(d[b"data"], dtype=np.uint8)
         labels = np.asarray(d[b"labels"], dtype=np.int64)
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise DataError(f"{path}: not a readable CIFAR-10 batch ({e})") from None
+    except Exception as e:  # noqa: BLE001 - a hostile pickle can raise almost anything (even MemoryError
+        # for a huge declared length); for a 30 MB batch file, every one of them means "bad file"
+        raise DataError(f"{path}: not a readable CIFAR-10 batch ({type(e).__name__}: {e})") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise DataError(f"{path}: unexpected CIFAR-10 batch shape {data.shape}")
     if len(labels) and (labels.min() < 0 or labels.max() > 9):
@@ -423,12 +434,18 @@ def _download(urls: list[str] | tuple[str, ...], target: Path, md5: str) -> None
 def _safe_extract(archive: Path, root: Path) -> None:
     """Extract a tar archive, refusing absolute paths, '..' and links."""
     base = root.resolve()
-    with tarfile.open(archive, "r:*") as tar:
-        for m in tar.getmembers():
-            dest = (base / m.name).resolve()
-            if m.issym() or m.islnk() or not (m.isfile() or m.isdir()) or not dest.is_relative_to(base):
-                raise DataError(f"{archive}: refusing to extract unsafe member {m.name!r}")
-        tar.extractall(base)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for m in tar.getmembers():
+                dest = (base / m.name).resolve()
+                if m.issym() or m.islnk() or not (m.isfile() or m.isdir()) or not dest.is_relative_to(base):
+                    raise DataError(f"{archive}: refusing to extract unsafe member {m.name!r}")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: the standard library checks again
+                tar.extractall(base, filter="data")
+            else:  # pragma: no cover
+                tar.extractall(base)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{archive}: cannot extract the archive ({e})") from None
 
 
 # ------------------------------------------------------------------------------------------------
