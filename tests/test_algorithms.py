@@ -336,5 +336,6 @@ def test_nonfinite_received_message_is_named_with_its_round():
         return out
 
     comm.exchange_edges = poisoned
-    with pytest.raises(cg.NonFiniteError, match=r"non-finite cross-gradient received from agent 1 in round 2 at step 1, agent 0"):
+    expected = r"non-finite cross-gradient received from agent 1 in round 2 at step 1, agent 0"
+    with pytest.raises(cg.NonFiniteError, match=expected):
         sim.step(batches[1])
