@@ -32,7 +32,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         (["--set", "model.name=vgg11"], "vgg11"),  # needs 32x32, digits are 8x8
         (["--set", "topology.n_agents=2000"], "agent"),  # more agents than samples: empty shards
         (["--set", "topology.name=moebius"], "unknown topology"),
-        (["--backend", "dist"], "not available"),
+        (["--backend", "dist"], "launch it with torchrun"),
     ],
 )
 def test_run_config_errors_exit_2_without_traceback(capsys, tmp_path, args, needle):

@@ -54,6 +54,8 @@ def _toml_str(s: str) -> str:
 
 
 def _finish(result) -> int:
+    if not result.main and result.status in ("completed", "interrupted"):
+        return result.exit_code  # dist: rank 0 reports for everyone
     if result.status == "completed":
         s = result.summary or {}
         acc, local = s.get("consensus_acc"), s.get("local_acc_mean")

@@ -143,6 +143,7 @@ class TrainingConfig:
     checkpoint_every: int = 1  # epochs; 0 = only on Ctrl-C and at the end
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    comm_timeout: float = 60.0  # backend "dist": seconds a rank waits for a neighbour before failing
 
 
 @dataclass
@@ -214,6 +215,8 @@ class Config:
             raise ConfigError(f"training.seed must be an integer in [0, 2**63), not {tr.seed}")
         if tr.threads > MAX_THREADS:
             raise ConfigError(f"training.threads must be at most {MAX_THREADS}, not {tr.threads}")
+        if not (isinstance(tr.comm_timeout, (int, float)) and 0 < tr.comm_timeout < float("inf")):
+            raise ConfigError(f"training.comm_timeout must be a positive number of seconds, not {tr.comm_timeout!r}")
         if tr.eval_batch_size < 1:
             raise ConfigError(f"training.eval_batch_size must be >= 1, not {tr.eval_batch_size}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", tr.device):

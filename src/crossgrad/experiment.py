@@ -19,6 +19,7 @@ augmentation. Resuming from a checkpoint restores all of these and continues bit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -87,10 +88,11 @@ class RunBusyError(RunError):
 
 @dataclass
 class RunResult:
-    status: str  # "completed" | "interrupted" | "diverged"
+    status: str  # "completed" | "interrupted" | "diverged" | "failed" (dist: a peer died or hung)
     run_dir: Path
     summary: dict | None = None
     message: str = ""
+    main: bool = True  # False on dist ranks other than 0, which write and report nothing on success
 
     @property
     def exit_code(self) -> int:
@@ -145,8 +147,11 @@ def _normalised(ds: Any, name: str) -> Tensor:
     return aug.normalize(ds.x, aug.dataset_stats(name)).float().contiguous()
 
 
-def prepare(cfg: Config) -> Prepared:
-    """Load data, partition it, build model, topology and algorithm. Raises user errors only for bad input."""
+def prepare(cfg: Config, device: torch.device | None = None) -> Prepared:
+    """Load data, partition it, build model, topology and algorithm. Raises user errors only for bad input.
+
+    `device` overrides training.device (the dist backend passes each rank its own GPU).
+    """
     from crossgrad.data import load_dataset, partition
     from crossgrad.models import make_model
     from crossgrad.topology import make_topology
@@ -154,7 +159,7 @@ def prepare(cfg: Config) -> Prepared:
     cfg.validate()
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
-    device = resolve_device(cfg.training.device)
+    device = device or resolve_device(cfg.training.device)
     topo = make_topology(
         cfg.topology.name, cfg.topology.n_agents, weights=cfg.topology.weights, **cfg.topology.options
     )
@@ -268,52 +273,77 @@ def lr_at(cfg: Config, step: int, total: int) -> float:
 
 # ------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(sim: Any, x: Tensor, y: Tensor, batch_size: int = 1024) -> dict[str, Any]:
-    """Consensus model accuracy/loss and every agent's local test accuracy (fractions)."""
+def score_rows(model: torch.nn.Module, layout: Any, rows: Tensor, buffers: list[Tensor], x: Tensor, y: Tensor,
+               batch_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Test-set (correct predictions, summed loss) of k models that share `model`'s architecture.
+
+    rows: [k, P] flat parameters; buffers: one [k, *shape] tensor per model buffer (batch-norm
+    statistics). Buffer-free models are evaluated together with torch.func.vmap.
+    """
     import copy
 
-    rows = sim.params
-    n = rows.shape[0]
-    total = len(y)
-    model = sim.model
-    has_buffers = any(True for _ in model.buffers())
-    correct = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
-    if not has_buffers:
-        layout = sim.engine.layout
-        template = copy.deepcopy(model).eval()
-        stacked = torch.cat([rows, rows.mean(0, keepdim=True)])  # agents, then the consensus model
+    k, total = rows.shape[0], len(y)
+    correct = torch.zeros(k, dtype=torch.long, device=rows.device)
+    loss_sum = torch.zeros(k, dtype=torch.float64, device=rows.device)
+    template = copy.deepcopy(model).eval()
+    if not buffers:
 
         def logits_of(row: Tensor, inputs: Tensor) -> Tensor:
             params = dict(zip(layout.names, layout.views(row), strict=False))
             return torch.func.functional_call(template, params, (inputs,))
 
         batched = torch.func.vmap(logits_of, in_dims=(0, None))
-        step = max(1, batch_size // max(1, (n + 1) // 4))
+        step = max(1, batch_size // max(1, k // 4))
         for s in range(0, total, step):
             xb, yb = x[s : s + step], y[s : s + step]
-            out = batched(stacked, xb)  # [n+1, B, C]
+            out = batched(rows, xb)  # [k, B, C]
             correct += (out.argmax(-1) == yb).sum(1)
-            loss_sum += torch.nn.functional.cross_entropy(out[-1], yb, reduction="sum").double()
-    else:
-        models = [sim.agent_model(i).eval() for i in range(n)] + [sim.agent_model(None).eval()]
-        for s in range(0, total, batch_size):
-            xb, yb = x[s : s + batch_size], y[s : s + batch_size]
-            for k, m in enumerate(models):
-                out = m(xb)
-                correct[k] += (out.argmax(-1) == yb).sum()
-                if k == n:
-                    loss_sum += torch.nn.functional.cross_entropy(out, yb, reduction="sum").double()
+            per = torch.nn.functional.cross_entropy(out.permute(1, 2, 0), yb[:, None].expand(-1, k), reduction="none")
+            loss_sum += per.sum(0).double()
+        return correct, loss_sum
+    models = []
+    for i in range(k):
+        m = copy.deepcopy(template)
+        for p, v in zip(m.parameters(), layout.views(rows[i]), strict=False):
+            p.copy_(v)
+        for b, stacked in zip(m.buffers(), buffers, strict=False):
+            b.copy_(stacked[i])
+        models.append(m)
+    for s in range(0, total, batch_size):
+        xb, yb = x[s : s + batch_size], y[s : s + batch_size]
+        for i, m in enumerate(models):
+            out = m(xb)
+            correct[i] += (out.argmax(-1) == yb).sum()
+            loss_sum[i] += torch.nn.functional.cross_entropy(out, yb, reduction="sum").double()
+    return correct, loss_sum
+
+
+def consensus_buffers(buffers: list[Tensor]) -> list[Tensor]:
+    """The consensus model's buffers, [1, *shape] each: the agents' mean (integer counters: agent 0's)."""
+    return [b.mean(0, keepdim=True).to(b.dtype) if b.is_floating_point() else b[:1] for b in buffers]
+
+
+def accuracy_record(correct: Tensor, consensus_loss: float, total: int) -> dict[str, Any]:
+    """Metrics from the correct counts of the n agents followed by the consensus model."""
     acc = (correct.double() / total).tolist()
-    local = acc[:n]
+    local = acc[:-1]
     return {
-        "consensus_acc": acc[n],
-        "consensus_loss": float(loss_sum) / total,
-        "local_acc_mean": sum(local) / n,
+        "consensus_acc": acc[-1],
+        "consensus_loss": consensus_loss / total,
+        "local_acc_mean": sum(local) / len(local),
         "local_acc_min": min(local),
         "local_acc_max": max(local),
         "local_acc": local,
     }
+
+
+def evaluate(sim: Any, x: Tensor, y: Tensor, batch_size: int = 1024) -> dict[str, Any]:
+    """Consensus model accuracy/loss and every agent's local test accuracy (fractions)."""
+    rows, buffers = sim.params, sim.engine.buffers
+    stacked = torch.cat([rows, rows.mean(0, keepdim=True)])  # agents, then the consensus model
+    bufs = [torch.cat([b, c]) for b, c in zip(buffers, consensus_buffers(buffers), strict=False)]
+    correct, loss = score_rows(sim.model, sim.engine.layout, stacked, bufs, x, y, batch_size)
+    return accuracy_record(correct, float(loss[-1]), len(y))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -342,7 +372,8 @@ def _one_line(text: Any, limit: int) -> str:
 
 
 #: config keys that may differ between a checkpoint and its resumption (where and how fast, not what)
-_RESUMABLE_KEYS = {"output", "training.device", "training.threads", "training.eval_batch_size"}
+_RESUMABLE_KEYS = {"output", "training.device", "training.threads", "training.eval_batch_size",
+                   "training.comm_timeout"}
 
 
 def _comparable_config(d: Any) -> dict[str, Any] | None:
@@ -412,25 +443,44 @@ def _in_main_thread() -> bool:
 
 
 class Trainer:
-    """Trains one configured run in `run_dir` on the simulator backend."""
+    """Trains one configured run in `run_dir`, on the simulator or, with backend "dist", as one rank.
+
+    With backend "dist" every rank builds a Trainer for its own agent (rank r = agent r) on an
+    initialised process group; training exchanges messages along graph edges only. Evaluation and
+    checkpoints gather to rank 0 (collectives outside training steps), which alone writes files.
+    Each agent's batches come from the same per-agent seeds as in the simulator, so both backends
+    train on the same samples in the same order.
+    """
 
     def __init__(self, cfg: Config, run_dir: Path, quiet: bool = False, prepared: Prepared | None = None):
-        from crossgrad.simulator import Simulator
-
         self.cfg, self.run_dir, self.quiet = cfg, Path(run_dir), quiet
         p = self.p = prepared or prepare(cfg)
-        self.sim = Simulator(p.model, p.topology, p.algorithm)
         self.n = p.topology.n
         tr = cfg.training
+        self.dist = cfg.backend == "dist"
+        if self.dist:
+            import torch.distributed as dist
+
+            from crossgrad.distributed import make_engine
+
+            self.sim = None
+            self.engine = make_engine(p.model, p.topology, p.algorithm, timeout=tr.comm_timeout, device=p.device)
+            self.local = [dist.get_rank()]
+        else:
+            from crossgrad.simulator import Simulator
+
+            self.sim = Simulator(p.model, p.topology, p.algorithm)
+            self.engine = self.sim.engine
+            self.local = list(range(self.n))
+        self.main = self.local[0] == 0  # the process that evaluates and writes files
         self.batch_size = tr.batch_size
         largest = max(len(s) for s in p.shards)
         self.steps_per_epoch = max(1, math.ceil(largest / tr.batch_size))
         self.total_steps = tr.steps if tr.steps is not None else tr.epochs * self.steps_per_epoch
-        self.streams = [
-            AgentStream(s.to("cpu"), sd)
-            for s, sd in zip(p.shards, agent_seeds(tr.seed, self.n, 1), strict=False)
-        ]
-        self.aug_gens = [torch.Generator().manual_seed(sd) for sd in agent_seeds(tr.seed, self.n, 2)]
+        stream_seeds, aug_seeds = agent_seeds(tr.seed, self.n, 1), agent_seeds(tr.seed, self.n, 2)
+        self.streams = [AgentStream(p.shards[i].to("cpu"), stream_seeds[i]) for i in self.local]
+        self.aug_gens = [torch.Generator().manual_seed(aug_seeds[i]) for i in self.local]
+        self.stats: dict[str, Any] = {}  # of all agents, as of the latest evaluation
         self.step = 0
         self.metrics: list[dict] = []
         self.elapsed = 0.0
@@ -438,9 +488,9 @@ class Trainer:
 
     # -------------------------------------------------------------- accumulators
     def _reset_accumulators(self) -> None:
-        dev = self.sim.params.device
+        dev = self.engine.x.device
         self.acc = {
-            "loss": torch.zeros(self.n, dtype=torch.float64, device=dev),
+            "loss": torch.zeros(len(self.local), dtype=torch.float64, device=dev),
             "steps": 0,
             "bias_mv": torch.zeros((), dtype=torch.float64, device=dev),
             "bias_mv_n": 0,
@@ -452,47 +502,53 @@ class Trainer:
         a = self.acc
         a["loss"] += losses.detach().double()
         a["steps"] += 1
-        last, plan = self.sim.engine.last, self.sim.engine.ctx.plan
+        last, plan = self.engine.last, self.engine.ctx.plan
         g = last.get("g_self")
         mv, dv = last.get("mv"), last.get("dv")
+        # sums and element counts (not means) so that ranks' partial sums add up to the simulator's
         if g is not None and mv is not None and len(plan.in_dst):
-            a["bias_mv"] += (mv - g.index_select(0, plan.in_dst)).abs().mean().double()
-            a["bias_mv_n"] += 1
+            a["bias_mv"] += (mv - g.index_select(0, plan.in_dst)).abs().sum().double()
+            a["bias_mv_n"] += mv.numel()
         if g is not None and dv is not None and len(plan.out_src):
-            a["bias_dv"] += (dv - g.index_select(0, plan.out_src)).abs().mean().double()
-            a["bias_dv_n"] += 1
+            a["bias_dv"] += (dv - g.index_select(0, plan.out_src)).abs().sum().double()
+            a["bias_dv_n"] += dv.numel()
 
     # -------------------------------------------------------------- batches
     def _batches(self) -> list[tuple[Tensor, Tensor]]:
         p, dev = self.p, self.p.device
         out = []
-        for i, stream in enumerate(self.streams):
+        for stream, gen in zip(self.streams, self.aug_gens, strict=True):
             idx = stream.next(self.batch_size).to(dev)
             xb, yb = p.x_train.index_select(0, idx), p.y_train.index_select(0, idx)
             if p.augment is not None:
-                xb = p.augment(xb, generator=self.aug_gens[i])
+                xb = p.augment(xb, generator=gen)
             out.append((xb, yb))
         return out
 
     # -------------------------------------------------------------- evaluation record
-    def _evaluate(self, t0: float, steps_at_t0: int) -> dict[str, Any]:
-        sim, a = self.sim, self.acc
-        ev = evaluate(sim, self.p.x_test, self.p.y_test, self.cfg.training.eval_batch_size)
-        stats = sim.stats
+    def _evaluate(self, t0: float, steps_at_t0: int) -> dict[str, Any] | None:
+        """The metrics record of the current step (None on ranks other than 0)."""
+        a = self.acc
+        ev = self._gather_eval() if self.dist else self._local_eval()
+        if ev is None:
+            self._reset_accumulators()
+            return None
+        ev, agents, bias, stats = ev
+        self.stats = stats
         now = time.perf_counter()
         wall = self.elapsed + (now - t0)
         done = self.step - steps_at_t0
-        agents = (a["loss"] / a["steps"]).tolist() if a["steps"] else None
+        agents = agents if a["steps"] else None
         rec = {
             "step": self.step,
             "epoch": round(self.step / self.steps_per_epoch, 6),
-            "lr": sim.lr,
-            **ev,
+            "lr": self.engine.lr,
+            **{k: v for k, v in ev.items() if k != "consensus_distance"},
             "train_loss": (sum(agents) / len(agents)) if agents else None,
             "train_loss_agents": agents,
-            "consensus_distance": sim.consensus_distance(),
-            "bias_mv": float(a["bias_mv"]) / a["bias_mv_n"] if a["bias_mv_n"] else None,
-            "bias_dv": float(a["bias_dv"]) / a["bias_dv_n"] if a["bias_dv_n"] else None,
+            "consensus_distance": ev["consensus_distance"],
+            "bias_mv": bias[0] / bias[1] if bias[1] else None,
+            "bias_dv": bias[2] / bias[3] if bias[3] else None,
             "bytes_round1": stats["bytes_per_agent_per_step"][0] if self.step else 0.0,
             "bytes_round2": stats["bytes_per_agent_per_step"][1] if self.step else 0.0,
             "grad_evals": stats["grad_evals"],
@@ -505,19 +561,91 @@ class Trainer:
         self._reset_accumulators()
         return rec
 
+    def _local_eval(self) -> tuple[dict[str, Any], list[float], list[float], dict[str, Any]]:
+        a, sim = self.acc, self.sim
+        ev = evaluate(sim, self.p.x_test, self.p.y_test, self.cfg.training.eval_batch_size)
+        ev["consensus_distance"] = sim.consensus_distance()
+        agents = (a["loss"] / max(a["steps"], 1)).tolist()
+        bias = [float(a["bias_mv"]), a["bias_mv_n"], float(a["bias_dv"]), a["bias_dv_n"]]
+        return ev, agents, bias, sim.stats
+
+    def _gather_eval(self) -> tuple[dict[str, Any], list[float], list[float], dict[str, Any]] | None:
+        """Evaluation on the dist backend: each rank scores its own model, rank 0 the consensus model.
+
+        Collectives, outside training steps: a gather of every rank's parameters and buffers (for
+        the consensus model) and one of a small row of counters per rank.
+        """
+        from crossgrad.distributed import gather_rows, gather_state
+        from crossgrad.simulator import run_stats
+
+        a, e, tr = self.acc, self.engine, self.cfg.training
+        x, y = self.p.x_test, self.p.y_test
+        mine, _ = score_rows(self.p.model, e.layout, e.x, e.buffers, x, y, tr.eval_batch_size)
+        counters = torch.tensor(
+            [float(mine[0]), float(a["loss"][0]) / max(a["steps"], 1), float(a["bias_mv"]), a["bias_mv_n"],
+             float(a["bias_dv"]), a["bias_dv_n"], e.stats.grad_evals, e.stats.qp_failures],
+            dtype=torch.float64, device=e.x.device)
+        rows = gather_rows(counters)
+        state = gather_state(e)
+        if state is None:
+            return None
+        rows = rows.cpu()
+        xs, bufs = state["x"], state["buffers"]
+        centre = xs.mean(0, keepdim=True)
+        c_correct, c_loss = score_rows(self.p.model, e.layout, centre, consensus_buffers(bufs), x, y,
+                                       tr.eval_batch_size)
+        correct = torch.cat([rows[:, 0].round().long(), c_correct.cpu()])
+        ev = accuracy_record(correct, float(c_loss[0]), len(y))
+        ev["consensus_distance"] = float(((xs - centre) ** 2).sum(1).mean())
+        stats = run_stats(e.stats.steps, int(rows[:, 6].sum()), state["bytes_sent"], int(rows[:, 7].sum()))
+        bias = rows[:, 2:6].sum(0).tolist()
+        return ev, rows[:, 1].tolist(), bias, stats
+
     # -------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
+    def _local_state(self) -> dict[str, Any]:
+        """The state of this process's agents: engine, batch streams, random generators, accumulators."""
         return {
-            "version": CHECKPOINT_VERSION,
-            "step": self.step,
-            "epoch": self.step // self.steps_per_epoch,
-            "total_steps": self.total_steps,
-            "sim": self.sim.state_dict(),
+            "sim": self.engine.state_dict(),
             "streams": [s.state_dict() for s in self.streams],
             "aug_gens": [g.get_state() for g in self.aug_gens],
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.p.device.type == "cuda" else [],
             "acc": dict(self.acc),
+        }
+
+    def _load_local_state(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state["sim"])
+        for s, st in zip(self.streams, state["streams"], strict=False):
+            s.load_state_dict(st)
+        for g, st in zip(self.aug_gens, state["aug_gens"], strict=False):
+            g.set_state(st)
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and self.p.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        dev = self.engine.x.device
+        self.acc = {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in state["acc"].items()}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The whole run's state; on the dist backend a collective that returns it on rank 0 only.
+
+        The simulator's checkpoint holds the local state at the top level; the dist backend's holds
+        one local state per rank under "ranks" (rank r's at index r).
+        """
+        local = self._local_state()
+        if self.dist:
+            import torch.distributed as dist
+
+            everyone = [None] * self.n if self.main else None
+            dist.gather_object(_to_cpu(local), everyone, dst=0)
+            if not self.main:
+                return None
+            local = {"ranks": everyone}
+        return {
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            **local,
             "metrics": self.metrics,
             "elapsed": self.elapsed,
             "config": self.cfg.to_dict(),
@@ -528,25 +656,50 @@ class Trainer:
             raise RunError(
                 f"checkpoint version {state.get('version')} is not supported (expected {CHECKPOINT_VERSION})"
             )
-        self.sim.load_state_dict(state["sim"])
-        for s, st in zip(self.streams, state["streams"], strict=False):
-            s.load_state_dict(st)
-        for g, st in zip(self.aug_gens, state["aug_gens"], strict=False):
-            g.set_state(st)
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and self.p.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self._load_local_state(state["ranks"][self.local[0]] if self.dist else state)
         self.step = int(state["step"])
         self.metrics = list(state["metrics"])
         self.elapsed = float(state["elapsed"])
-        dev = self.sim.params.device
-        self.acc = {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in state["acc"].items()}
 
     def save_checkpoint(self) -> None:
         state = self.state_dict()
-        _atomic_write_bytes(self.run_dir / CHECKPOINT, lambda p: torch.save(state, p))
+        if state is not None:
+            _atomic_write_bytes(self.run_dir / CHECKPOINT, lambda p: torch.save(state, p))
 
     def load_checkpoint(self) -> None:
+        """Resume from the run directory's checkpoint; on the dist backend rank 0 reads and sends each rank its part."""
+        if not self.dist:
+            state = self._read_checkpoint()
+            self._apply_checkpoint(state)
+            return
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.n
+        problem = None
+        if self.main:
+            try:
+                state = self._read_checkpoint()
+                common = {k: v for k, v in state.items() if k != "ranks"}
+                parts = [{**common, "ranks": {r: part}} for r, part in enumerate(state["ranks"])]
+            except RunError as e:
+                problem = e
+        problem = broadcast_from_main(problem)
+        if problem is not None:
+            raise problem
+        got: list[Any] = [None]
+        dist.scatter_object_list(got, parts if self.main else None, src=0)
+        self._apply_checkpoint(got[0])
+
+    def _apply_checkpoint(self, state: dict[str, Any]) -> None:
+        path = self.run_dir / CHECKPOINT
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+            raise RunError(
+                f"cannot resume from {path}: the checkpoint does not fit this run ({_one_line(e, 200)})"
+            ) from None
+
+    def _read_checkpoint(self) -> dict[str, Any]:
         path = self.run_dir / CHECKPOINT
         if not path.is_file():
             raise RunError(f"nothing to resume in {self.run_dir} (no {CHECKPOINT})")
@@ -567,12 +720,7 @@ class Trainer:
         if not isinstance(state, dict):
             raise RunError(f"cannot read {path}: not a crossgrad checkpoint")
         self._check_state(state, path)
-        try:
-            self.load_state_dict(state)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
-            raise RunError(
-                f"cannot resume from {path}: the checkpoint does not fit this run ({_one_line(e, 200)})"
-            ) from None
+        return state
 
     def _check_state(self, state: dict[str, Any], path: Path) -> None:
         """Refuse a checkpoint that is not this run's, before touching any state."""
@@ -580,9 +728,6 @@ class Trainer:
             raise RunError(
                 f"{path}: checkpoint version {state.get('version')} is not supported (expected {CHECKPOINT_VERSION})"
             )
-        missing = [k for k in ("step", "sim", "streams", "aug_gens", "torch_rng", "acc", "metrics") if k not in state]
-        if missing:
-            raise RunError(f"cannot resume from {path}: not a complete checkpoint (missing {', '.join(missing)})")
         mine, theirs = _comparable_config(self.cfg.to_dict()), _comparable_config(state.get("config"))
         if theirs is not None and mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
@@ -590,16 +735,31 @@ class Trainer:
                 f"cannot resume from {path}: it was written by another configuration "
                 f"(differs in {', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''})"
             )
+        local_keys = ("sim", "streams", "aug_gens", "torch_rng", "acc")
+        missing = [k for k in ("step", "metrics", *(("ranks",) if self.dist else local_keys)) if k not in state]
+        if missing:
+            raise RunError(f"cannot resume from {path}: not a complete checkpoint (missing {', '.join(missing)})")
         step = state["step"]
         if not isinstance(step, int) or not 0 <= step <= self.total_steps:
             raise RunError(f"cannot resume from {path}: step {step!r} is outside this run's 0..{self.total_steps}")
-        for key in ("streams", "aug_gens"):
-            if not isinstance(state[key], (list, tuple)) or len(state[key]) != self.n:
-                raise RunError(f"cannot resume from {path}: {key} is not one entry per agent ({self.n})")
+        if self.dist:
+            ranks = state["ranks"]
+            if not isinstance(ranks, (list, tuple)) or len(ranks) != self.n:
+                raise RunError(f"cannot resume from {path}: it does not hold one state per rank ({self.n})")
+            locals_, per = list(ranks), 1
+        else:
+            locals_, per = [state], self.n
+        for local in locals_:
+            if not isinstance(local, dict) or any(k not in local for k in local_keys):
+                raise RunError(f"cannot resume from {path}: not a complete checkpoint (a rank's state is incomplete)")
+            for key in ("streams", "aug_gens"):
+                if not isinstance(local[key], (list, tuple)) or len(local[key]) != per:
+                    raise RunError(f"cannot resume from {path}: {key} is not one entry per agent ({self.n})")
 
     # -------------------------------------------------------------- summary
     def summary(self, status: str, message: str = "") -> dict[str, Any]:
-        cfg, stats = self.cfg, self.sim.stats
+        cfg = self.cfg
+        stats = self.stats if self.dist else self.sim.stats  # dist: as of the last evaluation
         final = {k: v for k, v in (self.metrics[-1] if self.metrics else {}).items() if k != "local_acc"}
         accs = [m["consensus_acc"] for m in self.metrics if m.get("consensus_acc") is not None]
         bpas = stats["bytes_per_agent_per_step"] if self.step else [0.0, 0.0]
@@ -610,7 +770,7 @@ class Trainer:
                 "seed": cfg.training.seed,
                 "status": status,
                 "message": message,
-                "algorithm": self.sim.engine.algorithm.describe(),
+                "algorithm": self.engine.algorithm.describe(),
                 "steps": self.step,
                 "total_steps": self.total_steps,
                 "epochs": self.step / self.steps_per_epoch,
@@ -659,10 +819,13 @@ class Trainer:
         metrics_path = self.run_dir / METRICS
         t0, steps_at_t0 = time.perf_counter(), self.step
         if self.step == 0 and not self.metrics:
-            self.metrics.append(self._evaluate(t0, steps_at_t0))
-        write_metrics(metrics_path, self.metrics)
+            rec = self._evaluate(t0, steps_at_t0)
+            if rec is not None:
+                self.metrics.append(rec)
+        if self.main:
+            write_metrics(metrics_path, self.metrics)
         bar = None
-        if not self.quiet:
+        if not self.quiet and self.main:
             bar = tqdm(
                 total=self.total_steps,
                 initial=self.step,
@@ -673,34 +836,36 @@ class Trainer:
                 mininterval=0.5,
             )
         status, message = "completed", ""
-        last_loss = float("nan")
-        with _Interrupt() as intr:
+        # Ctrl-C on the dist backend ends the processes (each rank would see it at another step);
+        # the latest periodic checkpoint is what resumes
+        interrupt = contextlib.nullcontext(None) if self.dist else _Interrupt()
+        with interrupt as intr:
             try:
                 while self.step < self.total_steps:
-                    if intr.hit or (stop_after is not None and self.step >= stop_after):
+                    if (intr is not None and intr.hit) or (stop_after is not None and self.step >= stop_after):
                         status = "interrupted"
                         message = f"stopped at step {self.step} of {self.total_steps}"
                         break
-                    self.sim.set_lr(lr_at(cfg, self.step, self.total_steps))
-                    losses = self.sim.step(self._batches())
+                    self.engine.set_lr(lr_at(cfg, self.step, self.total_steps))
+                    losses = self.engine.step(self._batches())
                     self.step += 1
                     self._accumulate(losses)
                     if bar is not None:
                         bar.update(1)
                         if self.step % 10 == 0 or self.step == self.total_steps:
-                            last_loss = float(losses.mean())
                             bar.set_postfix(
                                 epoch=f"{self.step / self.steps_per_epoch:.2f}",
-                                loss=f"{last_loss:.4f}",
+                                loss=f"{float(losses.mean()):.4f}",
                                 refresh=False,
                             )
                     if self.step % eval_steps == 0 or self.step == self.total_steps:
                         rec = self._evaluate(t0, steps_at_t0)
-                        self.metrics.append(rec)
-                        with open(metrics_path, "a", encoding="utf-8") as f:
-                            f.write(json.dumps(_jsonable(rec)) + "\n")
-                        if self.quiet or bar is not None:
-                            self._log(self._eval_line(rec), bar)
+                        if rec is not None:
+                            self.metrics.append(rec)
+                            with open(metrics_path, "a", encoding="utf-8") as f:
+                                f.write(json.dumps(_jsonable(rec)) + "\n")
+                            if self.quiet or bar is not None:
+                                self._log(self._eval_line(rec), bar)
                     if self.step == self.total_steps or (ckpt_steps and self.step % ckpt_steps == 0):
                         self.elapsed_now(t0)
                         t0, steps_at_t0 = time.perf_counter(), self.step
@@ -717,14 +882,16 @@ class Trainer:
         if status == "interrupted":
             self.elapsed_now(t0)
             self.save_checkpoint()
-            write_metrics(metrics_path, self.metrics)
+            if self.main:
+                write_metrics(metrics_path, self.metrics)
             message += f"; resume with: crossgrad run --resume {self.run_dir}"
-            return RunResult(status, self.run_dir, None, message)
+            return RunResult(status, self.run_dir, None, message, self.main)
         if status == "diverged":
             self.elapsed_now(t0)
-        summary = self.summary(status, message)
-        atomic_write_text(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
-        return RunResult(status, self.run_dir, summary, message)
+        summary = self.summary(status, message) if self.main else None
+        if summary is not None:
+            atomic_write_text(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        return RunResult(status, self.run_dir, summary, message, self.main)
 
     def elapsed_now(self, t0: float) -> None:
         """Fold the wall time since t0 into `elapsed` (t0 is then restarted by the caller)."""
@@ -732,12 +899,84 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------ entry points
-def _run_dist(cfg: Config, run_dir: Path, quiet: bool) -> RunResult:
-    raise ConfigError(
-        "backend 'dist' is not available yet in `crossgrad run`; the distributed engine itself is "
-        "(crossgrad.distributed: init_from_env, make_engine): see docs/distributed.md, "
-        'or use backend = "sim"'
-    )
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a collective; used for set-up and errors, never in training)."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _open_run_dir(run_dir: Path, cfg: Config, *, resume: bool, overwrite: bool) -> None:
+    """Check that `run_dir` may be trained in (the caller holds its lock); a new run also writes its config."""
+    if resume:
+        if (run_dir / SUMMARY).exists():
+            raise RunError(f"{run_dir} is already finished ({SUMMARY} exists); nothing to resume")
+        return
+    if (run_dir / SUMMARY).exists() and not overwrite:
+        raise RunError(f"{run_dir} already holds a finished run; pick another output.name or out_dir")
+    if (run_dir / CHECKPOINT).exists() and not overwrite:
+        raise RunError(f"{run_dir} holds an unfinished run; continue it with: crossgrad run --resume {run_dir}")
+    for stale in (SUMMARY, CHECKPOINT, METRICS):
+        (run_dir / stale).unlink(missing_ok=True)
+    atomic_write_text(run_dir / CONFIG, dump_toml(cfg.to_dict()))
+
+
+def _run_dist(cfg: Config, run_dir: Path, *, quiet: bool, stop_after: int | None, resume: bool,
+              overwrite: bool = False) -> RunResult:
+    """One rank of a dist-backend run (launched by torchrun, one process per agent)."""
+    import torch.distributed as dist
+
+    from crossgrad.distributed import CommTimeoutError, init_from_env, shutdown
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ConfigError(
+            "backend 'dist' runs one process per agent: launch it with "
+            f"torchrun --nproc-per-node {cfg.topology.n_agents} -m crossgrad run ... (see docs/distributed.md)"
+        )
+    world = int(os.environ["WORLD_SIZE"])
+    if world != cfg.topology.n_agents:
+        raise ConfigError(
+            f"backend 'dist' needs one process per agent: {world} processes were launched for "
+            f"{cfg.topology.n_agents} agents (torchrun --nproc-per-node / --nnodes)"
+        )
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+    device = init_from_env("gloo" if cfg.training.device == "cpu" else None, timeout=cfg.training.comm_timeout)
+    try:
+        prepared = prepare(cfg, device=device)
+        main = dist.get_rank() == 0
+        with contextlib.ExitStack() as stack:
+            problem = None
+            if main:  # only rank 0 touches the run directory; the others hear its verdict
+                try:
+                    stack.enter_context(claim_run_dir(run_dir))
+                    _open_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
+                except RunError as e:
+                    problem = e
+            problem = broadcast_from_main(problem)
+            if problem is not None:
+                raise problem
+            trainer = Trainer(cfg, run_dir, quiet=quiet, prepared=prepared)
+            if resume:
+                trainer.load_checkpoint()
+            try:
+                return trainer.train(stop_after=stop_after)
+            except CommTimeoutError as e:
+                return RunResult("failed", run_dir, None, f"{e}; the latest checkpoint (if any) is kept", main)
+    finally:
+        shutdown()
 
 
 LOCK = ".lock"
@@ -831,18 +1070,10 @@ def run_experiment(
     cfg.validate()
     run_dir = Path(cfg.output.out_dir) / cfg.run_name()
     if cfg.backend == "dist":
-        return _run_dist(cfg, run_dir, quiet)
+        return _run_dist(cfg, run_dir, quiet=quiet, stop_after=stop_after, resume=False, overwrite=overwrite)
     prepared = prepare(cfg)  # validate everything before touching the run directory
     with claim_run_dir(run_dir):
-        if (run_dir / SUMMARY).exists() and not overwrite:
-            raise RunError(f"{run_dir} already holds a finished run; pick another output.name or out_dir")
-        if (run_dir / CHECKPOINT).exists() and not overwrite:
-            raise RunError(
-                f"{run_dir} holds an unfinished run; continue it with: crossgrad run --resume {run_dir}"
-            )
-        for stale in (SUMMARY, CHECKPOINT, METRICS):
-            (run_dir / stale).unlink(missing_ok=True)
-        atomic_write_text(run_dir / CONFIG, dump_toml(cfg.to_dict()))
+        _open_run_dir(run_dir, cfg, resume=False, overwrite=overwrite)
         trainer = Trainer(cfg, run_dir, quiet=quiet, prepared=prepared)
         return trainer.train(stop_after=stop_after)
 
@@ -856,10 +1087,9 @@ def resume_experiment(
         raise RunError(f"cannot resume: {run_dir} is not a directory")
     cfg = load_run_config(run_dir)
     if cfg.backend == "dist":
-        return _run_dist(cfg, run_dir, quiet)
+        return _run_dist(cfg, run_dir, quiet=quiet, stop_after=stop_after, resume=True)
     with claim_run_dir(run_dir):
-        if (run_dir / SUMMARY).exists():
-            raise RunError(f"{run_dir} is already finished ({SUMMARY} exists); nothing to resume")
+        _open_run_dir(run_dir, cfg, resume=True, overwrite=False)
         trainer = Trainer(cfg, run_dir, quiet=quiet)
         trainer.load_checkpoint()
         return trainer.train(stop_after=stop_after)

@@ -13,6 +13,19 @@ from crossgrad.engine import Batch, Engine, LossFn
 from crossgrad.topology import Topology
 
 
+def run_stats(steps: int, grad_evals: int, bytes_sent: Tensor, qp_failures: int) -> dict[str, Any]:
+    """Counters of all n agents: grad_evals in total, bytes_sent [n, 2] (rounds 1 and 2 per agent)."""
+    n, per = bytes_sent.shape[0], max(steps, 1)
+    return {
+        "steps": steps,
+        "grad_evals": grad_evals,
+        "grad_evals_per_agent_per_step": grad_evals / (per * n),
+        "bytes_sent": bytes_sent,
+        "bytes_per_agent_per_step": (bytes_sent.double().mean(0) / per).tolist(),
+        "qp_failures": qp_failures,
+    }
+
+
 class Simulator:
     """Runs one algorithm on every agent of `topology`, all starting from `model`'s weights.
 
@@ -81,16 +94,7 @@ class Simulator:
     @property
     def stats(self) -> dict[str, Any]:
         e = self.engine
-        steps = max(e.stats.steps, 1)
-        sent = e.comm.bytes_sent
-        return {
-            "steps": e.stats.steps,
-            "grad_evals": e.stats.grad_evals,
-            "grad_evals_per_agent_per_step": e.stats.grad_evals / (steps * self.n),
-            "bytes_sent": sent.clone(),  # [n, 2]: per agent, rounds 1 (models) and 2 (cross-gradients)
-            "bytes_per_agent_per_step": (sent.mean(0) / steps).tolist(),
-            "qp_failures": e.stats.qp_failures,
-        }
+        return run_stats(e.stats.steps, e.stats.grad_evals, e.comm.bytes_sent.clone(), e.stats.qp_failures)
 
     def state_dict(self) -> dict[str, Any]:
         return self.engine.state_dict()

@@ -113,7 +113,9 @@ def expand(path: str | Path, overrides: list[str] | None = None) -> tuple[list[S
         raise ConfigError(f"{path}: [sweep] jobs must be a positive integer")
     grid_keys = list(grid)
     runs: list[tuple[Config, str, str]] = []
-    for topo, algo, values, seed in itertools.product(topos, algos, itertools.product(*grid.values()), seeds):
+    # seed-major: every configuration at the first seed finishes before any runs a second seed,
+    # so a sweep stopped half-way still has a complete (if single-seed) table
+    for seed, topo, algo, values in itertools.product(seeds, topos, algos, itertools.product(*grid.values())):
         d = copy.deepcopy(data)
         d.setdefault("topology", {}).update(topo)
         d.setdefault("algorithm", {}).update(algo)
