@@ -269,6 +269,32 @@ def test_huge_lr_diverges(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ sweep
+def test_sweep_is_seed_major_and_seeds_can_be_chosen(tmp_path, capsys):
+    from crossgrad.cli import main
+    from crossgrad.sweep import expand
+
+    f = tmp_path / "sw.toml"
+    f.write_text(f"""
+[training]
+steps = 1
+[output]
+out_dir = "{tmp_path / "out"}"
+[sweep]
+algorithms = ["ngc", "dsgd"]
+seeds = [0, 1, 2]
+""")
+    runs, _ = expand(f)
+    assert [(r.cfg.training.seed, r.cfg.algorithm.name) for r in runs] == [
+        (0, "ngc"), (0, "dsgd"), (1, "ngc"), (1, "dsgd"), (2, "ngc"), (2, "dsgd")]
+    runs, _ = expand(f, seeds=[5])
+    assert [(r.cfg.training.seed, r.cfg.algorithm.name) for r in runs] == [(5, "ngc"), (5, "dsgd")]
+    assert main(["sweep", str(f), "--seeds", "1,2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs" in out and "ring-5_s1" in out and "ring-5_s0" not in out
+    assert main(["sweep", str(f), "--seeds", "one", "--dry-run"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
 def test_sweep_runs_grid_and_skips_finished(tmp_path, capsys):
     from crossgrad.sweep import expand, run_sweep
 

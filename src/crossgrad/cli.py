@@ -76,7 +76,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.jobs is not None and args.jobs < 1:
         return _error("--jobs must be >= 1")
-    return run_sweep(args.file, args.set, jobs=args.jobs, quiet=args.quiet, dry_run=args.dry_run)
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            return _error(f"--seeds takes comma-separated integers (0,1,2), not {args.seeds!r}")
+        if not seeds:
+            return _error("--seeds needs at least one seed")
+    return run_sweep(args.file, args.set, jobs=args.jobs, quiet=args.quiet, dry_run=args.dry_run, seeds=seeds)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -249,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="SECTION.KEY=VALUE", help="override the base config (repeatable)"
     )
     s.add_argument("--jobs", type=int, help="parallel processes (default: [sweep] jobs, or 1)")
+    s.add_argument("--seeds", metavar="S,S,...", help="run these seeds instead of [sweep] seeds (e.g. 0, then 1,2)")
     s.add_argument("--dry-run", action="store_true", help="list the runs without running them")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_sweep)

@@ -72,8 +72,12 @@ def _slug(value: Any) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "-" for c in text).strip("-") or "x"
 
 
-def expand(path: str | Path, overrides: list[str] | None = None) -> tuple[list[SweepRun], int]:
-    """All runs of a sweep file, validated; returns (runs, jobs from the file)."""
+def expand(path: str | Path, overrides: list[str] | None = None,
+           seeds: list[int] | None = None) -> tuple[list[SweepRun], int]:
+    """All runs of a sweep file, validated; returns (runs, jobs from the file).
+
+    `seeds` replaces the file's [sweep] seeds (to run a first seed of everything, then more).
+    """
     path = Path(path)
     data = read_toml(path)
     sweep = data.pop("sweep", None)
@@ -93,7 +97,8 @@ def expand(path: str | Path, overrides: list[str] | None = None) -> tuple[list[S
     data["output"].setdefault("out_dir", str(Path("runs") / path.stem))
     algos = _entries(sweep.get("algorithms"), "algorithms")
     topos = _entries(sweep.get("topologies"), "topologies")
-    seeds = sweep.get("seeds", [data.get("training", {}).get("seed", 0)])
+    if seeds is None:
+        seeds = sweep.get("seeds", [data.get("training", {}).get("seed", 0)])
     if (
         not isinstance(seeds, list)
         or not seeds
@@ -251,9 +256,10 @@ def run_sweep(
     jobs: int | None = None,
     quiet: bool = False,
     dry_run: bool = False,
+    seeds: list[int] | None = None,
 ) -> int:
     """Run every missing run of a sweep; returns 0 if all finished, 1 if any failed or diverged."""
-    runs, file_jobs = expand(path, overrides)
+    runs, file_jobs = expand(path, overrides, seeds)
     jobs = jobs or file_jobs
     for r in runs:
         _check_not_another_run(r)

@@ -1,0 +1,142 @@
+"""Tables and figures of experiments/REPORT.md from the finished runs under experiments/runs.
+
+    python experiments/make_report.py            # writes experiments/tables/*.md and experiments/figures/*
+
+Every number in the report comes from a run's summary.json / metrics.jsonl; nothing is typed in.
+Settings with no finished run yet are left out of the tables (and said so).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from crossgrad.report import aggregate, collect, format_table, plot_alpha_sweep, plot_main
+
+HERE = Path(__file__).resolve().parent
+RUNS = HERE / "runs"
+TABLES = HERE / "tables"
+FIGURES = HERE / "figures"
+
+#: the method order of the paper's comparison
+ORDER = ["DSGDm-N", "QGM", "NGC (α=0)", "NGC (α=1)", "CompNGC", "CGA", "CompCGA"]
+
+
+def _order(method: str) -> tuple:
+    return (ORDER.index(method) if method in ORDER else len(ORDER), method)
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{100 * m:.2f} (n=1)"
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return f"{100 * m:.2f} ± {100 * sd:.2f}"
+
+
+def completed(runs: list[dict]) -> list[dict]:
+    return [r for r in runs if r["summary"].get("status") == "completed"]
+
+
+def lr_table(runs: list[dict]) -> str:
+    """Method × learning rate: final consensus / mean local accuracy of the tuning runs; the pick in bold."""
+    cells: dict[str, dict[float, tuple[float, float]]] = defaultdict(dict)
+    for r in runs:
+        s = r["summary"]
+        cells[s["method"]][s["config"]["algorithm"]["lr"]] = (
+            (s["consensus_acc"], s["local_acc_mean"]) if s.get("status") == "completed" else (math.nan, math.nan))
+    lrs = sorted({lr for c in cells.values() for lr in c})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | picked |",
+             "|:---|" + "---:|" * (len(lrs) + 1)]
+    for method in sorted(cells, key=_order):
+        best = max(cells[method], key=lambda lr: -1 if math.isnan(cells[method][lr][0]) else cells[method][lr][0])
+        row = []
+        for lr in lrs:
+            if lr not in cells[method]:
+                row.append("–")
+                continue
+            c, loc = cells[method][lr]
+            text = "diverged" if math.isnan(c) else f"{100 * c:.2f} / {100 * loc:.2f}"
+            row.append(f"**{text}**" if lr == best else text)
+        lines.append(f"| {method} | " + " | ".join(row) + f" | {best:g} |")
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_table(runs: list[dict]) -> str:
+    """Setting × method: consensus and mean local accuracy, mean ± std over completed seeds."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in runs:
+        s = r["summary"]
+        groups[(s["setting"], s["method"])].append(r)
+    lines = ["| setting | method | lr | seeds | consensus acc (%) | mean local acc (%) | min local acc (%) |",
+             "|:---|:---|---:|---:|---:|---:|---:|"]
+    for (setting, method) in sorted(groups, key=lambda k: (k[0], _order(k[1]))):
+        done = completed(groups[(setting, method)])
+        lrs = sorted({r["summary"]["config"]["algorithm"]["lr"] for r in groups[(setting, method)]})
+        failed = len(groups[(setting, method)]) - len(done)
+        seeds = ",".join(str(r["summary"]["seed"]) for r in done) + (f" (+{failed} failed)" if failed else "")
+        lines.append(
+            f"| {setting} | {method} | {'/'.join(f'{x:g}' for x in lrs)} | {seeds} | "
+            f"{mean_std([r['summary']['consensus_acc'] for r in done])} | "
+            f"{mean_std([r['summary']['local_acc_mean'] for r in done])} | "
+            f"{mean_std([r['summary']['final']['local_acc_min'] for r in done])} |")
+    return "\n".join(lines) + "\n"
+
+
+def overhead_table(runs: list[dict]) -> str:
+    """Per method (one setting): gradient evaluations and bytes per agent per step, memory, time per step."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in completed(runs):
+        groups[r["summary"]["method"]].append(r)
+    lines = ["| method | grad evals / agent / step | round 1 B / agent / step | round 2 B / agent / step | "
+             "peak RSS (MiB) | s / step (incl. evaluation) |",
+             "|:---|---:|---:|---:|---:|---:|"]
+    for method in sorted(groups, key=_order):
+        ss = [r["summary"] for r in groups[method]]
+        s0 = ss[0]
+        per_step = [s["wall_time_s"] / s["steps"] for s in ss]
+        b1, b2 = s0["bytes_per_agent_per_step"]
+        lines.append(
+            f"| {method} | {s0['grad_evals_per_agent_per_step']:g} | {b1:,.0f} | {b2:,.0f} | "
+            f"{max(s['peak_mem_mb'] for s in ss):,.0f} | {sum(per_step) / len(per_step):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(name: str, text: str) -> None:
+    TABLES.mkdir(parents=True, exist_ok=True)
+    (TABLES / name).write_text(text, encoding="utf-8")
+    print(f"wrote {TABLES / name}")
+
+
+def main() -> int:
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    found = {d.name: collect([d]) for d in sorted(RUNS.iterdir()) if d.is_dir()} if RUNS.is_dir() else {}
+    found = {k: v for k, v in found.items() if v}
+    if not found:
+        print(f"no finished runs under {RUNS}", file=sys.stderr)
+        return 2
+    if "fmnist_lr" in found:
+        write("lr_tuning.md", lr_table(found["fmnist_lr"]))
+    acc_sets = [k for k in ("fmnist_ring5", "fmnist_iid", "fmnist_alpha", "fmnist_scale", "cifar_ring5") if k in found]
+    for key in acc_sets:
+        write(f"{key}.md", accuracy_table(found[key]))
+        plot_main([RUNS / key], FIGURES / key, metrics=("consensus_acc", "local_acc_mean", "consensus_distance"))
+    if "fmnist_ring5" in found:
+        write("overhead.md", overhead_table(found["fmnist_ring5"]))
+    if "fmnist_alpha" in found:
+        plot_alpha_sweep(found["fmnist_alpha"], FIGURES)
+    missing = [k for k in ("fmnist_ring5", "fmnist_iid", "fmnist_alpha", "fmnist_scale", "cifar_ring5")
+               if k not in found]
+    if missing:
+        print(f"not run yet (no finished runs): {', '.join(missing)}")
+    # the generic per-directory tables too, with bytes and wall time (crossgrad report's format)
+    for key, runs in found.items():
+        write(f"{key}_full.md", format_table(aggregate(runs), "markdown"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
