@@ -230,6 +230,7 @@ def _run_inprocess(run: SweepRun, state: str, quiet: bool) -> int:
 
 def _run_subprocess(run: SweepRun, state: str, threads: int) -> int:
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = None
     if state == "resume":
         args = ["run", "--resume", str(run.run_dir), "--quiet"]
     else:
@@ -239,14 +240,18 @@ def _run_subprocess(run: SweepRun, state: str, threads: int) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    with open(run.run_dir / "run.log", "a", encoding="utf-8") as log:
-        proc = subprocess.run(
-            [sys.executable, "-m", "crossgrad", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            check=False,
-        )
+    try:
+        with open(run.run_dir / "run.log", "a", encoding="utf-8") as log:
+            proc = subprocess.run(
+                [sys.executable, "-m", "crossgrad", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                check=False,
+            )
+    finally:  # the run saved its own config.toml; this copy only passed it on
+        if cfg_path is not None:
+            cfg_path.unlink(missing_ok=True)
     return proc.returncode
 
 
