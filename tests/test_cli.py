@@ -137,6 +137,7 @@ algorithms = ["ngc", {{name = "dsgd", qgm = true}}]
     rc, out, err = run_cli(capsys, "sweep", str(f), "--jobs", "2")
     assert rc == 0, err
     assert len(list((tmp_path / "out").glob("*/summary.json"))) == 2
+    assert not list((tmp_path / "out").glob("*/sweep-config-*"))  # each run keeps only its config.toml
     rc, out, _ = run_cli(capsys, "sweep", str(f), "--jobs", "2")
     assert rc == 0 and "2 already done, 0 to run" in out
     rc, out, _ = run_cli(capsys, "report", str(tmp_path / "out"))
