@@ -1,13 +1,17 @@
 """Tables and figures of experiments/REPORT.md from the finished runs under experiments/runs.
 
-    python experiments/make_report.py            # writes experiments/tables/*.md and experiments/figures/*
+    python experiments/make_report.py    # writes experiments/tables/*.md, experiments/figures/*
+                                         # and the tables inside REPORT.md
 
-Every number in the report comes from a run's summary.json / metrics.jsonl; nothing is typed in.
-Settings with no finished run yet are left out of the tables (and said so).
+Every number in the report's tables comes from a run's summary.json / metrics.jsonl; nothing is
+typed in. REPORT.md marks each generated table with `<!-- table:NAME -->` ... `<!-- /table -->`
+and this script replaces what is between the marks with tables/NAME.md. Settings with no
+finished run yet are left out (and said so).
 """
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -111,6 +115,22 @@ def write(name: str, text: str) -> None:
     print(f"wrote {TABLES / name}")
 
 
+def fill_report(path: Path = HERE / "REPORT.md") -> None:
+    """Put the current tables/NAME.md between REPORT.md's `<!-- table:NAME -->` marks."""
+    if not path.is_file():
+        return
+
+    def table(m: re.Match) -> str:
+        src = TABLES / f"{m.group(1)}.md"
+        body = src.read_text(encoding="utf-8") if src.is_file() else "(no finished runs yet)\n"
+        return f"<!-- table:{m.group(1)} -->\n{body}<!-- /table -->"
+
+    text = path.read_text(encoding="utf-8")
+    path.write_text(re.sub(r"<!-- table:([\w-]+) -->\n.*?<!-- /table -->", table, text, flags=re.S),
+                    encoding="utf-8")
+    print(f"filled the tables of {path}")
+
+
 def main() -> int:
     FIGURES.mkdir(parents=True, exist_ok=True)
     found = {d.name: collect([d]) for d in sorted(RUNS.iterdir()) if d.is_dir()} if RUNS.is_dir() else {}
@@ -135,6 +155,7 @@ def main() -> int:
     # the generic per-directory tables too, with bytes and wall time (crossgrad report's format)
     for key, runs in found.items():
         write(f"{key}_full.md", format_table(aggregate(runs), "markdown"))
+    fill_report()
     return 0
 
 
