@@ -165,3 +165,14 @@ def test_python_m_crossgrad_help():
 def test_no_command_prints_help(capsys):
     rc, out, _ = run_cli(capsys)
     assert rc == 2 and "quickstart" in out
+
+
+def test_bench_prints_ratio_overheads_and_scaling(capsys):
+    rc, out, err = run_cli(capsys, "bench", "--models", "lenet5:1x28x28", "--agents", "3", "--batch", "4",
+                           "--steps", "1", "--repeats", "1", "--algorithms", "dsgd,compngc", "--scaling", "2,4",
+                           "--scaling-topologies", "ring", "--scaling-window", "0.01", "--threads", "1")
+    assert rc == 0, err
+    assert "ratio" in out and "compngc" in out and "dsgd" in out
+    scaling = out.split("scaling:")[1]
+    assert "ms per pass" in scaling and "steps timed" in scaling
+    assert "ring" in scaling and len([ln for ln in scaling.splitlines() if ln.strip().startswith("ring")]) == 2
