@@ -22,6 +22,7 @@ from crossgrad.topology import make_topology
 #: the algorithm settings the bench compares, by label
 BENCH_ALGORITHMS: dict[str, tuple[str, dict]] = {
     "dsgd": ("dsgd", dict(momentum=0.9, nesterov=True)),
+    "qgm": ("dsgd", dict(momentum=0.9, qgm=True)),
     "ngc(a=1)": ("ngc", dict(alpha=1.0, momentum=0.9, nesterov=True)),
     "ngc(a=0)": ("ngc", dict(alpha=0.0, momentum=0.9, nesterov=True)),
     "compngc": ("compngc", dict(momentum=0.9, nesterov=True)),
