@@ -424,6 +424,8 @@ def _curve(records_per_run: list[list[dict]], metric: str):
             x, y = _num(rec.get("epoch")), _num(rec.get(metric))
             if x is None or y is None or not math.isfinite(y):
                 continue
+            if metric == "consensus_distance" and x == 0:
+                continue  # every agent starts from the same weights: 0 up to rounding, off any log scale
             by_epoch.setdefault(round(x, 6), []).append(y)
     if not by_epoch:
         return None
