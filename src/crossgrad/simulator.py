@@ -77,20 +77,6 @@ class Simulator:
         x = self.engine.x
         return float(((x - x.mean(0)) ** 2).sum(1).mean())
 
-    def agent_model(self, i: int | None = None) -> nn.Module:
-        """A copy of `model` holding agent i's parameters and buffers (i=None: the consensus model)."""
-        import copy
-
-        model = copy.deepcopy(self.model)
-        row = self.consensus() if i is None else self.engine.x[i]
-        with torch.no_grad():
-            for p, v in zip(model.parameters(), self.engine.layout.views(row)):
-                p.copy_(v)
-            for b, stacked in zip(model.buffers(), self.engine.buffers):
-                b.copy_(stacked.to(b.dtype).mean(0).to(b.dtype) if i is None and b.is_floating_point()
-                        else stacked[0 if i is None else i])
-        return model
-
     @property
     def stats(self) -> dict[str, Any]:
         e = self.engine
