@@ -16,6 +16,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import alpha0_stability
 from crossgrad.report import aggregate, collect, format_table, plot_alpha_sweep, plot_main
 
 HERE = Path(__file__).resolve().parent
@@ -23,6 +24,8 @@ RUNS = HERE / "runs"
 TABLES = HERE / "tables"
 FIGURES = HERE / "figures"
 
+#: the run directories under runs/ that get an accuracy table and curves
+ACCURACY_SETS = ("fmnist_ring5", "fmnist_iid", "fmnist_alpha", "fmnist_scale", "cifar_ring5", "cifar_ngc0")
 #: the method order of the paper's comparison
 ORDER = ["DSGDm-N", "QGM", "NGC (α=0)", "NGC (α=1)", "CompNGC", "CGA", "CompCGA"]
 
@@ -150,21 +153,23 @@ def main() -> int:
         return 2
     if "fmnist_lr" in found:
         write("lr_tuning.md", lr_table(found["fmnist_lr"]))
-    acc_sets = [k for k in ("fmnist_ring5", "fmnist_iid", "fmnist_alpha", "fmnist_scale", "cifar_ring5") if k in found]
+    acc_sets = [k for k in ACCURACY_SETS if k in found]
     for key in acc_sets:
         write(f"{key}.md", accuracy_table(found[key]))
         plot_main([RUNS / key], FIGURES / key, metrics=("consensus_acc", "local_acc_mean", "consensus_distance"))
     if "fmnist_ring5" in found:
         write("overhead.md", overhead_table(found["fmnist_ring5"]))
+    if "cifar_ring5" in found:
+        write("overhead_cifar.md", overhead_table(found["cifar_ring5"]))
     if "fmnist_alpha" in found:
         plot_alpha_sweep(found["fmnist_alpha"], FIGURES)
-    missing = [k for k in ("fmnist_ring5", "fmnist_iid", "fmnist_alpha", "fmnist_scale", "cifar_ring5")
-               if k not in found]
+    missing = [k for k in ACCURACY_SETS if k not in found]
     if missing:
         print(f"not run yet (no finished runs): {', '.join(missing)}")
     # the generic per-directory tables too, with bytes and wall time (crossgrad report's format)
     for key, runs in found.items():
         write(f"{key}_full.md", format_table(aggregate(runs), "markdown"))
+    alpha0_stability.main()  # tables/stability.md: no runs needed
     fill_report()
     return 0
 
