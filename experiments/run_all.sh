@@ -14,7 +14,7 @@ sweep experiments/fmnist_iid.toml --seeds 0        # setting 1's IID control
 sweep experiments/fmnist_ring5.toml --seeds 1,2
 sweep experiments/fmnist_scale.toml --seeds 0      # setting 3: 10 agents, ring and torus
 sweep experiments/cifar_ring5.toml --seeds 0       # setting 2: CIFAR-10 (JPEG copy)
-sweep experiments/cifar_ngc0.toml                  # setting 2: NGC alpha=0 at smaller lrs
+sweep experiments/cifar_lowlr.toml                  # setting 2: NGC alpha=0 and DSGDm-N at smaller lrs
 sweep experiments/fmnist_iid.toml --seeds 1,2
 sweep experiments/fmnist_alpha.toml --seeds 1,2
 sweep experiments/fmnist_scale.toml --seeds 1,2
