@@ -29,6 +29,7 @@ from crossgrad.experiment import (
     lr_at,
     resume_experiment,
     run_experiment,
+    score_rows,
 )
 
 FAST = ["training.threads=1", "training.checkpoint_every=1"]
@@ -103,6 +104,30 @@ def test_bad_toml_file(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 1024])
+def test_score_rows_equals_one_model_at_a_time(batch_size):
+    """The batched (vmap) evaluation, in chunks of at most batch_size (model, image) pairs, counts
+    and sums exactly what evaluating each model on its own does."""
+    from crossgrad.flat import ParamLayout
+    from crossgrad.models import make_model
+
+    torch.manual_seed(0)
+    model = make_model("cnn5", (3, 8, 8), 4, "evonorm").double().eval()
+    layout = ParamLayout.of(model)
+    rows = torch.stack([layout.flatten(model) + 0.3 * torch.randn(layout.size, dtype=torch.float64)
+                        for _ in range(6)])
+    x, y = torch.randn(50, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (50,))
+    correct, loss = score_rows(model, layout, rows, [], x, y, batch_size)
+    for i in range(len(rows)):
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), layout.views(rows[i]), strict=True):
+                p.copy_(v)
+            out = model(x)
+        assert int(correct[i]) == int((out.argmax(-1) == y).sum())
+        assert float(loss[i]) == pytest.approx(float(torch.nn.functional.cross_entropy(out, y, reduction="sum")),
+                                               rel=1e-10)
 
 
 def test_method_labels():

@@ -293,7 +293,7 @@ def score_rows(model: torch.nn.Module, layout: Any, rows: Tensor, buffers: list[
             return torch.func.functional_call(template, params, (inputs,))
 
         batched = torch.func.vmap(logits_of, in_dims=(0, None))
-        step = max(1, batch_size // max(1, k // 4))
+        step = max(1, batch_size // k)  # at most batch_size (model, image) pairs per forward: bounded memory
         for s in range(0, total, step):
             xb, yb = x[s : s + step], y[s : s + step]
             out = batched(rows, xb)  # [k, B, C]
