@@ -114,6 +114,22 @@ def test_failed_runs_flagged_not_averaged(results):
     assert n.flags == [] and n.incomplete == {}
 
 
+def test_runs_differing_in_more_than_seed_are_separate_rows(tmp_path):
+    """An lr grid is not a set of seeds: each lr gets its own row, labelled, in numeric order."""
+    for i, (lr, acc) in enumerate([(0.01, 0.5), (0.0025, 0.3), (0.01, 0.6)]):
+        _write_run(tmp_path / f"r{i}", "DSGDm-N", i // 2, acc, acc)
+        path = tmp_path / f"r{i}" / "summary.json"
+        s = json.loads(path.read_text())
+        s["config"] = {"algorithm": {"name": "dsgd", "lr": lr}, "training": {"seed": i // 2, "threads": i},
+                       "output": {"name": f"r{i}"}}
+        path.write_text(json.dumps(s))
+    rows = report.aggregate(report.collect([tmp_path]))
+    assert [r.method for r in rows] == ["DSGDm-N [lr=0.0025]", "DSGDm-N [lr=0.01]"]
+    assert rows[0].n_completed == 1 and rows[1].n_completed == 2
+    assert rows[1].stats["consensus_acc"].mean == pytest.approx(0.55)
+    assert not rows[1].flags  # seeds 0 and 1: no "duplicate seed"
+
+
 def test_single_seed_std_zero_and_labelled(tmp_path):
     _write_run(tmp_path / "r", "CompNGC", 0, 0.5, 0.4)
     (row,) = report.aggregate(report.collect([tmp_path]))

@@ -193,12 +193,51 @@ def _label(s: dict, key: str) -> str:
     return str(v) if v not in (None, "") else "?"
 
 
+def _flat_config(summary: dict) -> dict[str, Any]:
+    """The run's configuration as section.key -> value, without what does not change the result
+    (seed, output, device, threads, ...) and without the data folder (the same files may sit anywhere)."""
+    from crossgrad.experiment import _comparable_config
+
+    flat = _comparable_config(summary.get("config")) or {}
+    return {k: v for k, v in flat.items() if k not in ("training.seed", "data.data_dir")}
+
+
+def _sort_value(v: Any) -> tuple:
+    return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, repr(v))
+
+
+def _variants(group: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Split runs of one (setting, method) that differ in more than their seed (an lr grid, say),
+    so that they are never averaged as if they were seeds: ("lr=0.005", runs) per variant."""
+    flats = [_flat_config(r["summary"]) for r in group]
+    keys = sorted({k for f in flats for k in f})
+    differing = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
+    if not differing:
+        return [("", group)]
+    buckets: dict[tuple, list[dict]] = {}
+    for run, flat in zip(group, flats, strict=True):
+        buckets.setdefault(tuple(flat.get(k) for k in differing), []).append(run)
+    out = []
+    for values in sorted(buckets, key=lambda vs: tuple(_sort_value(v) for v in vs)):
+        label = " ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                         for k, v in zip(differing, values, strict=True))
+        out.append((label, buckets[values]))
+    return out
+
+
 def aggregate(runs: Sequence[dict]) -> list[Row]:
-    """Group runs by (setting, method) and average the completed ones over seeds."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+    """Group runs by (setting, method) and average the completed ones over seeds.
+
+    Runs of one method whose configurations differ in more than the seed become separate rows,
+    their method labelled with the differing values (e.g. ``NGC (α=0) [lr=0.005]``)."""
+    by_method: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
         s = run["summary"]
-        groups.setdefault((_label(s, "setting"), _label(s, "method")), []).append(run)
+        by_method.setdefault((_label(s, "setting"), _label(s, "method")), []).append(run)
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for (setting, method), grp in by_method.items():
+        for label, runs_of in _variants(grp):
+            groups[(setting, f"{method} [{label}]" if label else method)] = runs_of
     rows = []
     for (setting, method), grp in sorted(groups.items()):
         done = [r for r in grp if r["summary"].get("status") == "completed"]
