@@ -42,7 +42,7 @@ def spectral_radius(W: np.ndarray, gamma: float, beta: float, h: float, K: np.nd
 
 
 def largest_stable_h(W: np.ndarray, gamma: float, beta: float, K: np.ndarray) -> float:
-    """Bisection on h for spectral radius <= 1 (stable for all smaller h: checked on a grid below)."""
+    """The first h on a log grid whose spectral radius exceeds 1, refined by bisection."""
     grid = np.geomspace(1e-4, 10, 400)
     stable = [spectral_radius(W, gamma, beta, h, K) <= 1 + 1e-12 for h in grid]
     first_bad = stable.index(False)
