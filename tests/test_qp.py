@@ -1,11 +1,15 @@
-"""Tests for the batched box-QP solver behind CGA (crossgrad.qp), checked against quadprog."""
+"""Tests for the batched box-QP solver behind CGA (crossgrad.qp) and CGA's projection, checked against quadprog."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from crossgrad.qp import build_qp, cga_project, kkt_residual, solve_box_qp
+from crossgrad.algorithms import CGA, CombineContext, combine_weights
+from crossgrad.comm.local import LocalComm
+from crossgrad.flat import ParamLayout
+from crossgrad.qp import kkt_residual, solve_box_qp
+from crossgrad.topology import Topology
 
 qpsolvers = pytest.importorskip("qpsolvers")
 pytest.importorskip("quadprog")
@@ -39,6 +43,15 @@ def _instances(rng: np.random.Generator, B: int, k: int, dtype: torch.dtype):
     g = torch.tensor(np.array(gs), dtype=dtype)
     M = torch.tensor(np.array(Ms), dtype=dtype)
     return g, M, torch.tensor(np.array(acts))
+
+
+def build_qp(g: torch.Tensor, M: torch.Tensor, eps: float = EPS, active: torch.Tensor | None = None):
+    """CGA's QP in float64: Q = M Mᵀ + εI and c = M g, inactive rows of M taken as zero."""
+    M64 = M.to(torch.float64)
+    if active is not None:
+        M64 = torch.where(active[:, :, None], M64, 0.0)
+    Q = M64 @ M64.transpose(-1, -2) + eps * torch.eye(M.shape[1], dtype=torch.float64)
+    return Q, (M64 @ g.to(torch.float64)[:, :, None]).squeeze(-1)
 
 
 def _objective(Q: np.ndarray, c: np.ndarray, v: np.ndarray) -> float:
@@ -113,12 +126,13 @@ def test_matches_quadprog(k):
 def test_float32_inputs_match_quadprog(k):
     rng = np.random.default_rng(2000 + k)
     g, M, act = _instances(rng, 24, k, torch.float32)
-    proj, v, ok = cga_project(g, M, MARGIN, EPS, active=act)
-    assert proj.dtype == v.dtype == torch.float32 and ok.all()
-    g64, M64 = g.double(), M.double()  # cga_project solves exactly this float64 problem
-    Q, c = build_qp(g64, M64, EPS, act)
+    Q, c = build_qp(g, M, EPS, act)
+    v, ok = solve_box_qp(Q.float(), c.float(), MARGIN, active=act)
+    assert v.dtype == torch.float32 and ok.all()
+    Q, c = Q.float().double(), c.float().double()  # the problem it was given, solved in float64
     assert (kkt_residual(Q, c, v.double(), MARGIN, act) <= TOL[torch.float32]["kkt"]).all()
-    assert _check_against_quadprog(g64, M64, act, Q, c, v.double(), "cga_project", TOL[torch.float32]) > 0
+    assert _check_against_quadprog(g.double(), M.double(), act, Q, c, v.double(), "float32",
+                                   TOL[torch.float32]) > 0
     # solve_box_qp on float32 Q, c of a well-conditioned problem returns float32 and agrees with float64.
     A = torch.randn(8, k, k + 4, dtype=torch.float64)
     Q = A @ A.transpose(1, 2) + 0.1 * torch.eye(k, dtype=torch.float64)
@@ -164,14 +178,79 @@ def test_two_dimensional_hand_solved(method):
     torch.testing.assert_close(v, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_cga_project_closed_form_and_dtype():
-    # g = (1, 0), one neighbour gradient m = (-1, 0): v = 1/(1+eps), projection removes the conflict.
-    g = torch.tensor([[1.0, 0.0], [1.0, 2.0]], dtype=torch.float32)
-    M = torch.tensor([[[-1.0, 0.0]], [[1.0, 0.0]]], dtype=torch.float32)
-    proj, v, ok = cga_project(g, M)
-    assert proj.dtype == v.dtype == torch.float32 and ok.all()
-    torch.testing.assert_close(v[:, 0], torch.tensor([1.0, MARGIN]), rtol=1e-6, atol=0)
-    torch.testing.assert_close(proj, torch.tensor([[0.0, 0.0], [1.5, 2.0]]), rtol=0, atol=1e-6)
+def layout_of(*sizes: int) -> ParamLayout:
+    model = torch.nn.Module()
+    for k, n in enumerate(sizes):
+        model.register_parameter(f"p{k}", torch.nn.Parameter(torch.zeros(n)))
+    return ParamLayout.of(model)
+
+
+def cga_setup(topo: Topology, layout: ParamLayout, **kw) -> tuple[CGA, CombineContext, object]:
+    plan = LocalComm(topo.edges, topo.n).plan
+    weights = combine_weights(topo.W, plan, "mixing", topo.is_directed)
+    ctx = CombineContext(plan, layout, *weights)
+    algo = CGA(**kw)
+    return algo, ctx, algo.init_state(ctx, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("graph", ["full", "star", "directed_ring"])
+def test_cga_combine_matches_quadprog_per_agent_and_layer(graph, dtype):
+    topo = {"full": lambda: Topology.full(4), "star": lambda: Topology.star(5),
+            "directed_ring": lambda: Topology.directed_ring(4)}[graph]()
+    layout = layout_of(7, 3, 12)
+    algo, ctx, state = cga_setup(topo, layout)
+    plan = ctx.plan
+    gen = torch.Generator().manual_seed(4)
+    g_self = torch.randn(topo.n, layout.size, generator=gen, dtype=torch.float64)
+    dv = torch.randn(len(plan.out_src), layout.size, generator=gen, dtype=torch.float64)
+    dv[0, layout.slices()[1]] = 0.0  # a neighbour whose cross-gradient for one layer is all zero: dropped
+    dv[1] = -3 * g_self[int(plan.out_src[1])]  # opposing the self-gradient: v leaves the margin
+    out = algo.combine(ctx, g_self.to(dtype), None, dv.to(dtype), state)
+    assert out.dtype == dtype and state.qp_failures == 0
+    g_self, dv = g_self.to(dtype).double(), dv.to(dtype).double()
+    for i in range(topo.n):
+        edges = (plan.out_src == i).nonzero().flatten().tolist()
+        for s in layout.slices():
+            g = (ctx.self_w[i] * g_self[i, s]).numpy()
+            rows = [(ctx.out_w[e] * dv[e, s]).numpy() for e in edges]
+            rows = [r for r in rows if np.abs(r).sum() > 0]
+            expected = g
+            if rows:
+                M = np.stack(rows)
+                v = _quadprog(M @ M.T + EPS * np.eye(len(rows)), M @ g, MARGIN)
+                expected = g + M.T @ v
+            tol = 1e-9 if dtype == torch.float64 else 1e-5
+            np.testing.assert_allclose(out[i, s].double().numpy(), expected, rtol=0,
+                                       atol=tol * (1 + np.abs(expected).max()))
+
+
+def test_cga_combine_closed_form():
+    # self-gradient (1, 0), one neighbour's (-1, 0) at equal weights: v = 1 / (1 + eps / w^2)
+    # removes the conflict; an agreeing neighbour keeps v at the margin
+    topo = Topology.chain(2)
+    algo, ctx, state = cga_setup(topo, layout_of(2))
+    g_self = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
+    dv = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])  # out-edge e goes from agent e to the other one
+    out = algo.combine(ctx, g_self, None, dv, state)
+    torch.testing.assert_close(state.v[0, :, 0], torch.tensor([1.0, MARGIN], dtype=torch.float64))
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.0], [0.75, 1.0]]), rtol=0, atol=1e-6)
+
+
+def test_cga_combine_counts_failures_and_reuses_the_previous_solution():
+    topo = Topology.ring(4)
+    layout = layout_of(5, 3)
+    algo, ctx, state = cga_setup(topo, layout)
+    gen = torch.Generator().manual_seed(0)
+    g_self = torch.randn(4, layout.size, generator=gen, dtype=torch.float64)
+    dv = torch.randn(8, layout.size, generator=gen, dtype=torch.float64)
+    algo.combine(ctx, g_self, None, dv, state)
+    before = state.v.clone()
+    g_self[0, 0] = float("nan")  # agent 0's first layer cannot be solved
+    algo.combine(ctx, g_self, None, -dv, state)
+    assert state.qp_failures == 1 and state.counters() == {"qp_failures": 1}
+    assert torch.equal(state.v[0, 0], before[0, 0])
+    assert not torch.equal(state.v[1], before[1])
 
 
 def test_duplicate_rows_rank_deficient_large_scale():
@@ -189,8 +268,7 @@ def test_duplicate_rows_rank_deficient_large_scale():
         assert ok.all() and (v >= MARGIN).all()
         t = torch.clamp(-(m * g).sum(1) / (m * m).sum(1), min=2 * MARGIN)
         torch.testing.assert_close(v.sum(1), t, rtol=1e-9, atol=0)
-        proj, _, ok2 = cga_project(g, M)
-        assert ok2.all()
+        proj = g + (v[:, None, :] @ M).squeeze(1)
         torch.testing.assert_close(proj, g + t[:, None] * m, rtol=0, atol=1e-9 * 1e3 * P)
 
 
@@ -227,9 +305,6 @@ def test_non_finite_inputs_flagged_not_raised(k):
     for method in ("auto", "active_set") + (("enumerate",) if k <= 8 else ()):
         v, ok = solve_box_qp(Q, c, MARGIN, method=method)
         assert ok.tolist() == [True, False, False, False, False, True, True, True]
-    g[0, 0] = float("nan")
-    _, _, ok = cga_project(g, M)
-    assert not ok[0] and ok[1:].all()
 
 
 def test_batched_equals_one_by_one():

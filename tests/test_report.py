@@ -130,6 +130,29 @@ def test_runs_differing_in_more_than_seed_are_separate_rows(tmp_path):
     assert not rows[1].flags  # seeds 0 and 1: no "duplicate seed"
 
 
+def test_config_toml_stands_in_for_a_summary_without_config(tmp_path, capsys):
+    """The runner writes config.toml (never config.json): a summary with no "config" is read with it,
+    so an lr grid stays an lr grid; an unreadable config.toml is a warning, not a crash."""
+    for i, lr in enumerate([0.01, 0.0025]):
+        _write_run(tmp_path / f"r{i}", "DSGDm-N", 0, 0.5, 0.5)
+        (tmp_path / f"r{i}" / "config.toml").write_text(f'[algorithm]\nname = "dsgd"\nlr = {lr}\n')
+    _write_run(tmp_path / "r2", "DSGDm-N", 1, 0.5, 0.5)
+    (tmp_path / "r2" / "config.toml").write_text("[algorithm\nlr = ")
+    runs = report.collect([tmp_path])
+    assert [r["config"] for r in runs] == [{"algorithm": {"name": "dsgd", "lr": 0.01}},
+                                           {"algorithm": {"name": "dsgd", "lr": 0.0025}}, None]
+    assert "invalid TOML" in capsys.readouterr().err
+    rows = report.aggregate(runs[:2])
+    assert [r.method for r in rows] == ["DSGDm-N [lr=0.0025]", "DSGDm-N [lr=0.01]"]
+
+
+def test_directory_with_only_config_toml_is_a_crashed_run(tmp_path, capsys):
+    (tmp_path / "crashed").mkdir()
+    (tmp_path / "crashed" / "config.toml").write_text('[algorithm]\nname = "ngc"\n')
+    assert report.collect([tmp_path]) == []
+    assert "crashed has no summary.json" in capsys.readouterr().err
+
+
 def test_single_seed_std_zero_and_labelled(tmp_path):
     _write_run(tmp_path / "r", "CompNGC", 0, 0.5, 0.4)
     (row,) = report.aggregate(report.collect([tmp_path]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -397,9 +398,9 @@ def test_pickle_and_copy_roundtrip():
         assert u == t and u.name == t.name and u.params == t.params and hash(u) == hash(t)
 
 
-def test_make_topology():
+def test_make_topology(tmp_path):
     assert set(TOPOLOGIES) == {"ring", "directed_ring", "torus", "full", "chain", "star", "exponential",
-                               "erdos_renyi"}
+                               "erdos_renyi", "edges", "file"}
     assert make_topology("ring", 5) == Topology.ring(5)
     assert make_topology("Directed-Ring", 4) == Topology.directed_ring(4)
     assert make_topology("torus", 12) == Topology.torus(3, 4)
@@ -408,9 +409,11 @@ def test_make_topology():
     assert make_topology("exponential", 8, directed=True).is_directed
     assert make_topology("star", 5, weights="metropolis").is_symmetric
     assert make_topology("erdos_renyi", 10, p=0.4, seed=7) == Topology.erdos_renyi(10, 0.4, seed=7)
+    needs = {"erdos_renyi": {"p": 0.6}, "edges": {"edges": [[i, (i + 1) % 9] for i in range(9)]},
+             "file": {"path": tmp_path / "W.npy"}}
+    np.save(tmp_path / "W.npy", Topology.ring(9).W.numpy())
     for name in TOPOLOGIES:
-        kw = {"p": 0.6} if name == "erdos_renyi" else {}
-        assert make_topology(name, 9, **kw).n == 9
+        assert make_topology(name, 9, **needs.get(name, {})).n == 9
 
 
 @pytest.mark.parametrize("args,kw,match", [
@@ -426,6 +429,116 @@ def test_make_topology():
 def test_make_topology_errors(args, kw, match):
     with pytest.raises(TopologyError, match=match):
         make_topology(*args, **kw)
+
+
+# ------------------------------------------------------------------ graphs given by the user: edges, file
+
+
+def test_make_topology_edges_matches_from_edges():
+    pairs = [[0, 1], [1, 2], [2, 3], [3, 0], [0, 2]]
+    t = make_topology("edges", 4, edges=pairs)
+    assert t == Topology.from_edges(4, pairs) and t.name == "edges"
+    assert set(t.edges) == {(s, d) for s, d in pairs} | {(d, s) for s, d in pairs}
+    assert make_topology("edges", 4, edges=pairs, weights="metropolis").is_symmetric
+    directed = make_topology("edges", 3, edges=[[0, 1], [1, 2], [2, 0]], directed=True)
+    assert directed.is_directed and directed.in_neighbors(0) == [2]
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({}, r"topology 'edges' needs an edge list"),
+    ({"edges": [[0, 1], [1, 5]]}, r"edge #1 \(1, 5\) names agent 5, but agents are 0..3"),
+    ({"edges": [[0, 1], [-1, 2]]}, r"names agent -1"),
+    ({"edges": [[0, 1], [2, 2]]}, r"edge #1 \(2, 2\) is a self-loop"),
+    ({"edges": [[0, 1], [1, 2, 3]]}, r"edge #1 \(\[1, 2, 3\]\) is not a \(src, dst\) pair"),
+    ({"edges": [[0, 1], [1.0, 2]]}, r"source of edge #1 must be an integer, got 1.0"),
+    ({"edges": [[0, 1], 7]}, r"edge #1 \(7\) is not a \(src, dst\) pair"),
+    ({"edges": "0-1"}, r"got a string"),
+    ({"edges": [[0, 1], [1, 2]]}, r"agents \{3\} cannot be reached"),
+    ({"edges": [[0, 1], [1, 2], [2, 3]], "directed": "yes"}, r"directed must be true or false, got 'yes'"),
+    ({"edges": [[0, 1], [1, 2], [2, 3], [3, 0]], "directed": True, "weights": "metropolis"},
+     r"metropolis weights need an undirected graph"),
+])
+def test_make_topology_edges_errors(kw, match):
+    with pytest.raises(TopologyError, match=match):
+        make_topology("edges", 4, **kw)
+
+
+W_TEXT = """# a ring of 4, written by hand
+0.5, 0.25, 0, 0.25
+0.25 0.5 0.25 0
+
+0    0.25  0.5  0.25
+0.25,0,0.25,0.5
+"""
+
+
+def test_make_topology_file_text_npy_and_csv(tmp_path):
+    lazy = 0.5 * np.eye(4) + 0.25 * (np.roll(np.eye(4), 1, axis=1) + np.roll(np.eye(4), -1, axis=1))
+    (tmp_path / "W.txt").write_text(W_TEXT)
+    t = make_topology("file", 4, path=str(tmp_path / "W.txt"))
+    assert t == Topology(lazy) and t.name == "file" and t.params == {"path": str(tmp_path / "W.txt")}
+    ring = Topology.ring(4)
+    np.savetxt(tmp_path / "W.csv", ring.W.numpy(), delimiter=",")
+    assert make_topology("file", 4, path=tmp_path / "W.csv") == ring
+    np.save(tmp_path / "W.npy", Topology.exponential(8, directed=True).W.numpy())
+    assert make_topology("file", 8, path=tmp_path / "W.npy") == Topology.exponential(8, directed=True)
+
+
+@pytest.mark.parametrize("content,n,match", [
+    (W_TEXT, 5, r"holds a 4 x 4 matrix, but n=5 agents"),
+    ("1 0\n0 1 0\n", 2, r"line 2: 3 entries, but line 1 has 2"),
+    ("0.5 0.5\n0.5 abc\n", 2, r"line 2: 'abc' is not a number"),
+    ("0.5,,0.5\n0.5,0.5\n", 2, r"line 1: '' is not a number"),
+    ("# nothing\n\n", 2, r"holds no matrix"),
+    ("0.5 0.5 0\n0.5 0.5 0\n", 2, r"W must be a square n x n matrix, got shape \(2, 3\)"),
+    ("0.5 0.6\n0.5 0.5\n", 2, r"row 0 of W sums to 1.1"),
+    ("1.5 -0.5\n0.5 0.5\n", 2, r"W\[0, 1\] = -0.5 is negative"),
+    ("1 0\n0 1\n", 2, r"graph is not connected"),
+    ("nan 1\n0.5 0.5\n", 2, r"W\[0, 0\] is nan"),
+])
+def test_make_topology_file_bad_contents(tmp_path, content, n, match):
+    path = tmp_path / "W.txt"
+    path.write_text(content)
+    with pytest.raises(TopologyError, match=match) as err:
+        make_topology("file", n, path=str(path))
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_make_topology_file_bad_files(tmp_path):
+    cases = {
+        "does not exist": {"path": str(tmp_path / "missing.txt")},
+        "is not a file": {"path": str(tmp_path)},
+        "needs path=": {},
+        "path must name a file": {"path": 3},
+        "does not apply to topology 'file'": {"path": str(tmp_path / "W.txt"), "weights": "metropolis"},
+    }
+    (tmp_path / "bad.npy").write_bytes(b"not numpy at all")
+    cases["is not a readable .npy array"] = {"path": str(tmp_path / "bad.npy")}
+    (tmp_path / "latin1.txt").write_bytes(b"0.5 \xe9\n")
+    cases["cannot read mixing matrix file"] = {"path": str(tmp_path / "latin1.txt")}
+    np.save(tmp_path / "obj.npy", np.array([[0.5, None]], dtype=object), allow_pickle=True)
+    cases["obj.npy' is not a readable .npy array"] = {"path": str(tmp_path / "obj.npy")}
+    np.save(tmp_path / "big.npy", Topology.ring(6).W.numpy())
+    cases["holds a 6 x 6 matrix, but n=4"] = {"path": str(tmp_path / "big.npy")}
+    for match, kw in cases.items():
+        with pytest.raises(TopologyError, match=re.escape(match)):
+            make_topology("file", 4, **kw)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet="0123456789.,-+e #\nnaif\t", max_size=80), st.binary(max_size=120),
+       st.integers(1, 4))
+def test_hostile_matrix_files_give_a_topology_or_a_topology_error(tmp_path, text, blob, n):
+    (tmp_path / "W.txt").write_text(text)
+    (tmp_path / "W.npy").write_bytes(b"\x93NUMPY\x01\x00" + blob)
+    for name in ("W.txt", "W.npy"):
+        try:
+            t = make_topology("file", n, path=tmp_path / name)
+        except TopologyError as err:
+            assert "\n" not in str(err)
+            continue
+        assert t.n == n
+        assert_row_stochastic(t)
 
 
 # ------------------------------------------------------------------ property test

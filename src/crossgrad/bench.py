@@ -145,11 +145,21 @@ def throughput_table(model_name: str, input_shape: tuple[int, ...], n: int = 16,
 
 
 def state_bytes(sim: Simulator) -> int:
-    """Bytes of the engine's per-agent tensors (parameters, gradients, neighbours, momentum, memories)."""
+    """Bytes of the engine's per-agent tensors: its whole state (parameters, buffers, momentum, error
+    memories, the algorithm's own) and the gradient buffer."""
     e = sim.engine
-    tensors = [e.x, e.grads, e.momentum.m, e.momentum.m_hat, e.momentum.x_prev, e.edge_memory, e.self_memory,
-               *e.buffers]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return _tensor_bytes(e.state_dict()) + e.grads.numel() * e.grads.element_size()
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a nest of dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def scaling_table(model_name: str = "lenet5", input_shape: tuple[int, ...] = (1, 28, 28),

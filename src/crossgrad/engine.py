@@ -1,8 +1,10 @@
 """The synchronous iteration of the contract (ARCHITECTURE.md section 1), written once against `Comm`.
 
-The engine owns the local agents' state as flat rows: parameters x [n_local, P], buffers (e.g.
-batch-norm statistics, per agent), momentum, error memories and the algorithm's own state. It asks
-the backend to move tensors and a gradient evaluator to run (model, minibatch) pairs.
+The engine owns the local agents' parameters x [n_local, P] and buffers (e.g. batch-norm statistics,
+per agent) as flat rows, and the stateful pieces of the iteration: the direction transforms (steps
+7-8), the error-feedback codecs and the algorithm's own state. Its state_dict is theirs, assembled
+without knowing what is inside. It asks the backend to move tensors and a gradient evaluator to run
+(model, minibatch) pairs.
 """
 from __future__ import annotations
 
@@ -10,17 +12,17 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from crossgrad.algorithms import Algorithm, CombineContext, combine_weights
-from crossgrad.algorithms.momentum import MomentumState
+from crossgrad.codecs import ErrorFeedback, make_codec
 from crossgrad.comm.base import Comm
-from crossgrad.compress import Compressor, error_feedback, make_compressor
 from crossgrad.flat import ParamLayout
 from crossgrad.topology import Topology
+from crossgrad.transforms import transforms_for
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -146,15 +148,30 @@ class PhaseClock:
 
 @dataclass
 class StepStats:
-    """Counters since the start of the run (restored with the engine's state)."""
+    """Counters since the start of the run (restored with the engine's state).
+
+    `counters` are the algorithm state's own (e.g. CGA's qp_failures), copied after every step.
+    """
 
     steps: int = 0
     grad_evals: int = 0
-    qp_failures: int = 0
-    last_losses: list[float] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def qp_failures(self) -> int:
+        """CGA's solver failures (0 for other algorithms): a column of every run's metrics."""
+        return self.counters.get("qp_failures", 0)
 
 
 class Engine:
+    """One synchronous iteration of `algorithm` for the agents `comm` holds.
+
+    on_nonfinite: "raise" raises NonFiniteError as soon as a loss or update is NaN or infinite;
+    "record" never raises mid-step: it keeps the first such error in `nonfinite` and completes the
+    step, every communication round included, so that peers on another process are never left
+    waiting (the values just become NaN). The caller decides when to stop.
+    """
+
     def __init__(
         self,
         model: nn.Module,
@@ -164,53 +181,65 @@ class Engine:
         loss_fn: LossFn,
         device: torch.device | str | None = None,
         evaluator: str = "auto",
+        on_nonfinite: Literal["raise", "record"] = "raise",
     ):
         if evaluator not in ("auto", "loop", "vmap"):
             raise ValueError(f"evaluator must be 'auto', 'loop' or 'vmap', not {evaluator!r}")
+        if on_nonfinite not in ("raise", "record"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'record', not {on_nonfinite!r}")
         self.algorithm = algorithm
         self.topology = topology
         self.comm = comm
         self.plan = plan = comm.plan
         self.layout = layout = ParamLayout.of(model)
         first = next(model.parameters())
-        self.device = torch.device(device) if device is not None else first.device
+        self.device = dev = torch.device(device) if device is not None else first.device
         self.dtype = first.dtype
-        model = model.to(self.device)
+        self.on_nonfinite = on_nonfinite
+        #: the first NonFiniteError of the run with on_nonfinite="record" (never checkpointed)
+        self.nonfinite: NonFiniteError | None = None
+        model = model.to(dev)
         n = plan.n_local
-        self.x = layout.flatten(model).to(self.device).repeat(n, 1)
+        self.x = layout.flatten(model).to(dev).repeat(n, 1)
         self.buffer_names = [name for name, _ in model.named_buffers()]
         self.buffers = [b.detach().unsqueeze(0).repeat(n, *([1] * b.dim())).clone() for b in model.buffers()]
         self.lr = algorithm.lr
-        self.momentum = MomentumState(self.x, algorithm.momentum, algorithm.nesterov, algorithm.qgm, self.lr)
-        self_w, in_w, out_w = combine_weights(topology.W, plan, algorithm.weights, topology.is_directed)
-        dev = self.device
+        self.transforms = transforms_for(algorithm, self.x, self.lr)
+        directed = topology.is_directed
+        # gossip (step 2) always mixes with W; only the combine (step 6) may use other weights
+        gossip_self, gossip_in, _ = combine_weights(topology.W, plan, "mixing", directed)
+        self_w, in_w, out_w = combine_weights(topology.W, plan, algorithm.weights, directed)
         self.ctx = CombineContext(
             plan=type(plan)(plan.n, plan.local, *(t.to(dev) for t in (plan.in_src, plan.in_dst, plan.out_dst,
                                                                           plan.out_src))),
             layout=layout, self_w=self_w.to(dev), in_w=in_w.to(dev), out_w=out_w.to(dev),
         )
-        self.gossip_self = (1 - algorithm.gamma + algorithm.gamma * self_w).to(self.dtype).to(dev)
-        self.gossip_in = (algorithm.gamma * in_w).to(self.dtype).to(dev)
-        self.algo_state = algorithm.init_state(self.ctx, self.dtype, dev)
-        self.compressor: Compressor | None = None
-        self.edge_memory = self.self_memory = None
-        if algorithm.compression is not None:
-            self.compressor = make_compressor(algorithm.compression, layout)
-            self.edge_memory = torch.zeros(len(plan.in_src), layout.size, dtype=self.dtype, device=dev)
+        gamma = algorithm.gamma
+        self.gossip_self = (1 - gamma + gamma * gossip_self).to(self.dtype).to(dev)
+        self.gossip_in = (gamma * gossip_in).to(self.dtype).to(dev)
+        self.algo_state = algorithm.init_state(self.ctx, dev)
+        #: error-feedback codecs of the cross-gradient messages (one memory row per in-edge) and of
+        #: the self-gradient (one per agent); None where the algorithm compresses nothing there
+        self.edge_codec: ErrorFeedback | None = None
+        self.self_codec: ErrorFeedback | None = None
+        if algorithm.codec is not None:
+            self.edge_codec = ErrorFeedback(make_codec(algorithm.codec, layout))
+            self.edge_codec.init((len(plan.in_src), layout.size), self.dtype, dev)
             if algorithm.compress_self:
-                self.self_memory = torch.zeros_like(self.x)
+                self.self_codec = ErrorFeedback(make_codec(algorithm.codec, layout))
+                self.self_codec.init(self.x.shape, self.dtype, dev)
         self.evaluate = LoopEvaluator(model, layout, loss_fn)
         self.evaluate_batched: VmapEvaluator | None = None
         has_buffers = bool(self.buffers)
         if evaluator == "vmap" and has_buffers:
             raise ValueError("evaluator='vmap' needs a model without buffers (use norm 'evonorm', 'group' or 'none')")
-        if evaluator == "vmap" or (evaluator == "auto" and self.device.type == "cuda" and not has_buffers):
+        if evaluator == "vmap" or (evaluator == "auto" and dev.type == "cuda" and not has_buffers):
             self.evaluate_batched = VmapEvaluator(model, layout, loss_fn)
         n_pairs = n + (len(plan.in_src) if algorithm.cross_gradients else 0)
         self.grads = torch.empty(n_pairs, layout.size, dtype=self.dtype, device=dev)
         self._pair_data = list(range(n)) + (plan.in_dst.tolist() if algorithm.cross_gradients else [])
         self.stats = StepStats()
-        self.clock = PhaseClock(self.device)
+        self.clock = PhaseClock(dev)
         #: the last step's self, model-variant and data-variant gradients (for diagnostics)
         self.last: dict[str, Tensor | None] = {}
 
@@ -239,19 +268,21 @@ class Engine:
             evaluate = self.evaluate_batched
         losses = evaluate(rows, self._pair_data, batches, self.grads, self.buffers,
                           owners=self._pair_data, keep_buffers=n)
-        self._check_finite(losses[:n], "loss", neighbours)
+        bad_loss = ~torch.isfinite(losses[:n])
+        if bad_loss.any():
+            self._fail(lambda: self._diagnose_loss(int(bad_loss.nonzero()[0, 0]), neighbours))
         clock.tick("gradients")
         g_self, mv = self.grads[:n], (self.grads[n:] if algo.cross_gradients else None)
         dv = None
-        if self.compressor is not None:
-            payload, mv = error_feedback(self.compressor, mv, self.edge_memory)
-            if self.self_memory is not None:
-                g_self = error_feedback(self.compressor, g_self, self.self_memory, send=False)[1]
+        if self.edge_codec is not None:
+            payload, mv = self.edge_codec.encode(mv)
+            if self.self_codec is not None:
+                g_self = self.self_codec.roundtrip(g_self)
             clock.tick("compress")
             if algo.round2:
                 received = self.comm.exchange_edges(payload)
                 clock.tick("exchange")
-                dv = self.compressor.decode(received, self.dtype)
+                dv = self.edge_codec.codec.decode(received, self.dtype)
                 clock.tick("compress")
         elif algo.round2:
             dv = self.comm.exchange_edges((mv,))[0]
@@ -259,78 +290,90 @@ class Engine:
         self.last = {"g_self": g_self, "mv": mv, "dv": dv}
         d = algo.combine(self.ctx, g_self, mv, dv, self.algo_state)
         clock.tick("combine")
-        if algo.weight_decay:
-            d = d.add(x_half, alpha=algo.weight_decay)
-        d = self.momentum.direction(d, x_half, self.lr)
+        d = self.transforms.update(d, x_half, self.lr)
         bad = ~torch.isfinite(d).all(dim=1)
         if bad.any():  # one reduction per step; the diagnosis only runs on failure
-            self._raise_nonfinite(int(bad.nonzero()[0, 0]), neighbours, g_self, mv, dv)
+            self._fail(lambda: self._diagnose_update(int(bad.nonzero()[0, 0]), neighbours, g_self, mv, dv))
         self.x = x_half.sub_(d, alpha=self.lr)
         clock.tick("update")
         self.stats.steps += 1
         self.stats.grad_evals += len(self._pair_data)
-        self.stats.qp_failures = self.algo_state.get("qp_failures", 0)
+        self.stats.counters = self.algo_state.counters()
         return losses[:n]
 
-    def _raise_nonfinite(self, k: int, neighbours: Tensor, g_self: Tensor, mv: Tensor | None,
-                         dv: Tensor | None) -> None:
+    def _fail(self, diagnose: Callable[[], NonFiniteError]) -> None:
+        """Raise or record what `diagnose` finds; once recorded, later failures are not diagnosed again."""
+        if self.on_nonfinite == "raise":
+            raise diagnose()
+        if self.nonfinite is None:
+            self.nonfinite = diagnose()
+
+    def _diagnose_loss(self, k: int, neighbours: Tensor) -> NonFiniteError:
+        """Local agent k's loss is not finite: blame a received model if one is, else the loss."""
+        plan, agent = self.ctx.plan, self.plan.local[k]
+        for e in (plan.in_dst == k).nonzero().flatten().tolist():
+            if not torch.isfinite(neighbours[e]).all():  # the cause, not the symptom
+                return NonFiniteError(self.stats.steps, agent,
+                                      f"model received from agent {int(plan.in_src[e])} in round 1")
+        return NonFiniteError(self.stats.steps, agent, "loss")
+
+    def _diagnose_update(self, k: int, neighbours: Tensor, g_self: Tensor, mv: Tensor | None,
+                         dv: Tensor | None) -> NonFiniteError:
         """Name what made local agent k's update non-finite: a received message, or its own gradient."""
         plan, step = self.ctx.plan, self.stats.steps
         agent = self.plan.local[k]
         for e in (plan.in_dst == k).nonzero().flatten().tolist():
             if not torch.isfinite(neighbours[e]).all():
-                raise NonFiniteError(step, agent, f"model received from agent {int(plan.in_src[e])} in round 1")
+                return NonFiniteError(step, agent, f"model received from agent {int(plan.in_src[e])} in round 1")
         if dv is not None:
             for e in (plan.out_src == k).nonzero().flatten().tolist():
                 if not torch.isfinite(dv[e]).all():
-                    raise NonFiniteError(step, agent,
-                                         f"cross-gradient received from agent {int(plan.out_dst[e])} in round 2")
+                    return NonFiniteError(step, agent,
+                                          f"cross-gradient received from agent {int(plan.out_dst[e])} in round 2")
         if not torch.isfinite(g_self[k]).all():
-            raise NonFiniteError(step, agent, "self-gradient")
+            return NonFiniteError(step, agent, "self-gradient")
         if mv is not None:
             for e in (plan.in_dst == k).nonzero().flatten().tolist():
                 if not torch.isfinite(mv[e]).all():
-                    raise NonFiniteError(step, agent, f"cross-gradient of agent {int(plan.in_src[e])}'s model")
-        raise NonFiniteError(step, agent, "update (overflow in combine or momentum)")
+                    return NonFiniteError(step, agent, f"cross-gradient of agent {int(plan.in_src[e])}'s model")
+        return NonFiniteError(step, agent, "update (overflow in combine or momentum)")
 
-    def _check_finite(self, values: Tensor, what: str, neighbours: Tensor | None = None) -> None:
-        bad = ~torch.isfinite(values)
-        if bad.any():
-            k = int(bad.nonzero()[0, 0])
-            agent, plan = self.plan.local[k], self.ctx.plan
-            for e in ((plan.in_dst == k).nonzero().flatten().tolist() if neighbours is not None else []):
-                if not torch.isfinite(neighbours[e]).all():  # the cause, not the symptom
-                    raise NonFiniteError(self.stats.steps, agent,
-                                         f"model received from agent {int(plan.in_src[e])} in round 1")
-            raise NonFiniteError(self.stats.steps, agent, what)
+    def _codecs(self) -> dict[str, ErrorFeedback]:
+        return {k: c for k, c in (("edge", self.edge_codec), ("self", self.self_codec)) if c is not None}
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a bit-exact resume needs, as independent copies (later steps do not change it)."""
         return {
             "x": self.x.clone(),
             "buffers": [b.clone() for b in self.buffers],
             "lr": self.lr,
-            "momentum": self.momentum.state_dict(),
-            "edge_memory": self.edge_memory,
-            "self_memory": self.self_memory,
-            "algo_state": {k: v for k, v in self.algo_state.items() if k in ("v", "qp_failures")},
+            "transforms": self.transforms.state_dict(),
+            "codec": {k: c.state_dict() for k, c in self._codecs().items()},
+            "algorithm": self.algo_state.state_dict(),
             "bytes_sent": self.comm.bytes_sent.clone(),
             "stats": {"steps": self.stats.steps, "grad_evals": self.stats.grad_evals},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state_dict, each piece onto this run's device and dtype; refuses another configuration."""
         if state["x"].shape != self.x.shape:
             raise ValueError(f"checkpoint holds parameters of shape {tuple(state['x'].shape)}, "
                              f"this run has {tuple(self.x.shape)}")
+        codecs = self._codecs()
+        if set(state["codec"]) != set(codecs):
+            raise ValueError(f"checkpoint holds error memories {sorted(state['codec'])}, this run has "
+                             f"{sorted(codecs)} (codec / compress_self settings differ)")
+        if len(state["buffers"]) != len(self.buffers):
+            raise ValueError(f"checkpoint holds {len(state['buffers'])} buffers, the model has {len(self.buffers)}")
         self.x.copy_(state["x"])
         for mine, theirs in zip(self.buffers, state["buffers"]):
             mine.copy_(theirs)
         self.lr = float(state["lr"])
-        self.momentum.load_state_dict(state["momentum"])
-        for key in ("edge_memory", "self_memory"):
-            if getattr(self, key) is not None:
-                getattr(self, key).copy_(state[key])
-        self.algo_state.update(state["algo_state"])
+        self.transforms.load_state_dict(state["transforms"])
+        for key, codec in codecs.items():
+            codec.load_state_dict(state["codec"][key])
+        self.algo_state.load_state_dict(state["algorithm"])
         self.comm.bytes_sent.copy_(state["bytes_sent"])
         self.stats.steps = int(state["stats"]["steps"])
         self.stats.grad_evals = int(state["stats"]["grad_evals"])
-        self.stats.qp_failures = int(self.algo_state.get("qp_failures", 0))
+        self.stats.counters = self.algo_state.counters()

@@ -52,9 +52,3 @@ class ParamLayout:
     def views(self, row: Tensor) -> list[Tensor]:
         """Views of one flat row shaped like the model's parameters (no copies)."""
         return [row[s].view(shape) for s, shape in zip(self.slices(), self.shapes)]
-
-    def segment_ids(self, device: torch.device | str = "cpu") -> Tensor:
-        """For every flat position, the index of the parameter tensor it belongs to."""
-        return torch.repeat_interleave(
-            torch.arange(self.num_tensors, device=device), torch.tensor(self.numels, device=device)
-        )

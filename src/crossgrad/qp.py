@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["ENUMERATE_MAX_K", "build_qp", "cga_project", "kkt_residual", "solve_box_qp"]
+__all__ = ["ENUMERATE_MAX_K", "kkt_residual", "solve_box_qp"]
 
 Method = Literal["auto", "enumerate", "active_set"]
 
@@ -83,9 +83,9 @@ def _masked_cholesky_solve(A: Tensor, b: Tensor, piv_tol: float) -> tuple[Tensor
 def _spd_solve(A: Tensor, b: Tensor, piv_tol: float) -> tuple[Tensor, Tensor]:
     """``_masked_cholesky_solve`` semantics, via batched LAPACK for larger ``k``.
 
-    The vectorised kernel costs ``O(k)`` Python-level steps over the whole batch, which stops paying
-    off around ``k ≈ 12``; there one LAPACK Cholesky per matrix is used and only the (rare) matrices
-    with a vanishing pivot go through the dropping kernel.
+    The vectorised kernel costs ``O(k)`` Python-level steps over the whole batch, so beyond
+    ``_VECTORISED_MAX_K`` (8) one LAPACK Cholesky per matrix is used instead and only the (rare)
+    matrices with a vanishing pivot go through the dropping kernel.
     """
     n = A.shape[-1]
     if n <= _VECTORISED_MAX_K:
@@ -255,7 +255,7 @@ def kkt_residual(Q: Tensor, c: Tensor, v: Tensor, lower: float, active: Tensor |
         v64 = torch.where(act, v.to(torch.float64), torch.zeros((), dtype=torch.float64, device=cm.device))
         u = torch.where(act, v64 - lower, torch.zeros_like(v64))
         r = (v64[:, None, :] @ Qm.transpose(-1, -2)).squeeze(1) + cm
-        nq = torch.linalg.matrix_norm(Qm) if Qm.numel() else torch.zeros(Qm.shape[0], dtype=torch.float64)
+        nq = torch.linalg.matrix_norm(Qm) if Qm.numel() else Qm.new_zeros(Qm.shape[0])
         nat = torch.minimum(nq[:, None] * u, r).abs()
         prim = (-u).clamp_min(0.0) * nq[:, None]
         viol = torch.where(act, torch.maximum(nat, prim), torch.zeros_like(nat))
@@ -315,43 +315,3 @@ def solve_box_qp(
         ok = kkt_residual(Q, c, v, lower, act) <= kkt_tol
         ok &= torch.isfinite(v).all(dim=1)
         return v.to(out_dtype), ok
-
-
-def build_qp(g: Tensor, M: Tensor, eps: float = 1e-12, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``Q = M Mᵀ + εI`` (``[B,k,k]``) and ``c = M g`` (``[B,k]``) in float64 from ``g: [B,P]``,
-    ``M: [B,k,P]``.  Callers with layers of different sizes build these per layer and stack them
-    along the batch dimension so one :func:`solve_box_qp` call covers all layers."""
-    M64 = M.to(torch.float64)
-    if active is not None:
-        act = active.to(device=M.device, dtype=torch.bool)
-        M64 = torch.where(act[:, :, None], M64, torch.zeros((), dtype=torch.float64, device=M.device))
-    Q = M64 @ M64.transpose(-1, -2)
-    Q.diagonal(dim1=-2, dim2=-1).add_(eps)
-    c = (M64 @ g.to(torch.float64)[:, :, None]).squeeze(-1)
-    return Q, c
-
-
-def cga_project(
-    g: Tensor,
-    M: Tensor,
-    margin: float = 0.5,
-    eps: float = 1e-12,
-    active: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """CGA projection of ``g: [B,P]`` against ``M: [B,k,P]``: returns ``(g + Mᵀv*, v*, ok)``.
-
-    Rows of ``M`` marked inactive are treated as zero (they get ``v = margin`` but contribute
-    nothing).  Computed in float64, returned in ``g``'s dtype.
-    """
-    with torch.no_grad():
-        Q, c = build_qp(g, M, eps, active)
-        v, ok = solve_box_qp(Q, c, margin, active=active)
-        v64 = v.to(torch.float64)
-        M64 = M.to(torch.float64)
-        if active is not None:
-            act = active.to(device=M.device, dtype=torch.bool)
-            zero = torch.zeros((), dtype=torch.float64, device=M.device)
-            v64 = torch.where(act, v64, zero)
-            M64 = torch.where(act[:, :, None], M64, zero)
-        proj = g.to(torch.float64) + (v64[:, None, :] @ M64).squeeze(1)
-        return proj.to(g.dtype), v.to(g.dtype), ok

@@ -1,11 +1,19 @@
-"""Algorithm registry: `make_algorithm("ngc", lr=0.1, alpha=1.0)`."""
+"""Algorithm registry: `make_algorithm("ngc", lr=0.1, alpha=1.0)`, `algorithm_options("ngc")`."""
 from __future__ import annotations
 
 from dataclasses import fields
 from typing import Any
 
-from crossgrad.algorithms.base import Algorithm, CombineContext, ConfigError, combine_weights
-from crossgrad.algorithms.cga import CGA, CompCGA
+from crossgrad.algorithms.base import (
+    Algorithm,
+    AlgorithmState,
+    CombineContext,
+    ConfigError,
+    CrossGradientAlgorithm,
+    NoState,
+    combine_weights,
+)
+from crossgrad.algorithms.cga import CGA, CGAState, CompCGA
 from crossgrad.algorithms.dsgd import DSGD
 from crossgrad.algorithms.ngc import NGC, CompNGC
 
@@ -21,20 +29,31 @@ for _cls in (DSGD, NGC, CompNGC, CGA, CompCGA):
     register_algorithm(_cls)
 
 
-def make_algorithm(name: str, **kwargs: Any) -> Algorithm:
-    """Build a registered algorithm; unknown names or options raise ConfigError listing what exists."""
+def _lookup(name: str) -> type[Algorithm]:
     try:
-        cls = ALGORITHMS[name.lower()]
+        return ALGORITHMS[name.lower()]
     except KeyError:
         raise ConfigError(f"unknown algorithm {name!r}; available: {', '.join(sorted(ALGORITHMS))}") from None
+
+
+def algorithm_options(name: str) -> dict[str, Any]:
+    """A registered algorithm's hyperparameters and their defaults, in declaration order."""
+    return {f.name: f.default for f in fields(_lookup(name))}
+
+
+def make_algorithm(name: str, **kwargs: Any) -> Algorithm:
+    """Build a registered algorithm; unknown names or options raise ConfigError listing what exists."""
+    cls = _lookup(name)
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        raise ConfigError(f"{name} does not take {', '.join(unknown)}; its options: {', '.join(sorted(allowed))}")
+        why = " (it exchanges no cross-gradients to compress)" if "codec" in unknown and not cls.cross_gradients else ""
+        raise ConfigError(f"{name} does not take {', '.join(unknown)}{why}; its options: {', '.join(sorted(allowed))}")
     return cls(**kwargs)
 
 
 __all__ = [
-    "ALGORITHMS", "Algorithm", "CGA", "CombineContext", "CompCGA", "CompNGC", "ConfigError", "DSGD", "NGC",
-    "combine_weights", "make_algorithm", "register_algorithm",
+    "ALGORITHMS", "Algorithm", "AlgorithmState", "CGA", "CGAState", "CombineContext", "CompCGA", "CompNGC",
+    "ConfigError", "CrossGradientAlgorithm", "DSGD", "NGC", "NoState", "algorithm_options", "combine_weights",
+    "make_algorithm", "register_algorithm",
 ]

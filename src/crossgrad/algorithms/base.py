@@ -1,22 +1,22 @@
-"""What every algorithm shares: hyperparameters, validation, and the combine weights.
+"""What every algorithm shares: hyperparameters and their defaults, validation, state, combine weights.
 
 An algorithm *declares* what it computes and exchanges (cross-gradients or not, a second round or
-not, which compressor) and how it combines gradients; the engine carries that out on any backend.
+not, which codec) and how it combines gradients; the engine carries that out on any backend. Each
+algorithm dataclass is the one source of its hyperparameters and their defaults.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, get_type_hints
 
 import torch
 from torch import Tensor
 
+from crossgrad.codecs import CODECS
 from crossgrad.comm.base import EdgePlan
+from crossgrad.errors import ConfigError
 from crossgrad.flat import ParamLayout
-
-
-class ConfigError(ValueError):
-    """A hyperparameter or option is out of range."""
 
 
 @dataclass
@@ -51,38 +51,89 @@ def combine_weights(W: Tensor, plan: EdgePlan, mode: str, directed: bool) -> tup
         W = mask / mask.sum(1, keepdim=True)
     elif mode != "mixing":
         raise ConfigError(f"weights must be 'mixing' or 'uniform', not {mode!r}")
-    local = torch.tensor(plan.local, dtype=torch.long)
+    local = torch.tensor(plan.local, dtype=torch.long, device=plan.in_src.device)
     self_w = W[local, local]
     in_w = W[local[plan.in_dst], plan.in_src]
     if not directed:
         out_w = W[local[plan.out_src], plan.out_dst]
     else:
         given = W[plan.out_dst, local[plan.out_src]]
-        total = torch.zeros(plan.n_local, dtype=torch.float64).index_add_(0, plan.out_src, given)
+        total = torch.zeros(plan.n_local, dtype=torch.float64, device=given.device)
+        total.index_add_(0, plan.out_src, given)
         out_w = (1 - self_w[plan.out_src]) * given / total[plan.out_src]
     return self_w, in_w, out_w
 
 
+class AlgorithmState(Protocol):
+    """An algorithm's own state across steps: saved and restored with the run, and its counters."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def counters(self) -> dict[str, int]:
+        """Events worth reporting (e.g. solver failures), counted since the start of the run."""
+        ...
+
+
+class NoState:
+    """The state of an algorithm that keeps none."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"this algorithm keeps no state, but the saved one has {sorted(state)}")
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+
+def _check_types(algo: Algorithm) -> None:
+    """Every field holds a value of its declared kind, and every float is finite."""
+    for name, kind in get_type_hints(type(algo)).items():
+        if name not in algo.__dataclass_fields__:
+            continue
+        value = getattr(algo, name)
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, not {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} must be finite, not {value}")
+        elif kind is bool and not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, not {value!r}")
+        elif kind is str and not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, not {value!r}")
+
+
 @dataclass
 class Algorithm:
-    """Hyperparameters common to every algorithm (contract steps 2, 7, 8, 9)."""
+    """Hyperparameters common to every algorithm (contract steps 2, 7, 8, 9); defaults are the paper's."""
 
-    lr: float = 0.1
+    lr: float = 0.01
     gamma: float = 1.0
-    momentum: float = 0.0
-    nesterov: bool = False
+    momentum: float = 0.9
+    nesterov: bool = True
     qgm: bool = False
     weight_decay: float = 0.0
 
     name: ClassVar[str] = ""
     #: computes model-variant cross-gradients (neighbour models on own data)
     cross_gradients: ClassVar[bool] = False
+    #: combine weights: "mixing" (W) or "uniform" (pi = 1/(k+1)); a field on algorithms that combine
+    weights: ClassVar[str] = "mixing"
+    #: codec of the cross-gradient messages (with error feedback); None sends them uncompressed
+    codec: ClassVar[str | None] = None
+    #: with a codec, pass the self-gradient through it too (with its own error memory)
+    compress_self: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        if not (self.lr > 0 and self.lr < float("inf")):
+        _check_types(self)
+        if not self.lr > 0:
             raise ConfigError(f"lr must be a positive finite number, not {self.lr}")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"gamma (gossip rate) must be in (0, 1], not {self.gamma}")
@@ -98,18 +149,12 @@ class Algorithm:
         """Whether cross-gradients are sent back to their models' owners (the second round)."""
         return False
 
-    #: combine weights: "mixing" (W) or "uniform" (pi = 1/(k+1)); a field on algorithms that combine
-    weights: ClassVar[str] = "mixing"
-    #: compressor name for cross-gradient messages; None sends them uncompressed
-    compression: ClassVar[str | None] = None
-    #: pass the self-gradient through the compressor too (with its own error memory)
-    compress_self: ClassVar[bool] = False
-
-    def init_state(self, ctx: CombineContext, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-        return {}
+    def init_state(self, ctx: CombineContext, device: torch.device) -> AlgorithmState:
+        """The state at the first step; every tensor of it on `device`."""
+        return NoState()
 
     def combine(
-        self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: dict[str, Any]
+        self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: AlgorithmState
     ) -> Tensor:
         """Contract step 6: the combined gradient per local agent, [n_local, P]."""
         return g_self
@@ -120,3 +165,29 @@ class Algorithm:
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())
         return f"{self.name}({args})"
+
+
+@dataclass
+class CrossGradientAlgorithm(Algorithm):
+    """An algorithm that computes cross-gradients, combines them with weights and may compress them.
+
+    codec: None sends cross-gradients as they are; a codec name ("sign": scaled sign) compresses
+    each with sender-side error feedback. compress_self (default true, only used with a codec) also
+    passes the self-gradient through the codec, with its own error memory, as the reference does.
+    """
+
+    weights: str = "mixing"
+    codec: str | None = None
+    compress_self: bool = True
+
+    cross_gradients: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        super().validate()
+        if self.weights not in ("mixing", "uniform"):
+            raise ConfigError(f"weights must be 'mixing' or 'uniform', not {self.weights!r}")
+        if self.codec is not None and (not isinstance(self.codec, str) or self.codec not in CODECS):
+            raise ConfigError(f"unknown codec {self.codec!r}; available: {', '.join(sorted(CODECS))} "
+                              "(or none for uncompressed)")
+        if self.codec is None and not self.compress_self:
+            raise ConfigError("compress_self=false only applies with a codec (this algorithm compresses nothing)")

@@ -13,59 +13,83 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from crossgrad.algorithms.base import Algorithm, CombineContext, ConfigError
+from crossgrad.algorithms.base import CombineContext, ConfigError, CrossGradientAlgorithm
 from crossgrad.qp import solve_box_qp
 
 
 @dataclass
-class CGA(Algorithm):
+class CGAState:
+    """The QP solution of the last step per (layer, agent), reused where a solve fails, and the failures.
+
+    slot, kmax and regular describe where each out-edge's message sits in its sender's padded
+    [kmax] row; they follow from the edge plan and are not saved.
+    """
+
+    slot: Tensor
+    kmax: int
+    regular: bool
+    v: Tensor
+    qp_failures: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"v": self.v.clone(), "qp_failures": self.qp_failures}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        v = state["v"]
+        if tuple(v.shape) != tuple(self.v.shape):
+            raise ValueError(f"CGA state v of shape {tuple(v.shape)} does not fit this run's {tuple(self.v.shape)}")
+        self.v = v.to(device=self.v.device, dtype=self.v.dtype, copy=True)
+        self.qp_failures = int(state["qp_failures"])
+
+    def counters(self) -> dict[str, int]:
+        return {"qp_failures": self.qp_failures}
+
+
+@dataclass
+class CGA(CrossGradientAlgorithm):
     margin: float = 0.5
     eps: float = 1e-12
-    weights: str = "mixing"
 
     name: ClassVar[str] = "cga"
-    cross_gradients: ClassVar[bool] = True
 
     def validate(self) -> None:
         super().validate()
+        if self.margin < 0:
+            raise ConfigError(f"margin must be >= 0, not {self.margin}")
         if self.eps < 0:
             raise ConfigError(f"eps must be >= 0, not {self.eps}")
-        if self.weights not in ("mixing", "uniform"):
-            raise ConfigError(f"weights must be 'mixing' or 'uniform', not {self.weights!r}")
 
     @property
     def round2(self) -> bool:
         return True
 
-    def init_state(self, ctx: CombineContext, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    def init_state(self, ctx: CombineContext, device: torch.device) -> CGAState:
         plan = ctx.plan
-        counts = torch.bincount(plan.out_src, minlength=plan.n_local)
+        out_src = plan.out_src.to(device)
+        counts = torch.bincount(out_src, minlength=plan.n_local)
         kmax = int(counts.max()) if len(counts) else 0
         # slot of out-edge e in its sender's padded row: senders are sorted, so rank within the run
         starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(len(plan.out_src)) - starts[plan.out_src]
-        return {
-            "slot": slot.to(device),
-            "kmax": kmax,
-            "regular": bool(len(counts)) and bool((counts == kmax).all()),
-            "v": torch.full((ctx.layout.num_tensors, plan.n_local, kmax), self.margin, dtype=torch.float64,
-                            device=device),
-            "qp_failures": 0,
-        }
+        slot = torch.arange(len(out_src), device=device) - starts[out_src]
+        return CGAState(
+            slot=slot, kmax=kmax, regular=bool(len(counts)) and bool((counts == kmax).all()),
+            v=torch.full((ctx.layout.num_tensors, plan.n_local, kmax), self.margin, dtype=torch.float64,
+                         device=device),
+        )
 
     def combine(
-        self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: dict[str, Any]
+        self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: CGAState
     ) -> Tensor:
-        plan, kmax = ctx.plan, state["kmax"]
+        plan, kmax = ctx.plan, state.kmax
         g = g_self * ctx.self_w.to(g_self.dtype).unsqueeze(1)
         if kmax == 0:
             return g
         weighted = dv * ctx.out_w.to(dv.dtype).unsqueeze(1)
-        if state["regular"]:  # out-edges are sorted by sender, kmax each: already [n, k, P]
+        if state.regular:  # out-edges are sorted by sender, kmax each: already [n, k, P]
             rows = weighted.view(plan.n_local, kmax, -1)
         else:
             rows = torch.zeros(plan.n_local, kmax, g.shape[1], dtype=g.dtype, device=g.device)
-            rows[plan.out_src.to(g.device), state["slot"]] = weighted
+            rows[plan.out_src, state.slot] = weighted
         slices = ctx.layout.slices()
         Q, c = [], []
         for s in slices:
@@ -84,9 +108,9 @@ class CGA(Algorithm):
         v, ok = v.reshape(L, n, kmax), ok.reshape(L, n)
         failed = ~ok
         if failed.any():
-            state["qp_failures"] += int(failed.sum())
-            v = torch.where(failed.unsqueeze(-1), state["v"], v)
-        state["v"] = v
+            state.qp_failures += int(failed.sum())
+            v = torch.where(failed.unsqueeze(-1), state.v, v)
+        state.v = v
         v = torch.where(active, v, torch.zeros_like(v)).to(g.dtype)
         out = g.clone()
         for l, s in enumerate(slices):
@@ -96,9 +120,8 @@ class CGA(Algorithm):
 
 @dataclass
 class CompCGA(CGA):
-    """CGA on scaled-sign compressed cross-gradients with error feedback, as in CompNGC."""
+    """CGA with codec="sign" (scaled-sign cross-gradients with error feedback), as in CompNGC."""
 
-    compress_self: bool = True
-    compression: str = "sign"
+    codec: str | None = "sign"
 
     name: ClassVar[str] = "compcga"

@@ -1,41 +1,38 @@
-"""Neighborhood Gradient Clustering (NGC) and its compressed variant CompNGC."""
+"""Neighborhood Gradient Clustering (NGC) and CompNGC, which is NGC with the scaled-sign codec."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import Tensor
 
-from crossgrad.algorithms.base import Algorithm, CombineContext, ConfigError
+from crossgrad.algorithms.base import AlgorithmState, CombineContext, ConfigError, CrossGradientAlgorithm
 
 
 @dataclass
-class NGC(Algorithm):
+class NGC(CrossGradientAlgorithm):
     """g~_i = w_ii g_ii + sum_j w_ij [alpha g_ij + (1 - alpha) g_ji].
 
     alpha = 1 uses data-variant cross-gradients only, alpha = 0 model-variant only (no second
-    communication round at all); `weights="uniform"` uses the reference's pi = 1/(k+1).
+    communication round at all); `weights="uniform"` uses the reference's pi = 1/(k+1). With a
+    codec the sender uses its own compressed message for its model-variant term.
     """
 
     alpha: float = 1.0
-    weights: str = "mixing"
 
     name: ClassVar[str] = "ngc"
-    cross_gradients: ClassVar[bool] = True
 
     def validate(self) -> None:
         super().validate()
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"alpha must be in [0, 1], not {self.alpha}")
-        if self.weights not in ("mixing", "uniform"):
-            raise ConfigError(f"weights must be 'mixing' or 'uniform', not {self.weights!r}")
 
     @property
     def round2(self) -> bool:
         return self.alpha > 0
 
     def combine(
-        self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: dict[str, Any]
+        self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: AlgorithmState
     ) -> Tensor:
         plan, a = ctx.plan, self.alpha
         out = g_self * ctx.self_w.to(g_self.dtype).unsqueeze(1)
@@ -48,13 +45,8 @@ class NGC(Algorithm):
 
 @dataclass
 class CompNGC(NGC):
-    """NGC with scaled-sign compression and sender-side error feedback on every cross-gradient.
+    """NGC with codec="sign": scaled-sign messages with sender-side error feedback, the self-gradient too."""
 
-    The sender uses its own compressed message for its model-variant term; with compress_self the
-    self-gradient also goes through the compressor with its own error memory (the reference's way).
-    """
-
-    compress_self: bool = True
-    compression: str = "sign"
+    codec: str | None = "sign"
 
     name: ClassVar[str] = "compngc"

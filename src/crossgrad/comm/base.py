@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from crossgrad.compress import Payload
+from crossgrad.codecs import Payload
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,14 @@ class EdgePlan:
         pos = {g: k for k, g in enumerate(local)}
         ins = sorted((pos[d], s) for s, d in edges if d in pos)
         outs = sorted((pos[s], d) for s, d in edges if s in pos)
-        long = torch.long
+        long, cpu = torch.long, torch.device("cpu")  # host-side bookkeeping; backends move what they index with
         return cls(
             n=n,
             local=tuple(local),
-            in_src=torch.tensor([s for _, s in ins], dtype=long),
-            in_dst=torch.tensor([d for d, _ in ins], dtype=long),
-            out_dst=torch.tensor([d for _, d in outs], dtype=long),
-            out_src=torch.tensor([s for s, _ in outs], dtype=long),
+            in_src=torch.tensor([s for _, s in ins], dtype=long, device=cpu),
+            in_dst=torch.tensor([d for d, _ in ins], dtype=long, device=cpu),
+            out_dst=torch.tensor([d for _, d in outs], dtype=long, device=cpu),
+            out_src=torch.tensor([s for s, _ in outs], dtype=long, device=cpu),
         )
 
     @property
@@ -68,14 +68,14 @@ class Comm(Protocol):
 
 
 def count_round1(comm: Comm, x: Tensor) -> None:
-    row = x.shape[1] * x.element_size()
-    comm.bytes_sent[:, 0].index_add_(
-        0, comm.plan.out_src, torch.full((len(comm.plan.out_src),), float(row), dtype=torch.float64)
-    )
+    _count(comm.bytes_sent[:, 0], comm.plan.out_src, x.shape[1] * x.element_size())
 
 
 def count_round2(comm: Comm, payload: Payload) -> None:
     row = sum(t[0].numel() * t.element_size() for t in payload) if len(comm.plan.in_dst) else 0
-    comm.bytes_sent[:, 1].index_add_(
-        0, comm.plan.in_dst, torch.full((len(comm.plan.in_dst),), float(row), dtype=torch.float64)
-    )
+    _count(comm.bytes_sent[:, 1], comm.plan.in_dst, row)
+
+
+def _count(sent: Tensor, senders: Tensor, row_bytes: int) -> None:
+    """Add one message of `row_bytes` to the counter of each edge's sending agent."""
+    sent.index_add_(0, senders, sent.new_full((len(senders),), float(row_bytes)))

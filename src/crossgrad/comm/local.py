@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from crossgrad.codecs import Payload
 from crossgrad.comm.base import EdgePlan, count_round1, count_round2
-from crossgrad.compress import Payload
 
 
 class LocalComm:
     def __init__(self, edges: list[tuple[int, int]], n: int, device: torch.device | str = "cpu"):
         self.plan = EdgePlan.build(edges, n, list(range(n)))
-        self.bytes_sent = torch.zeros(n, 2, dtype=torch.float64)
+        self.bytes_sent = torch.zeros(n, 2, dtype=torch.float64, device="cpu")
         in_index = {
             (int(s), int(d)): e for e, (s, d) in enumerate(zip(self.plan.in_src, self.plan.in_dst))
         }

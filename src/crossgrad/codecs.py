@@ -1,24 +1,25 @@
-"""Message compressors for the cross-gradient round.
+"""Message codecs for the cross-gradient round, and error feedback as a stateful wrapper.
 
-A compressor turns a batch of flat rows [E, P] into a *payload*: a tuple of tensors, each with
-leading dimension E, which is exactly what goes on the wire (bytes are counted from it), and
-decodes a payload back to [E, P]. Compression is per parameter tensor, following the layout.
-Error feedback (sender-side memory) is a separate function so any compressor can use it.
+A codec turns a batch of flat rows [E, P] into a *payload*: a tuple of tensors, each with leading
+dimension E, which is exactly what goes on the wire (bytes are counted from it), and decodes a
+payload back to [E, P]. Codecs are stateless and work per parameter tensor, following the layout;
+`ErrorFeedback(codec)` adds the sender-side memory, so any codec can use it.
 """
 from __future__ import annotations
 
 import sys
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from crossgrad.errors import ConfigError
 from crossgrad.flat import ParamLayout
 
 Payload = tuple[Tensor, ...]
 
 
-class Compressor(Protocol):
+class Codec(Protocol):
     name: str
 
     def encode(self, rows: Tensor) -> Payload: ...
@@ -28,11 +29,6 @@ class Compressor(Protocol):
     def roundtrip(self, rows: Tensor) -> Tensor:
         """decode(encode(rows)), computed directly."""
         ...
-
-
-def payload_row_bytes(payload: Payload) -> int:
-    """Bytes one row of a payload occupies on the wire."""
-    return sum(t[0].numel() * t.element_size() for t in payload) if payload[0].shape[0] else 0
 
 
 class Identity:
@@ -136,26 +132,66 @@ class ScaledSign:
         return sum((k + 7) // 8 + 4 for k in self.layout.numels)
 
 
-COMPRESSORS = {"identity": lambda layout: Identity(), "sign": ScaledSign}
+CODECS = {"identity": lambda layout: Identity(), "sign": ScaledSign}
 
 
-def make_compressor(name: str, layout: ParamLayout) -> Compressor:
+def make_codec(name: str, layout: ParamLayout) -> Codec:
     try:
-        return COMPRESSORS[name](layout)
+        factory = CODECS[name]
     except KeyError:
-        raise ValueError(f"unknown compressor {name!r}; available: {sorted(COMPRESSORS)}") from None
+        raise ConfigError(f"unknown codec {name!r}; available: {', '.join(sorted(CODECS))}") from None
+    return factory(layout)
 
 
-def error_feedback(
-    compressor: Compressor, rows: Tensor, memory: Tensor, send: bool = True
-) -> tuple[Payload | None, Tensor]:
-    """Compress rows + memory; update memory in place to what was not sent (e <- e + g - c).
+class ErrorFeedback:
+    """A codec with sender-side error memory, one row per message stream: c = C(e + g); e <- e + g - c.
 
-    Returns the payload to send (None when `send` is false: a self-gradient never leaves the
-    agent) and its decoded value c, what the receiver will see.
+    The memory rows are created by `init` (or on the first message, shaped like it) and live on the
+    device and in the dtype of the rows they correct.
     """
-    corrected = memory + rows
-    payload = compressor.encode(corrected) if send else None
-    decoded = compressor.roundtrip(corrected)
-    torch.sub(corrected, decoded, out=memory)
-    return payload, decoded
+
+    def __init__(self, codec: Codec):
+        self.codec = codec
+        self.memory: Tensor | None = None
+
+    def init(self, rows_shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,
+             device: torch.device | str) -> None:
+        self.memory = torch.zeros(tuple(rows_shape), dtype=dtype, device=device)
+
+    def _corrected(self, rows: Tensor) -> Tensor:
+        if self.memory is None:
+            self.init(rows.shape, rows.dtype, rows.device)
+        elif self.memory.shape != rows.shape:
+            raise ValueError(f"error feedback holds memory rows {tuple(self.memory.shape)}, "
+                             f"got rows {tuple(rows.shape)}")
+        return self.memory + rows
+
+    def encode(self, rows: Tensor) -> tuple[Payload, Tensor]:
+        """The payload to send and its decoded value c (what the receiver will see); updates the memory."""
+        corrected = self._corrected(rows)
+        payload = self.codec.encode(corrected)
+        return payload, self._keep_rest(corrected)
+
+    def roundtrip(self, rows: Tensor) -> Tensor:
+        """As `encode` for rows that never leave the agent (the self-gradient): no payload is built."""
+        return self._keep_rest(self._corrected(rows))
+
+    def _keep_rest(self, corrected: Tensor) -> Tensor:
+        decoded = self.codec.roundtrip(corrected)
+        torch.sub(corrected, decoded, out=self.memory)
+        return decoded
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"memory": None if self.memory is None else self.memory.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        theirs = state["memory"]
+        if theirs is None:
+            self.memory = None
+            return
+        if self.memory is None:
+            raise ValueError("error-feedback memory must be initialised (init) before a state is loaded")
+        if theirs.shape != self.memory.shape:
+            raise ValueError(f"error-feedback memory of shape {tuple(theirs.shape)} does not fit "
+                             f"{tuple(self.memory.shape)}")
+        self.memory.copy_(theirs)

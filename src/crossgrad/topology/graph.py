@@ -1,13 +1,11 @@
-"""Communication graphs and their mixing matrices.
+"""The :class:`Topology` class: an immutable graph of agents with a validated row-stochastic mixing matrix.
 
-A :class:`Topology` holds ``n`` agents and a row-stochastic mixing matrix ``W`` (float64,
-``[n, n]``). ``W[i, j] > 0`` with ``j != i`` means agent ``i`` *receives* from agent ``j``: ``j`` is an
+``W[i, j] > 0`` with ``j != i`` means agent ``i`` *receives* from agent ``j``: ``j`` is an
 in-neighbour of ``i`` and the edge is written ``(src, dst) = (j, i)``. Each row of ``W`` is the
 averaging rule of one receiver, so rows sum to 1; columns need not (directed graphs).
 
 Every constructor validates what it builds (square, finite, non-negative, rows summing to 1,
-strongly connected), so an algorithm handed a ``Topology`` never has to re-check it. Mistakes raise
-:class:`TopologyError` (a ``ValueError``) with a message naming the offending row, edge or agents.
+strongly connected), so an algorithm handed a ``Topology`` never has to re-check it.
 
 Mixing weights (``weights=``) for graphs built from edges:
 
@@ -24,9 +22,7 @@ i - 5 coincide). Ours is the genuine 2-D ``rows x cols`` grid with wrap-around.
 """
 from __future__ import annotations
 
-import inspect
 import math
-import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -34,86 +30,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TOPOLOGIES", "Topology", "TopologyError", "make_topology"]
-
-_ROW_TOL = 1e-9     # |row sum - 1| allowed (relative to 1)
-_SYM_TOL = 1e-12    # |W - W^T| allowed for is_symmetric
-_WEIGHT_SCHEMES = ("uniform", "metropolis")
-
-
-class TopologyError(ValueError):
-    """An invalid graph or mixing matrix, or bad arguments to a topology constructor."""
-
-
-# ----------------------------------------------------------------------------- small helpers
-
-
-def _fmt_agents(agents: Iterable[int], limit: int = 10) -> str:
-    """``{4, 5}``; long sets are cut so the message stays readable."""
-    items = sorted(agents)
-    shown = ", ".join(str(a) for a in items[:limit])
-    if len(items) > limit:
-        shown += f", ... ({len(items)} agents)"
-    return "{" + shown + "}"
-
-
-#: the most agents a topology may have: W is a dense n x n matrix (4096 agents: 128 MiB)
-MAX_AGENTS = 4096
-
-
-def _check_int(value: Any, what: str, minimum: int | None = None, maximum: int | None = None) -> int:
-    """Accept Python/NumPy/torch integers (not bools, not floats) and check the bounds."""
-    if isinstance(value, bool):
-        raise TopologyError(f"{what} must be an integer, got {value!r}")
-    try:
-        out = operator.index(value)
-    except TypeError:
-        raise TopologyError(f"{what} must be an integer, got {value!r}") from None
-    if minimum is not None and out < minimum:
-        raise TopologyError(f"{what} must be >= {minimum}, got {out}")
-    if maximum is not None and out > maximum:
-        raise TopologyError(f"{what} must be at most {maximum}, got {out}")
-    return out
-
-
-def _check_scheme(weights: str) -> str:
-    if weights not in _WEIGHT_SCHEMES:
-        raise TopologyError(f"weights must be 'uniform' or 'metropolis', got {weights!r}")
-    return weights
-
-
-def _reach(adj_out: Sequence[Sequence[int]], start: int) -> set[int]:
-    """Agents reachable from ``start`` following ``adj_out`` (breadth-first)."""
-    seen = {start}
-    frontier = [start]
-    while frontier:
-        nxt = []
-        for a in frontier:
-            for b in adj_out[a]:
-                if b not in seen:
-                    seen.add(b)
-                    nxt.append(b)
-        frontier = nxt
-    return seen
-
-
-def _connectivity_problem(ins: Sequence[Sequence[int]], outs: Sequence[Sequence[int]]) -> str | None:
-    """Why the graph is not strongly connected, or None if it is.
-
-    Information flows along out-edges; agent 0 must reach everyone and everyone must reach agent 0.
-    """
-    n = len(ins)
-    if n <= 1:
-        return None
-    undirected = all(set(ins[i]) == set(outs[i]) for i in range(n))
-    kind = "connected" if undirected else "strongly connected"
-    missed = set(range(n)) - _reach(outs, 0)
-    if missed:
-        return f"graph is not {kind}: agents {_fmt_agents(missed)} cannot be reached from agent 0"
-    missed = set(range(n)) - _reach(ins, 0)
-    if missed:
-        return f"graph is not {kind}: agent 0 cannot be reached from agents {_fmt_agents(missed)}"
-    return None
+from crossgrad.topology.checks import (
+    MAX_AGENTS,
+    ROW_TOL,
+    SYM_TOL,
+    TopologyError,
+    check_int,
+    check_scheme,
+    connectivity_problem,
+    reach,
+)
 
 
 def _rebuild(W: Tensor, name: str, params: dict[str, Any]) -> Topology:
@@ -143,7 +69,7 @@ class Topology:
         pos = (Wt > 0).numpy()
         ins = tuple(tuple(int(j) for j in np.flatnonzero(pos[i]) if j != i) for i in range(n))
         outs = tuple(tuple(int(i) for i in np.flatnonzero(pos[:, j]) if i != j) for j in range(n))
-        problem = _connectivity_problem(ins, outs)
+        problem = connectivity_problem(ins, outs)
         if problem is not None:
             raise TopologyError(problem)
         Wt.requires_grad_(False)
@@ -179,7 +105,7 @@ class Topology:
             i, j = (int(v) for v in neg[0])
             raise TopologyError(f"W[{i}, {j}] = {Wt[i, j].item():.12g} is negative; mixing weights must be >= 0")
         sums = Wt.sum(1)
-        off = ((sums - 1).abs() > _ROW_TOL).nonzero()
+        off = ((sums - 1).abs() > ROW_TOL).nonzero()
         if len(off):
             i = int(off[0])
             raise TopologyError(
@@ -206,8 +132,8 @@ class Topology:
     @classmethod
     def _from_edges(cls, n: int, edges: Iterable[Sequence[int]], directed: bool, weights: str,
                     name: str, params: dict[str, Any]) -> Topology:
-        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
-        _check_scheme(weights)
+        n = check_int(n, "n (number of agents)", 1, MAX_AGENTS)
+        check_scheme(weights)
         if isinstance(edges, (str, bytes)):
             raise TopologyError("edges must be an iterable of (src, dst) pairs, got a string")
         try:
@@ -223,8 +149,8 @@ class Topology:
                 raise TopologyError(f"edge #{k} ({e!r}) is not a (src, dst) pair") from None
             if len(pair) != 2:
                 raise TopologyError(f"edge #{k} ({e!r}) is not a (src, dst) pair")
-            s = _check_int(pair[0], f"source of edge #{k}")
-            d = _check_int(pair[1], f"destination of edge #{k}")
+            s = check_int(pair[0], f"source of edge #{k}")
+            d = check_int(pair[1], f"destination of edge #{k}")
             for a in (s, d):
                 if not 0 <= a < n:
                     raise TopologyError(f"edge #{k} ({s}, {d}) names agent {a}, but agents are 0..{n - 1}")
@@ -245,7 +171,7 @@ class Topology:
                 adj[s, d] = True
         ins = [tuple(int(j) for j in np.flatnonzero(adj[i])) for i in range(n)]
         outs = [tuple(int(i) for i in np.flatnonzero(adj[:, j])) for j in range(n)]
-        problem = _connectivity_problem(ins, outs)
+        problem = connectivity_problem(ins, outs)
         if problem is not None:
             raise TopologyError(problem)
         return cls(cls._weights_from_adjacency(adj, weights), name=name, _params=params)
@@ -296,7 +222,7 @@ class Topology:
         Degenerate cases: ``n = 1`` is a lone agent (``W = [[1]]``) and ``n = 2`` a single edge
         (both agents average with each other); every agent has degree 2 only for ``n >= 3``.
         """
-        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
+        n = check_int(n, "n (number of agents)", 1, MAX_AGENTS)
         return cls._undirected(n, ((i, (i + 1) % n) for i in range(n)), weights, "ring")
 
     @classmethod
@@ -305,7 +231,7 @@ class Topology:
 
         ``n = 1`` is a lone agent; ``n = 2`` coincides with the undirected single edge.
         """
-        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
+        n = check_int(n, "n (number of agents)", 1, MAX_AGENTS)
         edges = sorted({((i - 1) % n, i) for i in range(n) if (i - 1) % n != i})
         return cls._from_edges(n, edges, True, weights, "directed_ring", {})
 
@@ -320,12 +246,12 @@ class Topology:
         allowed and degenerates to a ring.
         """
         if cols is None:
-            n = _check_int(rows, "n (number of agents)", 1, MAX_AGENTS)
+            n = check_int(rows, "n (number of agents)", 1, MAX_AGENTS)
             r, c = cls._torus_shape(n)
         else:
-            r = _check_int(rows, "rows", 1)
-            c = _check_int(cols, "cols", 1)
-        n = _check_int(r * c, "n = rows x cols (number of agents)", 1, MAX_AGENTS)
+            r = check_int(rows, "rows", 1)
+            c = check_int(cols, "cols", 1)
+        n = check_int(r * c, "n = rows x cols (number of agents)", 1, MAX_AGENTS)
         pairs = []
         for i in range(r):
             for j in range(c):
@@ -349,19 +275,19 @@ class Topology:
     @classmethod
     def full(cls, n: int, weights: str = "uniform") -> Topology:
         """Complete graph: every agent receives from every other (W = 1/n everywhere)."""
-        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
+        n = check_int(n, "n (number of agents)", 1, MAX_AGENTS)
         return cls._undirected(n, ((i, j) for i in range(n) for j in range(i + 1, n)), weights, "full")
 
     @classmethod
     def chain(cls, n: int, weights: str = "uniform") -> Topology:
         """Path 0-1-...-(n-1): a ring without its closing edge, the worst-connected tree."""
-        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
+        n = check_int(n, "n (number of agents)", 1, MAX_AGENTS)
         return cls._undirected(n, ((i, i + 1) for i in range(n - 1)), weights, "chain")
 
     @classmethod
     def star(cls, n: int, weights: str = "uniform") -> Topology:
         """Agent 0 is the hub, linked to every other agent; leaves are linked only to the hub."""
-        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
+        n = check_int(n, "n (number of agents)", 1, MAX_AGENTS)
         return cls._undirected(n, ((0, i) for i in range(1, n)), weights, "star")
 
     @classmethod
@@ -372,7 +298,7 @@ class Topology:
         count once). ``directed=True``: the one-peer-per-power variant, i sends to i + 2^k, so it
         receives from i - 2^k; in- and out-degree are both ceil(log2 n).
         """
-        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
+        n = check_int(n, "n (number of agents)", 1, MAX_AGENTS)
         hops = [1 << k for k in range(max(n - 1, 0).bit_length())]  # all 2^k < n
         if not directed:
             return cls._undirected(n, ((i, (i + h) % n) for i in range(n) for h in hops), weights,
@@ -387,16 +313,16 @@ class Topology:
 
         Uses ``numpy.random.default_rng(seed)``; raises after ``max_tries`` disconnected draws.
         """
-        n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
-        max_tries = _check_int(max_tries, "max_tries", 1, 10_000)
+        n = check_int(n, "n (number of agents)", 1, MAX_AGENTS)
+        max_tries = check_int(max_tries, "max_tries", 1, 10_000)
         if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)):
             raise TopologyError(f"p must be a number in (0, 1], got {p!r}")
         p = float(p)
         if not 0 < p <= 1:
             raise TopologyError(f"p must be in (0, 1], got {p}")
         if seed is not None:
-            seed = _check_int(seed, "seed", 0)
-        _check_scheme(weights)
+            seed = check_int(seed, "seed", 0)
+        check_scheme(weights)
         rng = np.random.default_rng(seed)
         iu, ju = np.triu_indices(n, k=1)
         params = {"p": p, "seed": seed}
@@ -406,7 +332,7 @@ class Topology:
             for a, b in zip(iu[keep].tolist(), ju[keep].tolist()):
                 adj[a].append(b)
                 adj[b].append(a)
-            if len(_reach(adj, 0)) == n:
+            if len(reach(adj, 0)) == n:
                 pairs = list(zip(iu[keep].tolist(), ju[keep].tolist()))
                 return cls._from_edges(n, pairs, False, weights, "erdos_renyi", {**params, "tries": attempt})
         raise TopologyError(
@@ -436,7 +362,7 @@ class Topology:
         return dict(self._params)
 
     def _agent(self, i: int) -> int:
-        i = _check_int(i, "agent id")
+        i = check_int(i, "agent id")
         if not 0 <= i < self.n:
             raise TopologyError(f"agent {i} does not exist; agents are 0..{self.n - 1}")
         return i
@@ -480,12 +406,12 @@ class Topology:
     @property
     def is_symmetric(self) -> bool:
         """W == W^T within 1e-12 (then W is also doubly stochastic)."""
-        return bool(((self._W - self._W.T).abs() <= _SYM_TOL).all())
+        return bool(((self._W - self._W.T).abs() <= SYM_TOL).all())
 
     @property
     def is_doubly_stochastic(self) -> bool:
         """Columns also sum to 1 (within 1e-9): plain averaging then preserves the network mean."""
-        return bool(((self._W.sum(0) - 1).abs() <= _ROW_TOL).all())
+        return bool(((self._W.sum(0) - 1).abs() <= ROW_TOL).all())
 
     @property
     def is_regular(self) -> bool:
@@ -537,85 +463,3 @@ class Topology:
     def __hash__(self) -> int:
         return hash((self.n, self._W.numpy().tobytes()))
 
-
-# ----------------------------------------------------------------------------- factory
-
-
-def _make_ring(n: int, weights: str = "uniform") -> Topology:
-    return Topology.ring(n, weights=weights)
-
-
-def _make_directed_ring(n: int, weights: str = "uniform") -> Topology:
-    return Topology.directed_ring(n, weights=weights)
-
-
-def _make_torus(n: int, rows: int | None = None, cols: int | None = None, weights: str = "uniform") -> Topology:
-    n = _check_int(n, "n (number of agents)", 1, MAX_AGENTS)
-    if rows is None and cols is None:
-        return Topology.torus(n, weights=weights)
-    if rows is None or cols is None:
-        side = _check_int(rows if rows is not None else cols, "rows" if rows is not None else "cols", 1)
-        if n % side:
-            raise TopologyError(f"n={n} agents cannot fill a torus with a side of {side}")
-        rows, cols = (side, n // side) if rows is not None else (n // side, side)
-    topo = Topology.torus(rows, cols, weights=weights)
-    if topo.n != n:
-        raise TopologyError(f"torus {rows} x {cols} has {topo.n} agents, not n={n}")
-    return topo
-
-
-def _make_full(n: int, weights: str = "uniform") -> Topology:
-    return Topology.full(n, weights=weights)
-
-
-def _make_chain(n: int, weights: str = "uniform") -> Topology:
-    return Topology.chain(n, weights=weights)
-
-
-def _make_star(n: int, weights: str = "uniform") -> Topology:
-    return Topology.star(n, weights=weights)
-
-
-def _make_exponential(n: int, directed: bool = False, weights: str = "uniform") -> Topology:
-    return Topology.exponential(n, directed=directed, weights=weights)
-
-
-def _make_erdos_renyi(n: int, p: float | None = None, seed: int | None = 0, max_tries: int = 100,
-                      weights: str = "uniform") -> Topology:
-    if p is None:
-        raise TopologyError("erdos_renyi needs an edge probability p in (0, 1], e.g. p=0.3")
-    return Topology.erdos_renyi(n, p, seed=seed, max_tries=max_tries, weights=weights)
-
-
-#: name -> builder(n, **options); used by configs through :func:`make_topology`.
-TOPOLOGIES: dict[str, Callable[..., Topology]] = {
-    "ring": _make_ring,
-    "directed_ring": _make_directed_ring,
-    "torus": _make_torus,
-    "full": _make_full,
-    "chain": _make_chain,
-    "star": _make_star,
-    "exponential": _make_exponential,
-    "erdos_renyi": _make_erdos_renyi,
-}
-
-
-def make_topology(name: str, n: int, **kw: Any) -> Topology:
-    """Build a named topology of n agents, e.g. ``make_topology("erdos_renyi", 8, p=0.4, seed=1)``.
-
-    Names are case-insensitive and ``-`` may stand for ``_``. Unknown names or options raise
-    :class:`TopologyError` listing what is accepted, so config typos fail loudly.
-    """
-    if not isinstance(name, str):
-        raise TopologyError(f"topology name must be a string, got {name!r}")
-    key = name.strip().lower().replace("-", "_")
-    if key not in TOPOLOGIES:
-        raise TopologyError(f"unknown topology {name!r}; choose one of {', '.join(sorted(TOPOLOGIES))}")
-    builder = TOPOLOGIES[key]
-    accepted = [p for p in inspect.signature(builder).parameters if p != "n"]
-    unknown = sorted(set(kw) - set(accepted))
-    if unknown:
-        raise TopologyError(
-            f"unknown option(s) {', '.join(unknown)} for topology {key!r}; accepted: {', '.join(accepted)}"
-        )
-    return builder(n, **kw)

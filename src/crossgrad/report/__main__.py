@@ -1,0 +1,5 @@
+import sys
+
+from crossgrad.report import main
+
+sys.exit(main())

@@ -1,0 +1,140 @@
+"""Finding run directories and reading what the runner left in them (summary, metrics, config)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from crossgrad.errors import ConfigError
+from crossgrad.run.config import read_toml
+from crossgrad.run.rundir import CHECKPOINT, CONFIG, METRICS, SUMMARY
+
+# files that mark a directory as a (possibly crashed) run directory even without a summary
+_RUN_MARKERS = (METRICS, CONFIG, CHECKPOINT)
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def number(x: Any) -> float | None:
+    """A JSON value as a float, or None when it is not a number (bools are not numbers here)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        warn(f"cannot read {path}: {e}; skipped")
+        return None
+
+
+def _read_config(path: Path) -> dict | None:
+    """The config.toml saved next to a summary that carries no "config" of its own."""
+    if not path.is_file():
+        return None
+    try:
+        return read_toml(path)
+    except ConfigError as e:
+        warn(f"{e}; the run's configuration is ignored")
+        return None
+
+
+def _load_run(run_dir: Path) -> dict | None:
+    summary = _read_json(run_dir / SUMMARY)
+    if summary is None:
+        return None
+    if not isinstance(summary, dict):
+        warn(f"{run_dir / SUMMARY} is not a JSON object; skipped")
+        return None
+    config = summary.get("config")
+    if not isinstance(config, dict):
+        config = _read_config(run_dir / CONFIG)
+    return {"path": str(run_dir), "summary": summary, "config": config}
+
+
+def collect(paths: Iterable[str | Path]) -> list[dict]:
+    """Find run directories (those with a summary.json) recursively under each path.
+
+    Returns ``[{"path": str, "summary": dict, "config": dict | None}, ...]`` sorted by path; the
+    config is the summary's "config", else the run's config.toml, else None.
+    Unreadable summaries and run-looking directories without a summary are skipped with a
+    warning on stderr.  Run directories are not searched further (their subfolders are not runs).
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    found: dict[str, dict] = {}
+    for p in paths:
+        p = Path(p)
+        if p.is_file() and p.name == SUMMARY:
+            p = p.parent
+        if not p.exists():
+            warn(f"{p} does not exist; skipped")
+            continue
+        if not p.is_dir():
+            warn(f"{p} is not a directory; skipped")
+            continue
+        for root, dirs, files in os.walk(p):
+            dirs.sort()
+            root_p = Path(root)
+            if SUMMARY in files:
+                dirs[:] = []  # a run directory: do not descend
+                key = str(root_p.resolve())
+                if key not in found:
+                    run = _load_run(root_p)
+                    if run is not None:
+                        found[key] = run
+            elif any(m in files for m in _RUN_MARKERS):
+                warn(f"{root_p} has no {SUMMARY} (unfinished or crashed run?); skipped")
+    return sorted(found.values(), key=lambda r: r["path"])
+
+
+def load_metrics(run: dict | str | Path) -> list[dict]:
+    """The evaluation records of a run (``metrics.jsonl``); bad lines are skipped with a warning."""
+    run_dir = Path(run["path"] if isinstance(run, dict) else run)
+    path = run_dir / METRICS
+    if not path.is_file():
+        return []
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    warn(f"{path}:{lineno}: invalid JSON ({e}); line skipped")
+                    continue
+                if isinstance(rec, dict):
+                    records.append(rec)
+    except (OSError, UnicodeDecodeError) as e:
+        warn(f"cannot read {path}: {e}; skipped")
+    return records
+
+
+def as_list(paths: Any) -> list:
+    return [paths] if isinstance(paths, (str, Path)) else list(paths)
+
+
+def default_out(paths: Sequence[str | Path], out: str | Path | None) -> Path | None:
+    if out is not None:
+        return Path(out)
+    if paths and Path(paths[0]).is_dir():
+        return Path(paths[0])
+    return None
+
+
+def no_runs(paths: Sequence[str | Path]) -> int:
+    """Say that nothing was found under ``paths``; the exit code for it."""
+    print(f"error: no runs found (no {SUMMARY} under: {', '.join(map(str, paths)) or 'nothing'})",
+          file=sys.stderr)
+    return 2

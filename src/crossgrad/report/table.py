@@ -1,0 +1,276 @@
+"""Aggregating runs over seeds and rendering the results table (text, Markdown, CSV)."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crossgrad.report.runs import as_list, collect, default_out, no_runs, number
+from crossgrad.run.rundir import comparable_config
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float  # sample std (ddof=1); 0.0 when n == 1
+    n: int
+
+
+def final_metric(key: str) -> Callable[[dict], Any]:
+    return lambda s: (s.get("final") or {}).get(key) if isinstance(s.get("final"), dict) else None
+
+
+def _bytes(i: int) -> Callable[[dict], Any]:
+    def get(s: dict) -> Any:
+        b = s.get("bytes_per_agent_per_step")
+        if isinstance(b, (list, tuple)) and len(b) > i:
+            return b[i]
+        return None
+    return get
+
+
+# (key, text header, extractor from summary, kind) ; kind: "pct" | "bytes" | "num" | "time"
+COLUMNS: list[tuple[str, str, Callable[[dict], Any], str]] = [
+    ("consensus_acc", "cons. acc (%)", final_metric("consensus_acc"), "pct"),
+    ("local_acc_mean", "local acc (%)", final_metric("local_acc_mean"), "pct"),
+    ("best_consensus_acc", "best cons. acc (%)", lambda s: s.get("best_consensus_acc"), "pct"),
+    ("bytes_round1", "B/agent/step r1", _bytes(0), "bytes"),
+    ("bytes_round2", "B/agent/step r2", _bytes(1), "bytes"),
+    ("grad_evals", "grad evals/step", lambda s: s.get("grad_evals_per_agent_per_step"), "num"),
+    ("wall_time_s", "wall time (s)", lambda s: s.get("wall_time_s"), "time"),
+]
+
+
+@dataclass
+class Row:
+    setting: str
+    method: str
+    n_runs: int                        # all runs in the group
+    n_completed: int                   # runs averaged
+    seeds: list                        # seeds of the completed runs
+    stats: dict[str, Stat | None]      # COLUMNS key -> Stat over completed runs (None: no data)
+    incomplete: dict[str, int] = field(default_factory=dict)   # status -> count (not averaged)
+    flags: list[str] = field(default_factory=list)
+    runs: list[dict] = field(default_factory=list, repr=False)
+
+
+def mean_std(values: list[float]) -> Stat | None:
+    if not values:
+        return None
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return Stat(mean, std, n)
+
+
+def summary_label(s: dict, key: str) -> str:
+    v = s.get(key)
+    return str(v) if v not in (None, "") else "?"
+
+
+def _flat_config(run: dict) -> dict[str, Any]:
+    """The run's configuration as section.key -> value, without what does not change the result
+    (seed, output, device, threads, ...) and without the data folder (the same files may sit anywhere)."""
+    flat = comparable_config(run.get("config")) or {}
+    return {k: v for k, v in flat.items() if k not in ("training.seed", "data.data_dir")}
+
+
+def _sort_value(v: Any) -> tuple:
+    return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, repr(v))
+
+
+def _variants(group: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Split runs of one (setting, method) that differ in more than their seed (an lr grid, say),
+    so that they are never averaged as if they were seeds: ("lr=0.005", runs) per variant."""
+    flats = [_flat_config(r) for r in group]
+    keys = sorted({k for f in flats for k in f})
+    differing = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
+    if not differing:
+        return [("", group)]
+    buckets: dict[tuple, list[dict]] = {}
+    for run, flat in zip(group, flats, strict=True):
+        buckets.setdefault(tuple(flat.get(k) for k in differing), []).append(run)
+    out = []
+    for values in sorted(buckets, key=lambda vs: tuple(_sort_value(v) for v in vs)):
+        label = " ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                         for k, v in zip(differing, values, strict=True))
+        out.append((label, buckets[values]))
+    return out
+
+
+def aggregate(runs: Sequence[dict]) -> list[Row]:
+    """Group runs by (setting, method) and average the completed ones over seeds.
+
+    Runs of one method whose configurations differ in more than the seed become separate rows,
+    their method labelled with the differing values (e.g. ``NGC (α=0) [lr=0.005]``)."""
+    by_method: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        s = run["summary"]
+        by_method.setdefault((summary_label(s, "setting"), summary_label(s, "method")), []).append(run)
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for (setting, method), grp in by_method.items():
+        for label, runs_of in _variants(grp):
+            groups[(setting, f"{method} [{label}]" if label else method)] = runs_of
+    rows = []
+    for (setting, method), grp in sorted(groups.items()):
+        done = [r for r in grp if r["summary"].get("status") == "completed"]
+        incomplete: dict[str, int] = {}
+        for r in grp:
+            st = r["summary"].get("status")
+            if st != "completed":
+                st = str(st) if st is not None else "no status"
+                incomplete[st] = incomplete.get(st, 0) + 1
+        stats = {}
+        for key, _, get, _kind in COLUMNS:
+            vals = [number(get(r["summary"])) for r in done]
+            stats[key] = mean_std([v for v in vals if v is not None])
+        seeds = sorted((r["summary"].get("seed") for r in done), key=lambda x: (x is None, str(x)))
+        flags = [f"{c} {st}" for st, c in sorted(incomplete.items())]
+        if not done:
+            flags.append("no completed runs")
+        dups = sorted({str(x) for x in seeds if x is not None and seeds.count(x) > 1})
+        if dups:
+            flags.append("duplicate seed " + ",".join(dups))
+        qp = sum(number(r["summary"].get("qp_failures")) or 0 for r in done)
+        if qp:
+            flags.append(f"qp_failures={qp:g}")
+        rows.append(Row(setting, method, len(grp), len(done), seeds, stats, incomplete, flags,
+                        list(grp)))
+    return rows
+
+
+def _human_bytes(b: float) -> str:
+    if not math.isfinite(b):
+        return str(b)
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(b) < 1000 or unit == "GB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.2f} {unit}"
+        b /= 1000.0
+    return f"{b:.2f} GB"  # unreachable
+
+
+def _fmt_stat(st: Stat | None, kind: str, n_row: int) -> str:
+    if st is None:
+        return ""
+    if kind == "pct":
+        s = f"{100 * st.mean:.2f} ± {100 * st.std:.2f}"
+        if st.n == 1 or st.n != n_row:
+            s += f" (n={st.n})"
+        return s
+    if kind == "bytes":
+        return _human_bytes(st.mean)
+    if kind == "time":
+        return f"{st.mean:.1f}"
+    return f"{st.mean:.3g}"
+
+
+def _text_cells(row: Row) -> list[str]:
+    seeds = ",".join("?" if x is None else str(x) for x in row.seeds)
+    cells = [row.setting, row.method, f"{row.n_completed}/{row.n_runs}", seeds]
+    cells += [_fmt_stat(row.stats.get(k), kind, row.n_completed) for k, _, _, kind in COLUMNS]
+    cells.append("; ".join(row.flags))
+    return cells
+
+
+_TEXT_HEADERS = ["setting", "method", "n ok/all", "seeds"] + [h for _, h, _, _ in COLUMNS] + ["flags"]
+_LEFT = {0, 1, 3, len(_TEXT_HEADERS) - 1}  # left-aligned text columns
+
+
+def _csv_headers() -> list[str]:
+    hs = ["setting", "method", "n_runs", "n_completed", "n_incomplete", "incomplete", "seeds"]
+    for key, _, _, kind in COLUMNS:
+        unit = "_pct" if kind == "pct" else ""
+        hs += [f"{key}{unit}_mean", f"{key}{unit}_std", f"{key}_n"]
+    return hs + ["flags"]
+
+
+def _csv_cells(row: Row) -> list:
+    cells: list = [row.setting, row.method, row.n_runs, row.n_completed,
+                   sum(row.incomplete.values()),
+                   ";".join(f"{st}={c}" for st, c in sorted(row.incomplete.items())),
+                   ";".join("?" if x is None else str(x) for x in row.seeds)]
+    for key, _, _, kind in COLUMNS:
+        st = row.stats.get(key)
+        if st is None:
+            cells += ["", "", 0]
+        else:
+            k = 100.0 if kind == "pct" else 1.0
+            cells += [repr(round(k * st.mean, 10)), repr(round(k * st.std, 10)), st.n]
+    return cells + ["; ".join(row.flags)]
+
+
+def format_table(rows: Sequence[Row], fmt: str = "text") -> str:
+    """Render rows as an aligned text table, a Markdown table or CSV.
+
+    Accuracies are percentages, mean ± sample std over the completed seeds; "n ok/all" counts
+    completed runs over all runs of the group; flags name runs that were not averaged.
+    """
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(_csv_headers())
+        for r in rows:
+            w.writerow(_csv_cells(r))
+        return buf.getvalue()
+    body = [_text_cells(r) for r in rows]
+    if fmt == "markdown":
+        def esc(c: str) -> str:
+            return c.replace("|", "\\|")
+        lines = ["| " + " | ".join(_TEXT_HEADERS) + " |",
+                 "|" + "|".join(":---" if i in _LEFT else "---:" for i in range(len(_TEXT_HEADERS))) + "|"]
+        lines += ["| " + " | ".join(esc(c) for c in cells) + " |" for cells in body]
+        return "\n".join(lines) + "\n"
+    if fmt != "text":
+        raise ValueError(f"unknown table format {fmt!r} (expected 'text', 'markdown' or 'csv')")
+    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(_TEXT_HEADERS)]
+
+    def line(cells: list[str]) -> str:
+        out = [c.ljust(w) if i in _LEFT else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(out).rstrip()
+
+    lines = [line(_TEXT_HEADERS), "  ".join("-" * w for w in widths)]
+    prev = None
+    for r, cells in zip(rows, body):
+        if prev is not None and r.setting == prev:
+            cells = [""] + cells[1:]  # do not repeat the setting within a block
+        prev = r.setting
+        lines.append(line(cells))
+    return "\n".join(lines) + "\n"
+
+
+def report_main(paths: Sequence[str | Path], out: str | Path | None = None) -> int:
+    """Print the aggregated table; write report.md and report.csv into ``out``.
+
+    ``out`` defaults to the first path when it is a directory.  Returns 0, or 2 when no run was
+    found.
+    """
+    paths = as_list(paths)
+    runs = collect(paths)
+    if not runs:
+        return no_runs(paths)
+    rows = aggregate(runs)
+    note = ("accuracies in %, mean ± sample std (ddof=1) over completed seeds; "
+            "runs not completed are counted in 'n ok/all' and flagged, not averaged")
+    print(format_table(rows, "text"), end="")
+    print(f"({len(runs)} runs; {note})")
+    bad = [r for row in rows for r in row.runs if r["summary"].get("status") != "completed"]
+    for r in bad:
+        print(f"  not averaged: {r['path']} (status: {r['summary'].get('status')})")
+    out_dir = default_out(paths, out)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        md = ["# crossgrad results", "",
+              f"Runs: {len(runs)} from {', '.join(f'`{p}`' for p in paths)}.", "",
+              note[0].upper() + note[1:] + ".", "", format_table(rows, "markdown")]
+        if bad:
+            md += ["## Runs not averaged", ""]
+            md += [f"- `{r['path']}`: {r['summary'].get('status')}" for r in bad]
+            md.append("")
+        (out_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
+        (out_dir / "report.csv").write_text(format_table(rows, "csv"), encoding="utf-8")
+        print(f"wrote {out_dir / 'report.md'} and {out_dir / 'report.csv'}")
+    return 0

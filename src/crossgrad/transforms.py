@@ -1,0 +1,138 @@
+"""Direction transforms: weight decay, momentum (heavy ball, Nesterov) and QGM, on flat rows [n, P].
+
+Contract steps 7-8 (ARCHITECTURE.md section 1). Each transform turns the combined gradient into a
+direction with `update(d, x_half, lr)`, owns its state (created from the initial rows x0) and saves
+and restores it, so any chain of them resumes bit-exactly. `transforms_for(algorithm, x0, lr)`
+builds the chain an algorithm's hyperparameters ask for.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from crossgrad.algorithms.base import Algorithm
+
+
+class Transform(Protocol):
+    def update(self, d: Tensor, x_half: Tensor, lr: float) -> Tensor:
+        """The new direction for combined gradient d at the gossiped rows x_half; updates own state."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _load_rows(mine: Tensor, theirs: Tensor, what: str) -> None:
+    """Copy a saved tensor into a live one: onto its device and dtype, refusing another shape."""
+    if tuple(theirs.shape) != tuple(mine.shape):
+        raise ValueError(f"{what} of shape {tuple(theirs.shape)} does not fit this run's {tuple(mine.shape)}")
+    mine.copy_(theirs)
+
+
+class WeightDecay:
+    """d + lambda * x_half (step 7); stateless."""
+
+    def __init__(self, weight_decay: float):
+        self.weight_decay = weight_decay
+
+    def update(self, d: Tensor, x_half: Tensor, lr: float) -> Tensor:
+        return d.add(x_half, alpha=self.weight_decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Momentum:
+    """m <- beta m + d; the direction is m (heavy ball) or d + beta m (Nesterov)."""
+
+    def __init__(self, x0: Tensor, beta: float, nesterov: bool):
+        self.beta, self.nesterov = beta, nesterov
+        self.m = torch.zeros_like(x0)
+
+    def update(self, d: Tensor, x_half: Tensor, lr: float) -> Tensor:
+        self.m.mul_(self.beta).add_(d)
+        return torch.add(d, self.m, alpha=self.beta) if self.nesterov else self.m
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"m": self.m.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _load_rows(self.m, state["m"], "momentum buffer")
+
+
+class QGM:
+    """Quasi-global momentum: the buffer follows the model's own displacement, not the gradients.
+
+    m_hat <- beta m_hat + (1 - beta)(x_prev - x_half) / lr_prev; x_prev <- x_half; m = beta m_hat + d;
+    the direction is m, or d + beta m with Nesterov. x_prev starts at x0 and lr_prev at the initial lr.
+    """
+
+    def __init__(self, x0: Tensor, beta: float, nesterov: bool, lr: float):
+        self.beta, self.nesterov = beta, nesterov
+        self.m_hat = torch.zeros_like(x0)
+        self.x_prev = x0.clone()
+        self.lr_prev = float(lr)
+
+    def update(self, d: Tensor, x_half: Tensor, lr: float) -> Tensor:
+        beta = self.beta
+        self.m_hat.mul_(beta).add_(self.x_prev - x_half, alpha=(1 - beta) / self.lr_prev)
+        self.x_prev.copy_(x_half)
+        self.lr_prev = lr
+        m = torch.add(d, self.m_hat, alpha=beta)
+        return torch.add(d, m, alpha=beta) if self.nesterov else m
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"m_hat": self.m_hat.clone(), "x_prev": self.x_prev.clone(), "lr_prev": self.lr_prev}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _load_rows(self.m_hat, state["m_hat"], "QGM buffer m_hat")
+        _load_rows(self.x_prev, state["x_prev"], "QGM x_prev")
+        self.lr_prev = float(state["lr_prev"])
+
+
+class Chain:
+    """Applies transforms in order; its state is theirs, by position."""
+
+    def __init__(self, *transforms: Transform):
+        self.transforms = transforms
+
+    def update(self, d: Tensor, x_half: Tensor, lr: float) -> Tensor:
+        for t in self.transforms:
+            d = t.update(d, x_half, lr)
+        return d
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kinds": [type(t).__name__ for t in self.transforms],
+                "states": [t.state_dict() for t in self.transforms]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        kinds = [type(t).__name__ for t in self.transforms]
+        if list(state["kinds"]) != kinds:
+            raise ValueError(f"saved transforms {list(state['kinds'])} do not match this run's {kinds} "
+                             "(weight decay / momentum / QGM settings differ)")
+        for t, s in zip(self.transforms, state["states"]):
+            t.load_state_dict(s)
+
+
+def chain(*transforms: Transform) -> Chain:
+    return Chain(*transforms)
+
+
+def transforms_for(algorithm: Algorithm, x0: Tensor, lr: float) -> Chain:
+    """Steps 7-8 as the algorithm's weight_decay, momentum, nesterov and qgm ask: decay, then momentum or QGM."""
+    a = algorithm
+    parts: list[Transform] = []
+    if a.weight_decay:
+        parts.append(WeightDecay(a.weight_decay))
+    if a.qgm:
+        parts.append(QGM(x0, a.momentum, a.nesterov, lr))
+    elif a.momentum > 0:
+        parts.append(Momentum(x0, a.momentum, a.nesterov))
+    return chain(*parts)

@@ -1,0 +1,76 @@
+"""Device correctness: every tensor is created on the run's device.
+
+On a CPU-only machine a tensor made on the wrong device cannot crash, so CI could never see the class of
+bug that made CGA fail on CUDA (a CPU `arange` mixed with the plan's GPU tensors). `no_implicit_device`
+(tests/device_guard.py) turns every factory call that names no device into a test failure, on any machine.
+The tests marked `cuda` run the same algorithms on a GPU and compare with the CPU; they skip without one.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import crossgrad as cg
+from crossgrad.algorithms import ALGORITHMS
+from device_guard import no_implicit_device
+
+TOPOLOGIES = {"ring": lambda: cg.Topology.ring(4), "star": lambda: cg.Topology.star(4),
+              "directed_ring": lambda: cg.Topology.directed_ring(4)}
+
+
+def _problem(device: str = "cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(device, dtype)
+    g = torch.Generator().manual_seed(1)
+    batches = [[(torch.randn(4, 3, generator=g, dtype=dtype).to(device),
+                 torch.randint(0, 3, (4,), generator=g).to(device)) for _ in range(4)] for _ in range(3)]
+    return model, batches
+
+
+def _train(name: str, topo: cg.Topology, evaluator: str, device: str = "cpu", guard: bool = False):
+    model, batches = _problem(device)
+    with no_implicit_device() if guard else torch.device(device):
+        sim = cg.Simulator(model, topo, cg.make_algorithm(name, lr=0.05, gamma=0.5), device=device,
+                           evaluator=evaluator)
+        for b in batches[:2]:
+            sim.step(b)
+        state = sim.state_dict()
+        sim.step(batches[2])
+        sim.load_state_dict(state)  # restored pieces must land on the run's device too
+        sim.step(batches[2])
+    return sim.params.cpu(), sim.stats["bytes_sent"].cpu()
+
+
+def test_the_guard_catches_a_tensor_made_without_a_device():
+    x = torch.ones(3)
+    with pytest.raises(AssertionError, match="without naming its device"), no_implicit_device():
+        x + torch.arange(3)
+
+
+# every algorithm with both evaluators on a regular graph; the irregular and directed paths (padded QP rows,
+# directed data-variant weights) with the algorithms that have them
+CASES = [(name, "ring", ev) for name in sorted(ALGORITHMS) for ev in ("loop", "vmap")]
+CASES += [(name, topo, "loop") for name in ("ngc", "cga", "compcga") for topo in ("star", "directed_ring")]
+
+
+@pytest.mark.parametrize("name,topo,evaluator", CASES)
+def test_every_algorithm_creates_tensors_on_the_runs_device(name, topo, evaluator):
+    guarded = _train(name, TOPOLOGIES[topo](), evaluator, guard=True)
+    plain = _train(name, TOPOLOGIES[topo](), evaluator)
+    for a, b in zip(guarded, plain):
+        assert torch.equal(a, b)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_cuda_matches_cpu(name):
+    for evaluator in ("loop", "vmap"):
+        on_gpu, bytes_gpu = _train(name, cg.Topology.star(4), evaluator, device="cuda")
+        on_cpu, bytes_cpu = _train(name, cg.Topology.star(4), evaluator)
+        torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-4, atol=1e-5)
+        assert torch.equal(bytes_gpu, bytes_cpu)
