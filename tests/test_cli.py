@@ -79,7 +79,8 @@ def test_run_stop_resume_through_cli(capsys, tmp_path):
         "training.threads=1",
     ]
     rc, _, err = run_cli(capsys, "run", *base, "--stop-after", "3")
-    assert rc == 130 and "resume with: crossgrad run --resume" in err
+    assert rc == 0 and "crossgrad: stopped: stopped at step 3 of 6" in err
+    assert "resume with: crossgrad run --resume" in err
     rc, _, err = run_cli(capsys, "run", *base)
     assert rc == 2 and "--resume" in err  # an unfinished run is not silently restarted
     rc, out, _ = run_cli(capsys, "run", "--resume", str(tmp_path / "r"))

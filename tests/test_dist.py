@@ -119,7 +119,7 @@ def _equivalence_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             engine = make_engine(wide_model(), Topology.ring(world), cg.make_algorithm(name, lr=0.1), timeout=20)
             for t in range(2):
                 engine.step([batches[t][rank]])
-            sent = gather_rows(engine.comm.bytes_sent[0])
+            sent = gather_rows(engine.comm.bytes_sent)
             if rank == 0:
                 results["bytes", name] = sent
         # misuse is reported, not hung on
@@ -190,16 +190,18 @@ def test_misuse_is_reported_on_every_rank(dist_results):
 # -- a dead or hung peer -----------------------------------------------------------------------
 
 
-def _timeout_worker(rank: int, world: int, port: int, out_dir: str, timeout: float, mode: str) -> None:
+def _timeout_worker(rank: int, world: int, port: int, out_dir: str, timeout: float, mode: str,
+                    graph: str = "ring", culprit: int = 2) -> None:
     from crossgrad.distributed import CommTimeoutError, make_engine
 
     _init(rank, world, port, 30)
     batches = batches_for(world, 5)
-    engine = make_engine(tiny_model(), Topology.ring(world), cg.make_algorithm("ngc", lr=0.1), timeout=timeout)
+    topo = Topology.chain(world) if graph == "chain" else Topology.ring(world)
+    engine = make_engine(tiny_model(), topo, cg.make_algorithm("ngc", lr=0.1), timeout=timeout)
     start = None
     try:
         for t in range(5):
-            if rank == 2 and t == 2:
+            if rank == culprit and t == 2:
                 if mode == "die":
                     os._exit(0)  # dies without a word, mid-run
                 time.sleep(60)  # hangs: alive, connected, silent (the test kills it)
@@ -232,3 +234,19 @@ def test_dead_or_hung_peer_is_named_within_the_timeout(tmp_path, mode):
         if mode == "hang":
             assert f"no answer within {timeout:g} s" in message
     assert procs[0].exitcode == 3 and procs[1].exitcode == 3
+
+
+@pytest.mark.timeout(60)
+def test_a_hung_peer_further_away_is_not_blamed_on_a_live_neighbour(tmp_path):
+    """Chain 0-1-2-3 with agent 3 hung: agent 2 names it silent; agents 1 and 0, whose neighbours are
+    alive but stop after their own failure, say the cause is further away and quote the first failure."""
+    timeout = 2.0
+    procs = _spawn(_timeout_worker, WORLD, (free_port(), str(tmp_path), timeout, "hang", "chain", 3),
+                   join_timeout=40, wait_for=[0, 1, 2])
+    reports = {int(p.stem[-1]): "\n".join(p.read_text().splitlines()[2:]) for p in tmp_path.glob("timeout*.txt")}
+    assert set(reports) == {0, 1, 2}, (reports, [p.exitcode for p in procs])
+    assert "agent 3 is silent: no answer within 2 s" in reports[2], reports
+    for rank in (0, 1):
+        assert f"agent {rank + 1} stopped after its own failure, so the cause is further away" in reports[rank]
+        assert "first failure: agent 2: round 1 (models) with peer(s) 3 failed" in reports[rank], reports
+        assert f"agent {rank + 1} is silent" not in reports[rank]

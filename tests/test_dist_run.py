@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossgrad.config import load_config
-from crossgrad.experiment import TIMING_KEYS, run_experiment
+from crossgrad.run import load_config, run_experiment
+from crossgrad.run.evaluate import TIMING_KEYS
 
 N = 3
 STEPS = 8
@@ -86,8 +86,9 @@ def test_dist_run_writes_the_simulators_results(tmp_path, sim_run):
 def test_dist_run_stopped_and_resumed_equals_the_uninterrupted_run(tmp_path, sim_run):
     first = torchrun(tmp_path, *(f"--set={s}" for s in SETS), "--backend", "dist", "--out-dir", "out",
                      "--name", "run", "--stop-after", "5")
-    # every rank exits with 130 (interrupted); torchrun itself reports that as 1
-    assert first.returncode != 0 and "stopped at step 5 of 8" in first.stderr, first.stderr[-3000:]
+    # a requested stop is no failure: every rank checkpoints and exits 0, torchrun kills nobody
+    assert first.returncode == 0 and "stopped: stopped at step 5 of 8" in first.stderr, first.stderr[-3000:]
+    assert "Traceback" not in first.stderr and "SIGTERM" not in first.stderr
     run_dir = tmp_path / "out" / "run"
     assert not (run_dir / "summary.json").exists() and (run_dir / "checkpoint.pt").exists()
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
@@ -103,3 +104,100 @@ def test_dist_run_outside_torchrun_says_how_to_launch(tmp_path, capsys):
     rc = main(["run", "--quiet", "--backend", "dist", "--out-dir", str(tmp_path), *(f"--set={s}" for s in SETS)])
     err = capsys.readouterr().err
     assert rc == 2 and "torchrun --nproc-per-node 3" in err and "Traceback" not in err
+
+
+POISON = """
+import os, sys, torch
+from crossgrad.cli import main
+from crossgrad.run.data import AgentBatches
+
+original, calls = AgentBatches.next, [0]
+
+def poisoned(self):
+    batches = original(self)
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 3:  # agent 1's third step, on one rank only
+        x, y = batches[0]
+        batches[0] = (torch.full_like(x, float("nan")), y)
+    return batches
+
+AgentBatches.next = poisoned
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_dist_run_nonfinite_on_one_rank_is_a_divergence_on_all(tmp_path):
+    """Every rank agrees the run diverged (no rank mistakes it for a network failure) and rank 0 writes
+    the simulator's summary, naming the failing step and agent; the last good checkpoint is kept."""
+    script = tmp_path / "poisoned_run.py"
+    script.write_text(POISON)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    sets = [*SETS, "training.checkpoint_every=0", "training.eval_every_steps=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={N}", str(script),
+           "run", "--quiet", *(f"--set={s}" for s in sets), "--backend", "dist", "--out-dir", "out", "--name", "r"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0  # every rank exits 1 (diverged)
+    assert "crossgrad: agent" not in proc.stderr and "no answer" not in proc.stderr, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "r" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["steps"] == 2
+    assert "non-finite loss at step 3 on agent 1" in summary["message"]
+    assert proc.stderr.count("training diverged") == 1  # rank 0 reports for everyone
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "fashion-mnist").is_dir(), reason="../shared/data not present")
+def test_dist_run_slow_evaluation_does_not_count_against_the_comm_timeout(tmp_path):
+    """Rank 0 scores the consensus model and writes checkpoints while the others wait at a barrier bounded
+    by the generous control time-out: a healthy run with a tight comm_timeout completes."""
+    sets = ["data.name=fashion-mnist", f'data.data_dir="{SHARED / "fashion-mnist"}"', "model.name=lenet5",
+            "topology.n_agents=2", "topology.name=chain", "training.steps=4", "training.eval_every_steps=2",
+            "training.checkpoint_every=0", "training.threads=1", "training.device=cpu",
+            "training.comm_timeout=0.5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "crossgrad", "run", "--quiet", *(f"--set={s}" for s in sets), "--backend", "dist",
+           "--out-dir", "out", "--name", "r"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in records(tmp_path / "out" / "r")] == [0, 2, 4]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+def test_dist_run_on_cuda_without_cuda_is_the_simulators_error(tmp_path, capsys, monkeypatch):
+    from crossgrad.cli import main
+
+    args = ["run", "--quiet", "--out-dir", str(tmp_path), "--set", "training.device=cuda", "--set",
+            "topology.n_agents=1", "--set", "training.steps=1"]
+    assert main(args) == 2
+    sim_err = capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main([*args, "--backend", "dist"]) == 2
+    assert capsys.readouterr().err == sim_err and "CUDA is not available" in sim_err
+
+
+def test_dist_run_ctrl_c_stops_every_rank_with_a_checkpoint(tmp_path):
+    """Ctrl-C in the terminal reaches torchrun and every rank; the ranks agree on it, stop at the same step,
+    and rank 0 writes the checkpoint: one message, no traceback from any rank."""
+    import signal
+    import time
+
+    sets = [*SETS, "training.steps=1000000", "training.eval_every_steps=1000000", "training.checkpoint_every=0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={N}", "-m", "crossgrad",
+           "run", "--quiet", *(f"--set={s}" for s in sets), "--backend", "dist", "--out-dir", "out", "--name", "r"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    run_dir = tmp_path / "out" / "r"
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # training
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C: the launcher and every rank
+    _, err = proc.communicate(timeout=120)
+    assert err.count("crossgrad: interrupted: stopped at step") == 1, err[-3000:]
+    assert "KeyboardInterrupt" not in err and "crossgrad/run" not in err, err[-3000:]  # no rank's traceback
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert state["step"] > 0 and len(state["ranks"]) == N and not (run_dir / "summary.json").exists()

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossgrad.config import (
+from crossgrad.run import resume_experiment, run_experiment
+from crossgrad.run.config import (
     Config,
     ConfigError,
     apply_overrides,
@@ -19,18 +20,10 @@ from crossgrad.config import (
     parse_override,
     read_toml,
 )
-from crossgrad.experiment import (
-    CHECKPOINT,
-    METRICS,
-    SUMMARY,
-    TIMING_KEYS,
-    AgentStream,
-    Trainer,
-    lr_at,
-    resume_experiment,
-    run_experiment,
-    score_rows,
-)
+from crossgrad.run.data import AgentBatches, AgentStream
+from crossgrad.run.evaluate import TIMING_KEYS, score_rows
+from crossgrad.run.rundir import CHECKPOINT, METRICS, SUMMARY
+from crossgrad.run.schedule import lr_at
 
 FAST = ["training.threads=1", "training.checkpoint_every=1"]
 
@@ -63,15 +56,18 @@ def test_load_file_and_overrides(tmp_path):
     cfg = load_config(
         p, ["algorithm.alpha=0", "data.name=mnist", 'model.name="mlp"', "backend=sim", "training.steps=7"]
     )
-    assert cfg.algorithm.name == "compngc" and cfg.algorithm.lr == 1.0 and isinstance(cfg.algorithm.lr, float)
-    assert cfg.algorithm.alpha == 0.0 and cfg.data.name == "mnist" and cfg.model.name == "mlp"
+    a = cfg.algorithm.params
+    assert cfg.algorithm.name == "compngc" and a["lr"] == 1.0 and isinstance(a["lr"], float)
+    assert a["alpha"] == 0.0 and cfg.data.name == "mnist" and cfg.model.name == "mlp"
     assert cfg.training.epochs == 3 and cfg.training.steps == 7 and cfg.topology.options == {"p": 0.5}
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     assert parse_override("a.b=true") == (["a", "b"], True)
-    # only the hyperparameters the algorithm takes are passed to it
-    assert "margin" not in cfg.algorithm_kwargs() and cfg.algorithm_kwargs()["alpha"] == 0.0
+    # every hyperparameter of the algorithm, resolved from its own defaults, and nothing else
+    from crossgrad.algorithms import algorithm_options
+
+    assert set(cfg.algorithm.params) == set(algorithm_options("compngc")) and "margin" not in cfg.algorithm.params
     dsgd = load_config(None, ["algorithm.name=dsgd"])
-    assert "alpha" not in dsgd.algorithm_kwargs() and "compress_self" not in dsgd.algorithm_kwargs()
+    assert dsgd.algorithm.params == algorithm_options("dsgd")
     assert apply_overrides({"data": {"name": "x"}}, ["data.name=y"]) == {"data": {"name": "y"}}
 
 
@@ -83,7 +79,9 @@ def test_load_file_and_overrides(tmp_path):
         (["algorithm.alpha=-0.1"], "alpha"),
         (["algorithm.gamma=0"], "gamma"),
         (["algorithm.gamma=-1"], "gamma"),
-        (["algorithm.lrr=0.1"], "unknown key algorithm.lrr"),
+        (["algorithm.lrr=0.1"], "unknown key algorithm.lrr; ngc takes: name, lr, "),
+        (["algorithm.name=dsgd", "algorithm.alpha=0.5"], "unknown key algorithm.alpha; dsgd takes"),
+        (["algorithm.lr=fast"], "algorithm.lr must be a number"),
         (["optimizer.lr=0.1"], "unknown section"),
         (["training.epochs=two"], "training.epochs must be an integer"),
         (["data.partition=random"], "data.partition"),
@@ -244,10 +242,10 @@ def test_resume_equals_uninterrupted(tmp_path, algo):
     common = ["training.epochs=3", "training.eval_every_steps=4", *algo]
     full = run_experiment(fast_cfg(tmp_path, "output.name=full", *common), quiet=True)
     part = run_experiment(fast_cfg(tmp_path, "output.name=part", *common), quiet=True, stop_after=7)
-    assert part.status == "interrupted" and part.exit_code == 130
+    assert part.status == "stopped" and part.exit_code == 0  # a requested stop is no interruption
     assert not (part.run_dir / SUMMARY).exists() and (part.run_dir / CHECKPOINT).exists()
     again = resume_experiment(part.run_dir, quiet=True, stop_after=13)  # a second interruption
-    assert again.status == "interrupted"
+    assert again.status == "stopped"
     done = resume_experiment(part.run_dir, quiet=True)
     assert done.status == "completed"
     ck_full = torch.load(full.run_dir / CHECKPOINT, weights_only=True)
@@ -264,21 +262,20 @@ def test_resume_equals_uninterrupted(tmp_path, algo):
 
 def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(tmp_path, monkeypatch):
     cfg = fast_cfg(tmp_path, "training.epochs=3", "output.name=nan")
-    original = Trainer._batches
-    state = {}
+    original, calls = AgentBatches.next, {"n": 0}
+    spe = 9  # digits, 5 agents, batch 32
 
     def poisoned(self):
         batches = original(self)
-        state["spe"] = self.steps_per_epoch
-        if self.step == self.steps_per_epoch + 1:  # the second step of epoch 2 (step index spe + 1)
+        calls["n"] += 1
+        if calls["n"] == spe + 2:  # the second step of epoch 2 (step index spe + 1)
             x, y = batches[2]
             batches[2] = (torch.full_like(x, float("nan")), y)
         return batches
 
-    monkeypatch.setattr(Trainer, "_batches", poisoned)
+    monkeypatch.setattr(AgentBatches, "next", poisoned)
     result = run_experiment(cfg, quiet=True)
     assert result.status == "diverged" and result.exit_code == 1
-    spe = state["spe"]
     assert f"step {spe + 2} on agent 2" in result.message
     ck = torch.load(result.run_dir / CHECKPOINT, weights_only=True)
     assert ck["step"] == spe and torch.isfinite(ck["sim"]["x"]).all()
@@ -331,7 +328,7 @@ threads = 1
 [output]
 out_dir = "{tmp_path / "out"}"
 [sweep]
-algorithms = [{{name = "ngc", alpha = 1.0}}, {{name = "dsgd"}}, {{name = "ngc", alpha = 1.0, lr = 0.01}}]
+algorithms = [{{name = "ngc", alpha = 1.0}}, {{name = "dsgd"}}, {{name = "ngc", alpha = 1.0, lr = 0.05}}]
 seeds = [0, 1]
 [sweep.grid]
 "data.partition" = ["label_sorted", "iid"]
@@ -370,17 +367,18 @@ def test_ctrl_c_writes_checkpoint_and_resume_matches(tmp_path, monkeypatch):
 
     common = ["training.steps=8", "training.eval_every_steps=3"]
     full = run_experiment(fast_cfg(tmp_path, "output.name=full", *common), quiet=True)
-    original = Trainer._batches
+    original, calls = AgentBatches.next, {"n": 0}
 
     def interrupting(self):
-        if self.step == 5:
+        calls["n"] += 1
+        if calls["n"] == 6:
             os.kill(os.getpid(), signal.SIGINT)  # handled between steps: step 6 still completes
         return original(self)
 
-    monkeypatch.setattr(Trainer, "_batches", interrupting)
+    monkeypatch.setattr(AgentBatches, "next", interrupting)
     part = run_experiment(fast_cfg(tmp_path, "output.name=part", *common), quiet=True)
     assert part.status == "interrupted"
     assert torch.load(part.run_dir / CHECKPOINT, weights_only=True)["step"] == 6
-    monkeypatch.setattr(Trainer, "_batches", original)
+    monkeypatch.setattr(AgentBatches, "next", original)
     done = resume_experiment(part.run_dir, quiet=True)
     assert _strip_timing(_read_metrics(full.run_dir)) == _strip_timing(_read_metrics(done.run_dir))

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from crossgrad.config import load_config
-from crossgrad.experiment import METRICS, run_experiment
+from crossgrad.run import load_config, run_experiment
+from crossgrad.run.rundir import METRICS
 
 ALGOS = {
     "dsgdm-n": ["algorithm.name=dsgd", "algorithm.nesterov=true"],

@@ -6,7 +6,14 @@
     sim = cg.Simulator(model, topo, algo)
     sim.step(batches)   # one (inputs, targets) per agent
 """
-from crossgrad.algorithms import ALGORITHMS, Algorithm, ConfigError, make_algorithm, register_algorithm
+from crossgrad.algorithms import (
+    ALGORITHMS,
+    Algorithm,
+    ConfigError,
+    algorithm_options,
+    make_algorithm,
+    register_algorithm,
+)
 from crossgrad.engine import Engine, NonFiniteError
 from crossgrad.simulator import Simulator
 from crossgrad.topology import Topology
@@ -15,5 +22,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALGORITHMS", "Algorithm", "ConfigError", "Engine", "NonFiniteError", "Simulator", "Topology",
-    "make_algorithm", "register_algorithm",
+    "algorithm_options", "make_algorithm", "register_algorithm",
 ]

@@ -26,8 +26,7 @@ def _error(msg: str) -> int:
 
 # ----------------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
-    from crossgrad.config import load_config
-    from crossgrad.experiment import resume_experiment, run_experiment
+    from crossgrad.run import load_config, resume_experiment, run_experiment
 
     if args.resume:
         if args.config or args.set or args.out_dir or args.name or args.backend:
@@ -54,8 +53,8 @@ def _toml_str(s: str) -> str:
 
 
 def _finish(result) -> int:
-    if not result.main and result.status in ("completed", "interrupted"):
-        return result.exit_code  # dist: rank 0 reports for everyone
+    if not result.main and result.status != "failed":
+        return result.exit_code  # dist: rank 0 reports what all ranks agreed on; a failure is each rank's own view
     if result.status == "completed":
         s = result.summary or {}
         acc, local = s.get("consensus_acc"), s.get("local_acc_mean")
@@ -64,8 +63,8 @@ def _finish(result) -> int:
             line += f", consensus acc {100 * acc:.2f}%, mean local acc {100 * local:.2f}%"
         print(line)
         print(f"results in {result.run_dir}")
-    elif result.status == "interrupted":
-        print(f"crossgrad: interrupted: {result.message}", file=sys.stderr)
+    elif result.status in ("stopped", "interrupted"):
+        print(f"crossgrad: {result.status}: {result.message}", file=sys.stderr)
     else:
         print(f"crossgrad: {result.message}", file=sys.stderr)
     return result.exit_code
@@ -116,7 +115,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
-    from crossgrad.config import parse_override
+    from crossgrad.run.config import parse_override
     from crossgrad.topology import make_topology
 
     options = {}
@@ -171,9 +170,9 @@ QUICKSTART_RUNS = (("ngc", {"name": "ngc", "alpha": 1.0}), ("dsgdm-n", {"name": 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     import copy
 
-    from crossgrad.config import config_from_dict
-    from crossgrad.experiment import run_experiment
     from crossgrad.report import plot_main, report_main
+    from crossgrad.run import run_experiment
+    from crossgrad.run.config import config_from_dict
 
     out = Path(args.out)
     start = time.perf_counter()
@@ -335,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from crossgrad.experiment import RunBusyError, user_errors
+    from crossgrad.run import RunBusyError, user_errors
 
     try:
         return int(args.func(args) or 0)

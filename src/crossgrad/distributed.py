@@ -30,7 +30,8 @@ def init_from_env(backend: str | None = None, timeout: float = 60.0) -> torch.de
 
     Reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and LOCAL_RANK for the GPU). The backend is
     NCCL when CUDA is available (one GPU per local rank), gloo otherwise; `backend="gloo"` forces
-    the CPU. `timeout` (seconds) bounds collectives and connection set-up.
+    the CPU. `timeout` (seconds) bounds collectives and connection set-up: the control points of a
+    run (start-up, evaluation, checkpoints), not its training rounds, which `DistComm` bounds itself.
     """
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
@@ -65,18 +66,21 @@ def shutdown() -> None:
 def make_engine(model: nn.Module, topology: Topology, algorithm: Algorithm,
                 loss_fn: LossFn = nn.functional.cross_entropy, timeout: float = 60.0,
                 device: torch.device | str | None = None, evaluator: str = "auto",
-                check_init: bool = True) -> Engine:
+                check_init: bool = True, on_nonfinite: str = "raise") -> Engine:
     """The same engine as the simulator's, holding this rank's agent (rank r = agent r), on a `DistComm`.
 
     Call it on every rank with the same model weights (seed before building the model), topology
     and algorithm; `engine.step([batch])` then takes this rank's minibatch. `timeout` (seconds)
     bounds each communication round: a dead or hung neighbour raises `CommTimeoutError`.
+    `on_nonfinite="record"` keeps a rank communicating after a NaN/Inf (see `Engine`), so that the
+    ranks can agree on the divergence instead of seeing a silent peer.
     `check_init` compares a fingerprint of the initial weights across ranks once (a collective)
     and raises ValueError on every rank if they differ.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     comm = DistComm(topology.edges, topology.n, timeout=timeout, device=device)
-    engine = Engine(model, topology, algorithm, comm, loss_fn, device=device, evaluator=evaluator)
+    engine = Engine(model, topology, algorithm, comm, loss_fn, device=device, evaluator=evaluator,
+                    on_nonfinite=on_nonfinite)
     if check_init:
         _check_same_init(engine.x[0])
     return engine
@@ -94,33 +98,29 @@ def _check_same_init(row: Tensor) -> None:
                          "same initial model (seed torch before building it)")
 
 
-def gather_rows(row: Tensor, dst: int = 0) -> Tensor | None:
-    """Evaluation only (a collective, not part of training): every rank's tensor, flattened and stacked on `dst`.
+def gather_rows(rows: Tensor, dst: int = 0) -> Tensor | None:
+    """Every rank's [k, ...] tensor (same shape on every rank), concatenated along dim 0 on `dst`, None elsewhere.
 
-    Returns [n, numel] on `dst` (row r = agent r), None elsewhere. All ranks must call it.
+    A collective outside training (evaluation, statistics); all ranks must call it.
     """
-    row = row.reshape(1, -1).contiguous()
+    rows = rows.contiguous()
     if dist.get_rank() == dst:
-        out = [torch.empty_like(row) for _ in range(dist.get_world_size())]
-        dist.gather(row, out, dst=dst)
+        out = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.gather(rows, out, dst=dst)
         return torch.cat(out)
-    dist.gather(row, None, dst=dst)
+    dist.gather(rows, None, dst=dst)
     return None
 
 
 def gather_state(engine: Engine, dst: int = 0) -> dict[str, Tensor | list[Tensor]] | None:
-    """Evaluation only: every agent's parameters, buffers and byte counters, stacked on `dst` like the simulator's.
+    """Every agent's parameters, buffers and byte counters, stacked on `dst` like the simulator's.
 
     Returns {"x": [n, P], "buffers": [[n, *shape] per buffer], "bytes_sent": [n, 2]} on `dst`, None
-    elsewhere; the consensus model is x.mean(0). All ranks must call it.
+    elsewhere; the consensus model is x.mean(0). A collective outside training; all ranks must call it.
     """
-    x = gather_rows(engine.x[0], dst)
-    buffers = [gather_rows(b[0], dst) for b in engine.buffers]
-    sent = gather_rows(engine.comm.bytes_sent[0].to(engine.x.device), dst)
+    x = gather_rows(engine.x, dst)
+    buffers = [gather_rows(b, dst) for b in engine.buffers]
+    sent = gather_rows(engine.comm.bytes_sent.to(engine.x.device), dst)
     if x is None:
         return None
-    return {
-        "x": x,
-        "buffers": [g.reshape(len(g), *b.shape[1:]) for g, b in zip(buffers, engine.buffers)],
-        "bytes_sent": sent.cpu(),
-    }
+    return {"x": x, "buffers": buffers, "bytes_sent": sent.cpu()}

@@ -36,7 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from crossgrad.algorithms import ConfigError
-from crossgrad.config import Config, apply_overrides, config_from_dict, dump_toml, read_toml
+from crossgrad.run.config import (
+    Config,
+    apply_overrides,
+    config_from_dict,
+    dump_toml,
+    read_toml,
+    resolve_paths,
+    saved_config_data,
+)
 
 SWEEP_KEYS = ("algorithms", "topologies", "seeds", "grid", "jobs")
 
@@ -131,7 +139,7 @@ def expand(path: str | Path, overrides: list[str] | None = None,
                 raise ConfigError(f"{path}: [sweep.grid] {key!r}: {section!r} is not a section")
             d[section][k] = value
         d.setdefault("training", {})["seed"] = seed
-        cfg = config_from_dict(d, str(path))
+        cfg = resolve_paths(config_from_dict(d, str(path)), path.parent)
         try:
             cfg.validate()
         except ConfigError as e:
@@ -158,7 +166,7 @@ def expand(path: str | Path, overrides: list[str] | None = None,
 
 
 def _status(run: SweepRun) -> str:
-    from crossgrad.experiment import CHECKPOINT, SUMMARY, lock_holder
+    from crossgrad.run.rundir import CHECKPOINT, SUMMARY, lock_holder
 
     if (run.run_dir / SUMMARY).exists():
         return "done"
@@ -172,16 +180,16 @@ def _status(run: SweepRun) -> str:
 def _check_not_another_run(run: SweepRun) -> None:
     """A run directory that already holds a run of a different configuration (another sweep file
     writing to the same out_dir with the same run names) is an error, never silently skipped or resumed."""
-    from crossgrad.experiment import CONFIG, _comparable_config
+    from crossgrad.run.rundir import CONFIG, comparable_config
 
     path = run.run_dir / CONFIG
     if not path.is_file():
         return
     try:
-        theirs = _comparable_config(config_from_dict(read_toml(path), str(path)).to_dict())
+        theirs = comparable_config(config_from_dict(saved_config_data(read_toml(path)), str(path)).to_dict())
     except ConfigError:
         theirs = None
-    mine = _comparable_config(run.cfg.to_dict())
+    mine = comparable_config(run.cfg.to_dict())
     if theirs != mine:
         diff = sorted(k for k in set(mine) | set(theirs or {}) if mine.get(k) != (theirs or {}).get(k))
         raise ConfigError(
@@ -197,7 +205,7 @@ def _finished_elsewhere(run: SweepRun, rc: int) -> bool:
 
 
 def _result_line(run: SweepRun) -> str:
-    from crossgrad.experiment import SUMMARY
+    from crossgrad.run.rundir import SUMMARY
 
     try:
         s = json.loads((run.run_dir / SUMMARY).read_text(encoding="utf-8"))
@@ -210,7 +218,7 @@ def _result_line(run: SweepRun) -> str:
 
 
 def _run_inprocess(run: SweepRun, state: str, quiet: bool) -> int:
-    from crossgrad.experiment import RunBusyError, resume_experiment, run_experiment, user_errors
+    from crossgrad.run import RunBusyError, resume_experiment, run_experiment, user_errors
 
     try:
         if state == "resume":
@@ -305,7 +313,7 @@ def run_sweep(
         threads = max(1, (os.cpu_count() or 1) // jobs)
         done = 0
 
-        from crossgrad.experiment import RunBusyError
+        from crossgrad.run import RunBusyError
 
         def work(item: tuple[SweepRun, str]) -> tuple[SweepRun, int]:
             if _status(item[0]) in ("done", "busy"):  # another sweep got there first

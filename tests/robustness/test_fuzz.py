@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crossgrad.algorithms import ConfigError
-from crossgrad.config import load_config
 from crossgrad.data import PartitionError, partition
+from crossgrad.run.config import load_config
 from crossgrad.topology import Topology, TopologyError, make_topology
 
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64),
@@ -75,8 +75,8 @@ def test_config_overrides(pairs):
         cfg = load_config(None, [f"{k}={v}" for k, v in pairs]).validate()
     except ConfigError:
         return
-    a = cfg.algorithm
-    assert 0 <= a.alpha <= 1 and 0 < a.gamma <= 1 and math.isfinite(a.lr) and a.lr > 0
+    a = cfg.algorithm.params
+    assert 0 <= a.get("alpha", 0) <= 1 and 0 < a["gamma"] <= 1 and math.isfinite(a["lr"]) and a["lr"] > 0
     assert cfg.training.batch_size >= 1 and cfg.topology.n_agents >= 1
     np.testing.assert_(isinstance(cfg.algorithm.name, str))
 
@@ -105,7 +105,7 @@ def test_hostile_edge_lists(n, edges, directed, weights):
 
 # ------------------------------------------------- --set strings of any shape; valid configs round-trip
 def _roundtrip(cfg) -> None:
-    from crossgrad.config import config_from_dict, dump_toml, tomllib
+    from crossgrad.run.config import config_from_dict, dump_toml, tomllib
 
     assert config_from_dict(tomllib.loads(dump_toml(cfg.to_dict()))) == cfg
 
@@ -128,7 +128,7 @@ _string_fields = st.sampled_from(["output.name", "output.out_dir", "data.data_di
 @FUZZ
 @given(_string_fields, st.text(max_size=12))
 def test_string_values_with_any_character(key, text):
-    from crossgrad.config import _toml_value
+    from crossgrad.run.config import _toml_value
 
     try:
         cfg = load_config(None, [f"{key}={_toml_value(text)}"])

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from crossgrad.experiment import CHECKPOINT, METRICS, SUMMARY, TIMING_KEYS
+from crossgrad.run.evaluate import TIMING_KEYS
+from crossgrad.run.rundir import CHECKPOINT, METRICS, SUMMARY
 
 ARGS = ["--set", 'model.name="mlp"', "--set", "training.epochs=6", "--set", "training.checkpoint_every=1",
         "--set", "training.threads=1", "--set", "algorithm.name=compngc", "--quiet"]

@@ -8,7 +8,8 @@ import torch
 
 from crossgrad.cli import main
 from crossgrad.comm.local import LocalComm
-from crossgrad.experiment import CHECKPOINT, SUMMARY, Trainer
+from crossgrad.run.data import AgentBatches
+from crossgrad.run.rundir import CHECKPOINT, SUMMARY
 
 POISON_AT = 12  # a step of epoch 2 (digits, 5 agents, batch 32: 9 steps per epoch)
 
@@ -58,23 +59,25 @@ def test_nonfinite_cross_gradient_received_in_round_2(tmp_path, capsys, monkeypa
 
 
 def test_nonfinite_model_received_in_round_1(tmp_path, capsys, monkeypatch):
-    poison_nth_call(monkeypatch, LocalComm, "exchange", POISON_AT)
+    # in-process, round 1 hands the engine the senders' rows in place (share); poison them in transit there
+    poison_nth_call(monkeypatch, LocalComm, "share", POISON_AT)
     rc, err = run_cli(capsys, tmp_path, 'algorithm.name="dsgd"')
     assert_stopped_cleanly(tmp_path, rc, err)
     assert "model received from agent" in err and "round 1" in err
 
 
 def test_nonfinite_input_batch_names_the_loss(tmp_path, capsys, monkeypatch):
-    original = Trainer._batches
+    original, calls = AgentBatches.next, {"n": 0}
 
     def poisoned(self):
         batches = original(self)
-        if self.step == POISON_AT - 1:
+        calls["n"] += 1
+        if calls["n"] == POISON_AT:
             x, y = batches[3]
             batches[3] = (torch.full_like(x, float("inf")), y)
         return batches
 
-    monkeypatch.setattr(Trainer, "_batches", poisoned)
+    monkeypatch.setattr(AgentBatches, "next", poisoned)
     rc, err = run_cli(capsys, tmp_path)
     assert_stopped_cleanly(tmp_path, rc, err)
     assert "non-finite loss" in err and "agent 3" in err

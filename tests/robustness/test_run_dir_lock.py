@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from crossgrad.experiment import LOCK, RunBusyError, claim_run_dir, lock_holder
+from crossgrad.run.rundir import LOCK, RunBusyError, claim_run_dir, lock_holder
 
 
 def test_second_claim_is_busy_and_names_the_holder(tmp_path):
@@ -33,7 +33,7 @@ def test_stale_lock_file_and_half_written_files_are_taken_over(tmp_path):
 HOLD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from crossgrad.experiment import claim_run_dir
+    from crossgrad.run.rundir import claim_run_dir
     with claim_run_dir(Path(sys.argv[1])):
         print("held", flush=True)
         time.sleep(60)
@@ -59,7 +59,7 @@ def test_lock_of_a_sigkilled_process_is_released(tmp_path):
 RACE = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    from crossgrad.experiment import RunBusyError, claim_run_dir
+    from crossgrad.run.rundir import RunBusyError, claim_run_dir
     run, log, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     print("ready", flush=True)
     while not go.exists():

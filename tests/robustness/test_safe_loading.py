@@ -7,10 +7,11 @@ import tarfile
 
 import pytest
 
-from crossgrad.config import load_config
 from crossgrad.data import DataError
 from crossgrad.data.datasets import _read_cifar_batch, _safe_extract
-from crossgrad.experiment import CHECKPOINT, RunError, resume_experiment, run_experiment
+from crossgrad.run import RunError, resume_experiment, run_experiment
+from crossgrad.run.config import load_config
+from crossgrad.run.rundir import CHECKPOINT
 
 
 class Evil:

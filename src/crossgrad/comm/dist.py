@@ -8,6 +8,12 @@ Message order: between two ranks the messages of a step go in a fixed order (rou
 round 2), and both ranks post them in the same order, so point-to-point FIFO matching pairs every
 send with the right receive even on directed and irregular graphs.
 
+Blame: a rank whose round fails publishes its failure in the process group's key-value store
+before it gives up, and reads what the peers it waited for published. A peer that published a
+failure of its own (it waited for someone else) is not the cause: the message says the cause is
+further away and quotes the peer. A peer that published nothing is the culprit: silent (time-out)
+or gone (its connection closed without a word).
+
 Waiting: on gloo, `Work.wait(timeout)` blocks with a real time-out. On NCCL `wait()` only orders
 the CUDA stream and never times out on the host, so the rank polls `Work.is_completed()` against
 the deadline instead, and on failure aborts the communicator so that the process can exit.
@@ -15,6 +21,7 @@ the deadline instead, and on failure aborts the communicator so that the process
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 from datetime import timedelta
@@ -23,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from crossgrad.codecs import Payload
 from crossgrad.comm.base import EdgePlan, count_round1, count_round2
-from crossgrad.compress import Payload
 
 ROUND1 = "round 1 (models)"
 ROUND2 = "round 2 (cross-gradients)"
@@ -37,6 +44,81 @@ def _describe(error: BaseException, timeout: float) -> str:
         return f"no answer within {timeout:g} s"
     msg = re.sub(r"^\[[^\]]*\]\s*", "", msg)
     return msg.split(". This is typically")[0]
+
+
+_FAILED = "crossgrad/failed/{}"  # store key of a rank's published failure
+
+
+def _store():
+    """The default process group's key-value store, or None (blame is best effort)."""
+    with contextlib.suppress(Exception):
+        return dist.distributed_c10d._get_default_store()
+    return None
+
+
+def _publish(rank: int, peers: list[int], message: str) -> None:
+    """Tell the others that `rank` failed waiting for `peers`."""
+    store = _store()
+    if store is not None:
+        with contextlib.suppress(Exception):
+            store.set(_FAILED.format(rank), json.dumps({"peers": peers, "message": message}))
+
+
+def _read(rank: int) -> dict | None:
+    """The failure `rank` published, if any."""
+    store = _store()
+    with contextlib.suppress(Exception):
+        if store is not None and store.check([_FAILED.format(rank)]):
+            return json.loads(store.get(_FAILED.format(rank)))
+    return None
+
+
+def _reports(peers: list[int], wait: float) -> dict[int, dict]:
+    """The failures `peers` published, waiting up to `wait` seconds for ones still to come."""
+    found: dict[int, dict] = {}
+    deadline = time.monotonic() + wait
+    while True:
+        for p in peers:
+            report = None if p in found else _read(p)
+            if report is not None:
+                found[p] = report
+        if len(found) == len(peers) or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.05)
+
+
+def _first_failure(start: int, report: dict) -> str:
+    """Follow published failures from agent `start` away from us to the first one: the agent whose
+    own peers published nothing (or only blame it back)."""
+    seen, current = {start}, start
+    while True:
+        step = None
+        for q in report["peers"]:
+            theirs = None if q in seen else _read(q)
+            if theirs is not None and theirs["peers"] != [current]:
+                step = q, theirs
+                break
+        if step is None:
+            return report["message"]
+        current, report = step
+        seen.add(current)
+
+
+def _blame(rank: int, peers: list[int], detail: str, reports: dict[int, dict]) -> str:
+    """Why the round with `peers` failed: a silent or vanished peer, or a failure further away."""
+    timed_out = detail.startswith("no answer")
+    parts = []
+    for p in peers:
+        report = reports.get(p)
+        if report is not None and report["peers"] != [rank]:  # it failed waiting for someone else
+            parts.append(f"agent {p} stopped after its own failure, so the cause is further away "
+                         f"(first failure: {_first_failure(p, report)})")
+        elif timed_out:
+            parts.append(f"agent {p} is silent: {detail}")
+        else:
+            parts.append(f"agent {p} closed its connection without reporting a failure (it exited or crashed): "
+                         f"{detail}")
+    return "; ".join(parts) or detail
 
 
 class CommTimeoutError(RuntimeError):
@@ -174,6 +256,10 @@ class DistComm:
         return failed, detail
 
     def _fail(self, peers: list[int], round_name: str, detail: str) -> None:
+        _publish(self.rank, peers, str(CommTimeoutError(self.rank, peers, round_name, detail)))
+        # a peer that failed further away publishes about when our own time-out fires: give it a moment
+        grace = min(0.25 * self.timeout, 2.0) if detail.startswith("no answer") else 0.2
+        detail = _blame(self.rank, peers, detail, _reports(peers, grace))
         error = CommTimeoutError(self.rank, peers, round_name, detail)
         self._failed = error
         if self._poll:  # NCCL: pending kernels would block the process at exit; abort the communicator

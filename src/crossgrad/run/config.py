@@ -20,10 +20,13 @@ A config file has the sections below (every key optional; defaults shown by `Con
     name = "ring"
     n_agents = 5
     weights = "uniform"             # mixing matrix: uniform | metropolis (see crossgrad.topology)
+    options = {}                    # builder options: {edges = [[0, 1], ...]} for name = "edges",
+                                    # {path = "W.txt"} for name = "file" (relative to this file)
 
     [algorithm]
     name = "ngc"                    # dsgd | ngc | compngc | cga | compcga
-    lr = 0.1 ...                    # only the hyperparameters the algorithm accepts are passed
+    alpha = 0.5                     # any hyperparameter of that algorithm (codec = "sign" compresses
+                                    # ngc/cga); its own dataclass holds the defaults, other keys are errors
 
     [training]
     batch_size = 32                 # per agent
@@ -74,8 +77,11 @@ __all__ = [
     "load_config",
     "method_label",
     "parse_override",
+    "resolve_paths",
+    "saved_config_data",
+    "user_errors",
     "setting_label",
-    "ALGORITHM_KEYS",
+    "resolve_algorithm",
 ]
 
 SCHEDULES = ("constant", "multistep", "cosine")
@@ -111,22 +117,39 @@ class TopologyConfig:
 
 @dataclass
 class AlgorithmConfig:
+    """`name` and the algorithm's hyperparameters, every one resolved against the algorithm's own defaults.
+
+    The algorithm's dataclass (crossgrad.algorithms) is the single source of its options and their
+    defaults; a key it does not take is a ConfigError that lists the ones it does.
+    """
+
     name: str = "ngc"
-    lr: float = 0.1
-    gamma: float = 1.0
-    momentum: float = 0.9
-    nesterov: bool = True
-    qgm: bool = False
-    weight_decay: float = 0.0
-    alpha: float = 1.0  # ngc, compngc
-    compress_self: bool = True  # compngc, compcga
-    weights: str = "mixing"  # combine weights for ngc/cga families: "mixing" (W) or "uniform" (1/(k+1))
-    margin: float = 0.5  # cga, compcga
-    eps: float = 1e-12  # cga, compcga
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.params = resolve_algorithm(self.name, self.params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.params}
 
 
-#: the algorithm hyperparameter keys (everything in [algorithm] but `name`)
-ALGORITHM_KEYS = tuple(f.name for f in fields(AlgorithmConfig) if f.name != "name")
+def resolve_algorithm(name: str, given: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Every hyperparameter of algorithm `name`: its defaults, overridden by `given` (type-checked)."""
+    from crossgrad.algorithms import ALGORITHMS, algorithm_options
+
+    if not isinstance(name, str) or name.lower() not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {name!r}; available: {', '.join(sorted(ALGORITHMS))}")
+    defaults = algorithm_options(name)
+    out = dict(defaults)
+    for key, value in given.items():
+        if key not in defaults:
+            raise ConfigError(
+                f"{source}: unknown key algorithm.{key}; {name} takes: name, {', '.join(defaults)}"
+            )
+        default = defaults[key]
+        hint = type(default) if default is not None else (str | None)
+        out[key] = _coerce(f"algorithm.{key}", value, hint)
+    return out
 
 
 @dataclass
@@ -144,6 +167,9 @@ class TrainingConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     threads: int = 0  # torch CPU threads; 0 = torch's default
     comm_timeout: float = 60.0  # backend "dist": seconds a rank waits for a neighbour before failing
+    #: backend "dist": seconds a rank waits at a control point (evaluation, checkpoint, start-up) for the others;
+    #: generous because rank 0 evaluates and writes files there while the others wait
+    control_timeout: float = 1800.0
 
 
 @dataclass
@@ -164,24 +190,15 @@ class Config:
 
     # ------------------------------------------------------------------ conversions
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def algorithm_kwargs(self) -> dict[str, Any]:
-        """The [algorithm] hyperparameters the chosen algorithm accepts (others are not passed)."""
-        from crossgrad.algorithms import ALGORITHMS
-
-        cls = ALGORITHMS.get(self.algorithm.name.lower())
-        if cls is None:
-            raise ConfigError(
-                f"unknown algorithm {self.algorithm.name!r}; available: {', '.join(sorted(ALGORITHMS))}"
-            )
-        accepted = {f.name for f in fields(cls)}
-        return {k: getattr(self.algorithm, k) for k in ALGORITHM_KEYS if k in accepted}
+        """Plain nested data, as written to a run's config.toml: [algorithm] lists every hyperparameter."""
+        out = dataclasses.asdict(self)
+        out["algorithm"] = self.algorithm.to_dict()
+        return out
 
     def make_algorithm(self):
         from crossgrad.algorithms import make_algorithm
 
-        return make_algorithm(self.algorithm.name, **self.algorithm_kwargs())
+        return make_algorithm(self.algorithm.name, **self.algorithm.params)
 
     def validate(self) -> Config:
         """Checks that need no data: ranges, choices, and the algorithm's own validation."""
@@ -215,8 +232,10 @@ class Config:
             raise ConfigError(f"training.seed must be an integer in [0, 2**63), not {tr.seed}")
         if tr.threads > MAX_THREADS:
             raise ConfigError(f"training.threads must be at most {MAX_THREADS}, not {tr.threads}")
-        if not (isinstance(tr.comm_timeout, (int, float)) and 0 < tr.comm_timeout < float("inf")):
-            raise ConfigError(f"training.comm_timeout must be a positive number of seconds, not {tr.comm_timeout!r}")
+        for key in ("comm_timeout", "control_timeout"):
+            value = getattr(tr, key)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ConfigError(f"training.{key} must be a positive number of seconds, not {value!r}")
         if tr.eval_batch_size < 1:
             raise ConfigError(f"training.eval_batch_size must be >= 1, not {tr.eval_batch_size}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", tr.device):
@@ -230,7 +249,8 @@ class Config:
             not self.output.name or "/" in self.output.name or self.output.name in (".", "..")
         ):
             raise ConfigError(f"output.name must be a plain directory name, not {self.output.name!r}")
-        self.make_algorithm()  # unknown algorithm, alpha outside [0, 1], gamma <= 0, ...
+        self.algorithm.params = resolve_algorithm(self.algorithm.name, self.algorithm.params)
+        self.make_algorithm()  # alpha outside [0, 1], gamma <= 0, ...
         return self
 
     # ------------------------------------------------------------------ labels
@@ -250,6 +270,15 @@ class Config:
 
 
 MAX_THREADS = 512
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the configuration or the inputs are wrong" (exit code 2, no traceback)."""
+    from crossgrad import data as data_mod
+    from crossgrad.topology import TopologyError
+
+    data_errors = tuple(getattr(data_mod, n) for n in ("DataError", "PartitionError") if hasattr(data_mod, n))
+    return (ConfigError, TopologyError, *data_errors)
 
 
 def _strings(data: Any, where: str = "") -> list[tuple[str, str]]:
@@ -273,20 +302,22 @@ def _fmt_num(v: float) -> str:
 
 
 def method_label(cfg: Config) -> str:
-    """A readable label: "NGC (α=1)", "DSGDm-N", "QGM", "CompNGC", "CGA", ..."""
-    a = cfg.algorithm
-    name = a.name.lower()
+    """A readable label from the resolved hyperparameters: "NGC (α=1)", "DSGDm-N", "QGM", "CompNGC", "CGA", ..."""
+    a, name = cfg.algorithm.params, cfg.algorithm.name.lower()
     if name == "dsgd":
-        if a.qgm:
+        if a["qgm"]:
             return "QGM"
-        if a.momentum > 0:
-            return "DSGDm-N" if a.nesterov else "DSGDm"
+        if a["momentum"] > 0:
+            return "DSGDm-N" if a["nesterov"] else "DSGDm"
         return "DSGD"
-    if name == "ngc":
-        return f"NGC (α={_fmt_num(a.alpha)})"
-    if name == "compngc":
-        return "CompNGC" if a.alpha == 1 else f"CompNGC (α={_fmt_num(a.alpha)})"
-    return {"cga": "CGA", "compcga": "CompCGA"}.get(name, a.name)
+    compressed = a.get("codec") is not None
+    if name in ("ngc", "compngc"):
+        if compressed:
+            return "CompNGC" if a["alpha"] == 1 else f"CompNGC (α={_fmt_num(a['alpha'])})"
+        return f"NGC (α={_fmt_num(a['alpha'])})"
+    if name in ("cga", "compcga"):
+        return "CompCGA" if compressed else "CGA"
+    return cfg.algorithm.name
 
 
 def setting_label(cfg: Config) -> str:
@@ -349,7 +380,13 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     cfg = Config()
     top_hints = _hints(Config)
     for key, value in data.items():
-        if key in _SECTIONS:
+        if key == "algorithm":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [algorithm] must be a table")
+            given = dict(value)
+            name = _coerce("algorithm.name", given.pop("name", cfg.algorithm.name), str)
+            cfg.algorithm = AlgorithmConfig(name, resolve_algorithm(name, given, source))
+        elif key in _SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: [{key}] must be a table")
             section = getattr(cfg, key)
@@ -366,6 +403,31 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
                 f"{source}: unknown section or key {key!r}; known sections: "
                 f"{', '.join(_SECTIONS)}; top-level keys: {', '.join(sorted(_TOP_KEYS))}"
             )
+    return cfg
+
+
+def saved_config_data(data: Any) -> Any:
+    """A run directory's saved config data as this version reads it.
+
+    Runs written before each algorithm owned its hyperparameters list every algorithm's keys under
+    [algorithm] (a DSGD run has `alpha`, `margin`, ...); the runner passed only the ones the
+    algorithm takes, so dropping the others reproduces exactly what those runs trained with.
+    """
+    from crossgrad.algorithms import ALGORITHMS, algorithm_options
+
+    section = data.get("algorithm") if isinstance(data, dict) else None
+    name = section.get("name", AlgorithmConfig.name) if isinstance(section, dict) else None
+    if not isinstance(name, str) or name.lower() not in ALGORITHMS:
+        return data
+    taken = algorithm_options(name)
+    return {**data, "algorithm": {k: v for k, v in section.items() if k == "name" or k in taken}}
+
+
+def resolve_paths(cfg: Config, base_dir: str | Path) -> Config:
+    """Make the topology's W file path absolute, relative to `base_dir` (the config file's folder)."""
+    path = cfg.topology.options.get("path")
+    if cfg.topology.name == "file" and isinstance(path, str):
+        cfg.topology.options["path"] = str((Path(base_dir) / Path(path).expanduser()).resolve())
     return cfg
 
 
@@ -427,7 +489,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a TOML file (or start from defaults), apply overrides, validate. Raises ConfigError."""
     data = read_toml(path) if path is not None else {}
     data = apply_overrides(data, overrides)
-    return config_from_dict(data, str(path) if path is not None else "config").validate()
+    cfg = config_from_dict(data, str(path) if path is not None else "config")
+    return resolve_paths(cfg, Path(path).parent if path is not None else Path.cwd()).validate()
 
 
 # ------------------------------------------------------------------------------ TOML writing

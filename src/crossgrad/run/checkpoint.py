@@ -1,0 +1,106 @@
+"""Checkpoints: versioned, validated before anything is restored, written atomically, loaded as data only.
+
+A checkpoint holds the run's progress (step, metrics, elapsed time, the resolved config) and one
+*part* per process: that process's engine, batch streams, random generators and running totals.
+A run on one process (the simulator) keeps its part at the top level; a run on several processes
+(torch.distributed, rank r = agent r) keeps them under "ranks", in rank order.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from crossgrad.run.config import saved_config_data
+from crossgrad.run.rundir import RunError, atomic_write_bytes, comparable_config, one_line
+
+CHECKPOINT_VERSION = 1
+#: what every process's part holds
+PART_KEYS = ("sim", "streams", "aug_gens", "torch_rng", "acc")
+
+
+def to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def pack(common: dict[str, Any], parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The checkpoint of a run whose processes' parts are `parts` (in process order)."""
+    layout = parts[0] if len(parts) == 1 else {"ranks": parts}
+    return {"version": CHECKPOINT_VERSION, **common, **layout}
+
+
+def split(state: dict[str, Any], n_processes: int) -> list[dict[str, Any]]:
+    """The parts of a checkpoint, one per process (inverse of `pack`)."""
+    return [state] if n_processes == 1 else list(state["ranks"])
+
+
+def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write_bytes(path, lambda p: torch.save(state, p))
+
+
+def read_checkpoint(path: Path, cfg_dict: dict[str, Any], total_steps: int, n: int,
+                    n_processes: int) -> dict[str, Any]:
+    """Load and check a checkpoint of this run (config, step range, one part per process); RunError otherwise."""
+    if not path.is_file():
+        raise RunError(f"nothing to resume in {path.parent} (no {path.name})")
+    try:  # data only: a checkpoint whose pickle refers to any code is refused, never executed
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem means a bad file
+        text = str(e)
+        if "Weights only load failed" in text:
+            glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            m = re.search(r"WeightsUnpickler error:\s*([^\n]*)", text)
+            detail = f"it refers to {glob.group(1)}" if glob else (m.group(1) if m else text)
+            raise RunError(
+                f"cannot read {path}: it holds objects other than tensors and plain data "
+                f"({one_line(detail, 200)}); refusing to load it (nothing in it was run)"
+            ) from None
+        reason = one_line(text, 200) or "empty file"
+        raise RunError(f"cannot read {path}: corrupt or truncated ({reason})") from None
+    if not isinstance(state, dict):
+        raise RunError(f"cannot read {path}: not a crossgrad checkpoint")
+    _check(state, path, cfg_dict, total_steps, n, n_processes)
+    return state
+
+
+def _check(state: dict[str, Any], path: Path, cfg_dict: dict[str, Any], total_steps: int, n: int,
+           n_processes: int) -> None:
+    """Refuse a checkpoint that is not this run's, before touching any state."""
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise RunError(
+            f"{path}: checkpoint version {state.get('version')} is not supported (expected {CHECKPOINT_VERSION})"
+        )
+    mine, theirs = comparable_config(cfg_dict), comparable_config(saved_config_data(state.get("config")))
+    if theirs is not None and mine != theirs:
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise RunError(
+            f"cannot resume from {path}: it was written by another configuration "
+            f"(differs in {', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''})"
+        )
+    layout = ("ranks",) if n_processes > 1 else PART_KEYS
+    missing = [k for k in ("step", "metrics", *layout) if k not in state]
+    if missing:
+        raise RunError(f"cannot resume from {path}: not a complete checkpoint (missing {', '.join(missing)})")
+    step = state["step"]
+    if not isinstance(step, int) or not 0 <= step <= total_steps:
+        raise RunError(f"cannot resume from {path}: step {step!r} is outside this run's 0..{total_steps}")
+    if n_processes > 1:
+        ranks = state["ranks"]
+        if not isinstance(ranks, (list, tuple)) or len(ranks) != n_processes:
+            raise RunError(f"cannot resume from {path}: it does not hold one state per rank ({n_processes})")
+    per = n // n_processes
+    for part in split(state, n_processes):
+        if not isinstance(part, dict) or any(k not in part for k in PART_KEYS):
+            raise RunError(f"cannot resume from {path}: not a complete checkpoint (a rank's state is incomplete)")
+        for key in ("streams", "aug_gens"):
+            if not isinstance(part[key], (list, tuple)) or len(part[key]) != per:
+                raise RunError(f"cannot resume from {path}: {key} is not one entry per agent ({n})")

@@ -1,0 +1,197 @@
+"""Where a run's agents live: all in this process (`LocalCluster`) or one per torch.distributed rank (`DistCluster`).
+
+The trainer talks only to this interface and never asks which backend it runs on:
+
+- `local`, `main`: the agents of this process, and whether it is the one that writes files;
+- `build_engine(prepared)`: the engine of the local agents on the backend's `Comm`;
+- `gather(tensor)`: the processes' tensors concatenated (dim 0) on the main process, None elsewhere;
+- `share(obj)`: every process's small object, on every process (the cheap agreement on flags);
+- `barrier()`: wait for every process (after evaluation and checkpoints, bounded by the generous
+  control time-out, so that the main process's work never counts against the neighbours'
+  communication time-out);
+- `gather_parts` / `scatter_parts`: checkpoint parts to and from the main process;
+- `broadcast_error(err)`: the main process's set-up error (or None) raised on every process;
+- `interrupt()`: a context that turns Ctrl-C into a flag the trainer agrees on between steps;
+- `failures`: the exceptions that mean a peer died or hung (the run fails, the checkpoint is kept).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from crossgrad.algorithms import ConfigError
+from crossgrad.run.config import Config
+from crossgrad.run.data import Prepared, resolve_device
+
+
+class Interrupt:
+    """Turns Ctrl-C (SIGINT) into a flag checked between steps.
+
+    `abort_on_second`: a second Ctrl-C raises KeyboardInterrupt at once (a single process); under
+    torchrun the launcher forwards the signal again, so a second one only keeps the flag set.
+    """
+
+    def __init__(self, abort_on_second: bool) -> None:
+        self.hit = False
+        self.abort_on_second = abort_on_second
+        self._old: Any = None
+
+    def __enter__(self) -> Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.hit and self.abort_on_second:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class LocalCluster:
+    """Every agent in this process, on the in-process `LocalComm`; every collective is the identity."""
+
+    n_processes = 1
+    sync_every = 1  # agreeing costs nothing here: a divergence stops the run at the failing step
+    failures: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, cfg: Config):
+        self.n = cfg.topology.n_agents
+        self.local = list(range(self.n))
+        self.main = True
+        self.device = resolve_device(cfg.training.device)
+
+    def build_engine(self, p: Prepared) -> Any:
+        from crossgrad.comm.local import LocalComm
+        from crossgrad.engine import Engine
+
+        comm = LocalComm(p.topology.edges, p.topology.n, device=p.device)
+        return Engine(p.model, p.topology, p.algorithm, comm, torch.nn.functional.cross_entropy,
+                      device=p.device, on_nonfinite="record")
+
+    def gather(self, t: Tensor) -> Tensor:
+        return t
+
+    def share(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def barrier(self) -> None:
+        """Nothing to wait for."""
+
+    def gather_parts(self, part: dict[str, Any]) -> list[dict[str, Any]]:
+        return [part]
+
+    def scatter_parts(self, parts: list[dict[str, Any]] | None) -> dict[str, Any]:
+        assert parts is not None
+        return parts[0]
+
+    def broadcast_error(self, error: BaseException | None) -> None:
+        if error is not None:
+            raise error
+
+    def interrupt(self) -> Interrupt:
+        return Interrupt(abort_on_second=True)
+
+
+class DistCluster:
+    """One agent per torch.distributed rank (rank r = agent r), launched by torchrun.
+
+    Training exchanges messages along graph edges only (`DistComm`, bounded by training.comm_timeout);
+    everything here is a collective outside the steps, bounded by training.control_timeout.
+    """
+
+    sync_every = 10  # steps between two agreements on the flags (plus one at every evaluation and checkpoint)
+
+    def __init__(self, cfg: Config):
+        import torch.distributed as dist
+
+        from crossgrad.comm.dist import CommTimeoutError
+        from crossgrad.distributed import init_from_env
+
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise ConfigError(
+                "backend 'dist' runs one process per agent: launch it with "
+                f"torchrun --nproc-per-node {cfg.topology.n_agents} -m crossgrad run ... (see docs/distributed.md)"
+            )
+        world = int(os.environ["WORLD_SIZE"])
+        if world != cfg.topology.n_agents:
+            raise ConfigError(
+                f"backend 'dist' needs one process per agent: {world} processes were launched for "
+                f"{cfg.topology.n_agents} agents (torchrun --nproc-per-node / --nnodes)"
+            )
+        wanted = resolve_device(cfg.training.device)  # the simulator's check: no silent fall-back to the CPU
+        self.cfg = cfg
+        self.device = init_from_env("nccl" if wanted.type == "cuda" else "gloo",
+                                    timeout=cfg.training.control_timeout)
+        self.n = self.n_processes = world
+        self.rank = dist.get_rank()
+        self.local = [self.rank]
+        self.main = self.rank == 0
+        self.failures = (CommTimeoutError,)
+        self._dist = dist
+
+    def build_engine(self, p: Prepared) -> Any:
+        from crossgrad.distributed import make_engine
+
+        return make_engine(p.model, p.topology, p.algorithm, timeout=self.cfg.training.comm_timeout,
+                           device=p.device, on_nonfinite="record")
+
+    def gather(self, t: Tensor) -> Tensor | None:
+        from crossgrad.distributed import gather_rows
+
+        return gather_rows(t)
+
+    def share(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.n
+        self._dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        self._dist.barrier()
+
+    def gather_parts(self, part: dict[str, Any]) -> list[dict[str, Any]] | None:
+        from crossgrad.run.checkpoint import to_cpu
+
+        everyone = [None] * self.n if self.main else None
+        self._dist.gather_object(to_cpu(part), everyone, dst=0)
+        return everyone
+
+    def scatter_parts(self, parts: list[dict[str, Any]] | None) -> dict[str, Any]:
+        got: list[Any] = [None]
+        self._dist.scatter_object_list(got, parts if self.main else None, src=0)
+        return got[0]
+
+    def broadcast_error(self, error: BaseException | None) -> None:
+        box = [error]
+        self._dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise box[0]
+
+    def interrupt(self) -> Interrupt:
+        return Interrupt(abort_on_second=False)
+
+
+@contextlib.contextmanager
+def open_cluster(cfg: Config) -> Iterator[LocalCluster | DistCluster]:
+    """The cluster of `cfg.backend` ("sim": this process; "dist": this torchrun rank), torn down at exit."""
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+    if cfg.backend != "dist":
+        yield LocalCluster(cfg)
+        return
+    from crossgrad.distributed import shutdown
+
+    try:
+        yield DistCluster(cfg)
+    finally:
+        shutdown()

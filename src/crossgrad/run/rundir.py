@@ -1,0 +1,206 @@
+"""A run directory: its file names, who may train in it, atomic writes, and the checks before training.
+
+One run lives in one directory::
+
+    config.toml      the resolved configuration (every algorithm hyperparameter with its value)
+    metrics.jsonl    one JSON object per evaluation (keys: see crossgrad.run.evaluate.METRIC_KEYS)
+    summary.json     headline numbers, written when the run ends ("completed", "stopped" or "diverged")
+    checkpoint.pt    the latest checkpoint
+    .lock            held (flock) by the one process training here
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from crossgrad.algorithms import ConfigError
+from crossgrad.run.config import Config, config_from_dict, dump_toml, read_toml, saved_config_data
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.toml"
+LOCK = ".lock"
+
+
+class RunError(ConfigError):
+    """A problem with a run directory (nothing to resume, a run already there, ...)."""
+
+
+class RunBusyError(RunError):
+    """Another live process is training in this run directory."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later; sweeps treat it as "running elsewhere"
+
+
+# ------------------------------------------------------------------------------ atomic writes
+def atomic_write_bytes(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` then rename onto `path`: readers see the old file or the whole new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before it takes the name: a crash never leaves half a file
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def jsonable(v: Any) -> Any:
+    """`v` with every non-finite float as None (JSON has no NaN)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    return v
+
+
+def write_metrics(path: Path, records: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(jsonable(r)) + "\n" for r in records))
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(jsonable(record)) + "\n")
+
+
+def one_line(text: Any, limit: int) -> str:
+    """An exception's text as one line of at most `limit` characters (for one-line CLI errors)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------ configuration
+#: config keys that may differ between a checkpoint and its resumption (where and how fast, not what)
+RESUMABLE_KEYS = {"output", "training.device", "training.threads", "training.eval_batch_size",
+                  "training.comm_timeout", "training.control_timeout"}
+
+
+def comparable_config(d: Any) -> dict[str, Any] | None:
+    """A config's plain data flattened to "section.key" entries, without the keys a resumption may change."""
+    if not isinstance(d, dict):
+        return None
+    flat = {}
+    for k, v in d.items():
+        for kk, vv in (v.items() if isinstance(v, dict) and k != "backend" else [(None, v)]):
+            key = k if kk is None else f"{k}.{kk}"
+            if k not in RESUMABLE_KEYS and key not in RESUMABLE_KEYS:
+                flat[key] = vv
+    return flat
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    p = Path(run_dir) / CONFIG
+    if not p.is_file():
+        raise RunError(f"{run_dir} is not a run directory (no {CONFIG})")
+    return config_from_dict(saved_config_data(read_toml(p)), str(p)).validate()
+
+
+def open_run_dir(run_dir: Path, cfg: Config, *, resume: bool, overwrite: bool) -> None:
+    """Check that `run_dir` may be trained in (the caller holds its lock); a new run also writes its config."""
+    if resume:
+        if (run_dir / SUMMARY).exists():
+            raise RunError(f"{run_dir} is already finished ({SUMMARY} exists); nothing to resume")
+        return
+    if (run_dir / SUMMARY).exists() and not overwrite:
+        raise RunError(f"{run_dir} already holds a finished run; pick another output.name or out_dir")
+    if (run_dir / CHECKPOINT).exists() and not overwrite:
+        raise RunError(f"{run_dir} holds an unfinished run; continue it with: crossgrad run --resume {run_dir}")
+    for stale in (SUMMARY, CHECKPOINT, METRICS):
+        (run_dir / stale).unlink(missing_ok=True)
+    atomic_write_text(run_dir / CONFIG, dump_toml(cfg.to_dict()))
+
+
+# ------------------------------------------------------------------------------ claiming
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_holder(run_dir: Path) -> int | None:
+    """The live process that holds `run_dir` (its pid, or -1 if not known yet), or None."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:  # a shared probe: it succeeds only if nobody holds the exclusive lock
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            pass  # held
+        else:
+            return None
+        try:
+            pid = int(os.read(fd, 32).decode().strip() or -1)
+        except ValueError:
+            pid = -1
+        return pid if pid == -1 or _pid_alive(pid) else -1
+    finally:
+        os.close(fd)  # also drops the probe
+
+
+@contextmanager
+def claim_run_dir(run_dir: Path) -> Iterator[None]:
+    """Only one process trains in a run directory at a time; a dead process's lock is taken over.
+
+    The lock is an exclusive `flock` on `.lock` (which also records the holder's pid for messages
+    and `lock_holder`). The kernel drops it when its process dies, even by SIGKILL, so there is no
+    stale-lock guesswork and no window in which two processes both believe they hold the directory:
+    two sweeps sharing an output folder never write the same run's files at once; the second one
+    is told the run is busy.
+    """
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    waits = [0.01, 0.05, 0.2]  # a `lock_holder` probe holds the lock for a moment: look again
+    for _ in range(100):
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            if waits:
+                time.sleep(waits.pop(0))
+                continue
+            holder = lock_holder(run_dir)
+            who = f"process {holder}" if holder is not None and holder > 0 else "another process"
+            raise RunBusyError(f"{run_dir} is in use by {who}; wait for it to finish or stop it") from None
+        try:  # the previous holder may have removed the file between our open and flock: open it again
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    else:
+        raise RunError(f"cannot lock {run_dir}")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        for tmp in run_dir.glob(".*.tmp*"):  # half-written files of a process killed while saving
+            tmp.unlink(missing_ok=True)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still holding the lock (see the inode check above)
+        os.close(fd)

@@ -1,0 +1,347 @@
+"""The training loop, written once for every backend, and the entry points `run_experiment` / `resume_experiment`.
+
+The trainer holds the engine of this process's agents and talks to a cluster (crossgrad.run.cluster)
+for everything that involves the other processes; it never asks which backend it runs on. Each
+step: set the learning rate, one engine step on the local agents' batches, add to the running
+totals. At sync points (every `cluster.sync_every` steps, and at every evaluation, checkpoint and
+stop) the processes agree on two flags: a NaN/Inf seen by any agent (the engine records it and
+keeps communicating, so no peer mistakes it for a network failure) and a Ctrl-C. A divergence
+ends the run before anything non-finite is evaluated or saved, naming the earliest failing step
+and agent; a Ctrl-C ends it after the step's evaluation and with a checkpoint.
+
+Statuses: "completed"; "stopped" (`stop_after` reached: checkpoint written, exit 0); "interrupted"
+(Ctrl-C: checkpoint written, exit 130); "diverged" (exit 1); "failed" (a peer died or hung, exit 1).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crossgrad.run.checkpoint import pack, read_checkpoint, split, write_checkpoint
+from crossgrad.run.cluster import Interrupt, open_cluster
+from crossgrad.run.config import Config
+from crossgrad.run.data import AgentBatches, Prepared, prepare
+from crossgrad.run.evaluate import TrainTotals, evaluate, gather_stats, peak_memory_mb
+from crossgrad.run.rundir import (
+    CHECKPOINT,
+    METRICS,
+    SUMMARY,
+    RunError,
+    append_metrics,
+    atomic_write_text,
+    claim_run_dir,
+    jsonable,
+    load_run_config,
+    one_line,
+    open_run_dir,
+    write_metrics,
+)
+from crossgrad.run.schedule import lr_at
+
+
+@dataclass
+class RunResult:
+    status: str  # "completed" | "stopped" | "interrupted" | "diverged" | "failed" (a peer died or hung)
+    run_dir: Path
+    summary: dict | None = None
+    message: str = ""
+    main: bool = True  # False on dist ranks other than 0, which write and report nothing on success
+
+    @property
+    def exit_code(self) -> int:
+        return {"completed": 0, "stopped": 0, "interrupted": 130, "diverged": 1}.get(self.status, 1)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the processes agreed on at a sync point."""
+
+    failure: tuple[int, int, str] | None  # the earliest (step, agent, what) that went non-finite
+    interrupted: bool
+
+
+class Trainer:
+    """Trains one configured run in `run_dir` with the agents of `cluster` local to this process."""
+
+    def __init__(self, cfg: Config, run_dir: Path, cluster: Any, prepared: Prepared, quiet: bool = False):
+        self.cfg, self.run_dir, self.cluster, self.p, self.quiet = cfg, Path(run_dir), cluster, prepared, quiet
+        tr = cfg.training
+        self.engine = cluster.build_engine(prepared)
+        self.batches = AgentBatches(prepared, cluster.local, tr.batch_size)
+        self.totals = TrainTotals(len(cluster.local), self.engine.x.device)
+        self.steps_per_epoch = max(1, math.ceil(max(len(s) for s in prepared.shards) / tr.batch_size))
+        self.total_steps = tr.steps if tr.steps is not None else tr.epochs * self.steps_per_epoch
+        self.step = 0
+        self.metrics: list[dict] = []
+        self.elapsed = 0.0
+
+    # -------------------------------------------------------------- checkpoints
+    def _part(self) -> dict[str, Any]:
+        """This process's share of the state: engine, batch streams, random generators, running totals."""
+        return {
+            "sim": self.engine.state_dict(),
+            **self.batches.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.p.device.type == "cuda" else [],
+            "acc": self.totals.state_dict(),
+        }
+
+    def _load_part(self, part: dict[str, Any]) -> None:
+        self.engine.load_state_dict(part["sim"])
+        self.batches.load_state_dict(part)
+        torch.set_rng_state(part["torch_rng"])
+        if part["cuda_rng"] and self.p.device.type == "cuda":
+            torch.cuda.set_rng_state_all(part["cuda_rng"])
+        self.totals.load_state_dict(part["acc"])
+
+    def save_checkpoint(self) -> None:
+        """Every process's part to the main one, which writes the file; all wait until it is on disk."""
+        parts = self.cluster.gather_parts(self._part())
+        if self.cluster.main:
+            common = {"step": self.step, "epoch": self.step // self.steps_per_epoch, "total_steps": self.total_steps,
+                      "metrics": self.metrics, "elapsed": self.elapsed, "config": self.cfg.to_dict()}
+            write_checkpoint(self.run_dir / CHECKPOINT, pack(common, parts))
+        self.cluster.barrier()
+
+    def load_checkpoint(self) -> None:
+        """Resume from the run directory's checkpoint: the main process reads it and sends each process its part."""
+        path, error, shares = self.run_dir / CHECKPOINT, None, None
+        if self.cluster.main:
+            try:
+                state = read_checkpoint(path, self.cfg.to_dict(), self.total_steps, self.cluster.n,
+                                        self.cluster.n_processes)
+                progress = {k: state[k] for k in ("step", "metrics", "elapsed")}
+                shares = [{"progress": progress, "part": part} for part in split(state, self.cluster.n_processes)]
+            except (RunError, KeyError) as e:
+                error = e if isinstance(e, RunError) else RunError(f"cannot resume from {path}: missing {e}")
+        self.cluster.broadcast_error(error)
+        share = self.cluster.scatter_parts(shares)
+        try:
+            self._load_part(share["part"])
+            self.step = int(share["progress"]["step"])
+            self.metrics = list(share["progress"]["metrics"])
+            self.elapsed = float(share["progress"]["elapsed"])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+            raise RunError(
+                f"cannot resume from {path}: the checkpoint does not fit this run ({one_line(e, 200)})"
+            ) from None
+
+    # -------------------------------------------------------------- evaluation and summary
+    def _evaluate(self, t0: float, steps_at_t0: int) -> dict[str, Any] | None:
+        """The metrics record of the current step on the main process (None elsewhere); a collective."""
+        out = evaluate(self.engine, self.p, self.cluster, self.totals, self.cfg.training.eval_batch_size)
+        self.totals.reset()
+        if out is None:
+            return None
+        ev, stats = out
+        now, done = time.perf_counter(), self.step - steps_at_t0
+        return {
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 6),
+            "lr": self.engine.lr,
+            **{k: ev[k] for k in ("consensus_acc", "consensus_loss", "local_acc_mean", "local_acc_min",
+                                  "local_acc_max", "local_acc", "train_loss", "train_loss_agents",
+                                  "consensus_distance", "bias_mv", "bias_dv")},
+            "bytes_round1": stats.bytes_per_agent_per_step[0],
+            "bytes_round2": stats.bytes_per_agent_per_step[1],
+            "grad_evals": stats.grad_evals,
+            "grad_evals_per_agent_per_step": stats.grad_evals_per_agent_per_step,
+            "qp_failures": stats.qp_failures,
+            "wall_time_s": self.elapsed + (now - t0),
+            "steps_per_s": done / (now - t0) if done and now > t0 else None,
+            "peak_mem_mb": peak_memory_mb(self.p.device),
+        }
+
+    def summary(self, status: str, message: str = "") -> dict[str, Any] | None:
+        """The run's headline numbers on the main process (None elsewhere); a collective."""
+        stats = gather_stats(self.engine, self.cluster)
+        if stats is None:
+            return None
+        cfg = self.cfg
+        final = {k: v for k, v in (self.metrics[-1] if self.metrics else {}).items() if k != "local_acc"}
+        accs = [m["consensus_acc"] for m in self.metrics if m.get("consensus_acc") is not None]
+        stats.steps = self.step  # a diverged run counts the steps before the failing one
+        bpas = stats.bytes_per_agent_per_step
+        return jsonable(
+            {
+                "method": cfg.method,
+                "setting": cfg.setting,
+                "seed": cfg.training.seed,
+                "status": status,
+                "message": message,
+                "algorithm": self.engine.algorithm.describe(),
+                "steps": self.step,
+                "total_steps": self.total_steps,
+                "epochs": self.step / self.steps_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch,
+                "final": final,
+                "consensus_acc": final.get("consensus_acc"),
+                "local_acc_mean": final.get("local_acc_mean"),
+                "best_consensus_acc": max(accs) if accs else None,
+                "bytes_per_agent_per_step": bpas,
+                "bytes_per_agent_total": [b * self.step for b in bpas],
+                "grad_evals": stats.grad_evals,
+                "grad_evals_per_agent_per_step": stats.grad_evals_per_agent_per_step,
+                "qp_failures": stats.qp_failures,
+                "wall_time_s": self.elapsed,
+                "peak_mem_mb": peak_memory_mb(self.p.device),
+                "shard_sizes": [len(s) for s in self.p.shards],
+                "config": cfg.to_dict(),
+            }
+        )
+
+    # -------------------------------------------------------------- the loop
+    def _agree(self, intr: Interrupt) -> Verdict:
+        e = self.engine.nonfinite
+        mine = (intr.hit, None if e is None else (e.step, e.agent, e.what))
+        everyone = self.cluster.share(mine)
+        failures = [f for _, f in everyone if f is not None]
+        # the earliest step; within it an agent's own failure before what its neighbours received from it
+        first = min(failures, key=lambda f: (f[0], "received" in f[2], f[1])) if failures else None
+        return Verdict(first, any(hit for hit, _ in everyone))
+
+    def _log(self, rec: dict, bar: Any) -> None:
+        tl = rec["train_loss"]
+        line = (
+            f"[{self.run_dir.name}] epoch {rec['epoch']:g} step {rec['step']}: "
+            f"consensus acc {100 * rec['consensus_acc']:.2f}% "
+            f"local acc {100 * rec['local_acc_mean']:.2f}% "
+            f"(min {100 * rec['local_acc_min']:.1f}, max {100 * rec['local_acc_max']:.1f}) "
+            f"train loss {'-' if tl is None else f'{tl:.4f}'} "
+            f"consensus dist {rec['consensus_distance']:.3g}"
+        )
+        if bar is not None:
+            bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def _progress_bar(self) -> Any:
+        if self.quiet or not self.cluster.main:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                    desc=self.run_dir.name, file=sys.stderr, mininterval=0.5)
+
+    def train(self, stop_after: int | None = None) -> RunResult:
+        """Train to the end, or to `stop_after` total steps or Ctrl-C (then checkpoint and stop)."""
+        cfg, tr, cluster = self.cfg, self.cfg.training, self.cluster
+        eval_steps = tr.eval_every_steps or tr.eval_every * self.steps_per_epoch
+        ckpt_steps = tr.checkpoint_every * self.steps_per_epoch if tr.checkpoint_every else 0
+        metrics_path = self.run_dir / METRICS
+        t0, steps_at_t0 = time.perf_counter(), self.step
+        if self.step == 0 and not self.metrics:
+            rec = self._evaluate(t0, steps_at_t0)
+            if rec is not None:
+                self.metrics.append(rec)
+            cluster.barrier()
+        if cluster.main:
+            write_metrics(metrics_path, self.metrics)
+        bar = self._progress_bar()
+        status, verdict = "completed", Verdict(None, False)
+        with cluster.interrupt() as intr, (bar if bar is not None else contextlib.nullcontext()):
+            while self.step < self.total_steps and not verdict.interrupted:
+                if stop_after is not None and self.step >= stop_after:
+                    status = "stopped"
+                    break
+                self.engine.set_lr(lr_at(cfg, self.step, self.total_steps))
+                losses = self.engine.step(self.batches.next())
+                self.step += 1
+                self.totals.add(losses, self.engine)
+                evaluate_now = self.step % eval_steps == 0 or self.step == self.total_steps
+                checkpoint_now = self.step == self.total_steps or (ckpt_steps and self.step % ckpt_steps == 0)
+                if evaluate_now or checkpoint_now or self.step % cluster.sync_every == 0:
+                    verdict = self._agree(intr)
+                    if verdict.failure is not None:
+                        break
+                if bar is not None:
+                    bar.update(1)
+                    if self.step % 10 == 0 or self.step == self.total_steps:
+                        bar.set_postfix(epoch=f"{self.step / self.steps_per_epoch:.2f}",
+                                        loss=f"{float(losses.mean()):.4f}", refresh=False)
+                if evaluate_now:
+                    rec = self._evaluate(t0, steps_at_t0)
+                    if rec is not None:
+                        self.metrics.append(rec)
+                        append_metrics(metrics_path, rec)
+                        if self.quiet or bar is not None:
+                            self._log(rec, bar)
+                    cluster.barrier()  # rank 0's evaluation must not count against the next round's time-out
+                if checkpoint_now:
+                    self.elapsed += time.perf_counter() - t0
+                    t0, steps_at_t0 = time.perf_counter(), self.step
+                    self.save_checkpoint()
+            if verdict.failure is None and status == "stopped":
+                verdict = self._agree(intr)  # never checkpoint a state that went non-finite since the last sync
+        self.elapsed += time.perf_counter() - t0
+        if verdict.failure is not None:
+            step, agent, what = verdict.failure
+            self.step = step
+            message = (f"training diverged: non-finite {what} at step {step + 1} on agent {agent}"
+                       f"; the last good checkpoint (if any) is kept in {self.run_dir / CHECKPOINT}")
+            return self._finish("diverged", message)
+        if (status == "stopped" or verdict.interrupted) and self.step < self.total_steps:
+            self.save_checkpoint()
+            if cluster.main:
+                write_metrics(metrics_path, self.metrics)
+            message = (f"stopped at step {self.step} of {self.total_steps}"
+                       f"; resume with: crossgrad run --resume {self.run_dir}")
+            return RunResult("interrupted" if verdict.interrupted else "stopped", self.run_dir, None, message,
+                             cluster.main)
+        return self._finish("completed", "")
+
+    def _finish(self, status: str, message: str) -> RunResult:
+        summary = self.summary(status, message)
+        if summary is not None:
+            atomic_write_text(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        return RunResult(status, self.run_dir, summary, message, self.cluster.main)
+
+
+# ------------------------------------------------------------------------------ entry points
+def _run(cfg: Config, run_dir: Path, *, quiet: bool, stop_after: int | None, resume: bool,
+         overwrite: bool = False) -> RunResult:
+    with open_cluster(cfg) as cluster:
+        prepared = prepare(cfg, cluster.device)  # validate everything before touching the run directory
+        with contextlib.ExitStack() as stack:
+            error = None
+            if cluster.main:  # only the main process touches the run directory; the others hear its verdict
+                try:
+                    stack.enter_context(claim_run_dir(run_dir))
+                    open_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
+                except RunError as e:
+                    error = e
+            cluster.broadcast_error(error)
+            trainer = Trainer(cfg, run_dir, cluster, prepared, quiet=quiet)
+            if resume:
+                trainer.load_checkpoint()
+            try:
+                return trainer.train(stop_after=stop_after)
+            except cluster.failures as e:
+                return RunResult("failed", run_dir, None, f"{e}; the latest checkpoint (if any) is kept",
+                                 cluster.main)
+
+
+def run_experiment(
+    cfg: Config, *, quiet: bool = False, stop_after: int | None = None, overwrite: bool = False
+) -> RunResult:
+    """Run one configured experiment into output.out_dir/<name>; a finished run there is an error."""
+    cfg.validate()
+    run_dir = Path(cfg.output.out_dir) / cfg.run_name()
+    return _run(cfg, run_dir, quiet=quiet, stop_after=stop_after, resume=False, overwrite=overwrite)
+
+
+def resume_experiment(run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None) -> RunResult:
+    """Continue a stopped or interrupted run from its checkpoint; the result equals an uninterrupted run (CPU)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"cannot resume: {run_dir} is not a directory")
+    cfg = load_run_config(run_dir)
+    return _run(cfg, run_dir, quiet=quiet, stop_after=stop_after, resume=True)
