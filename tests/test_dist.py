@@ -1,8 +1,10 @@
-"""The torch.distributed backend (gloo, one process per agent) against the in-process simulator.
+"""The torch.distributed backend (gloo) against the in-process simulator.
 
-One launch of 4 processes runs every algorithm on every graph (start-up dominates on CI), then
-the tests compare its results with the simulator's in this process. Two more launches kill or
-hang a rank mid-run and check that its neighbours fail fast, naming it.
+One launch of 4 processes (one agent each) runs every algorithm on every graph (start-up
+dominates on CI), then the tests compare its results with the simulator's in this process. One
+launch of 3 processes does the same with uneven blocks of 7-8 agents per rank, and checks the
+messages between ranks and how a hung rank is named. Two more launches kill or hang a rank
+mid-run and check that its neighbours fail fast, naming it.
 """
 from __future__ import annotations
 
@@ -129,7 +131,7 @@ def _equivalence_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         except ValueError as e:
             results["seed_error"] = str(e)
         try:
-            DistComm(Topology.ring(world + 1).edges, world + 1)
+            DistComm(Topology.ring(world - 1).edges, world - 1)
             results["size_error"] = ""
         except ValueError as e:
             results["size_error"] = str(e)
@@ -184,7 +186,155 @@ def test_compngc_round2_is_about_32x_smaller(dist_results):
 def test_misuse_is_reported_on_every_rank(dist_results):
     assert "start from other weights" in dist_results["seed_error"]
     assert "agents [2, 3]" in dist_results["seed_error"]
-    assert "process group has 4 ranks" in dist_results["size_error"]
+    assert "3 agents but the process group has 4 ranks" in dist_results["size_error"]
+
+
+# -- blocks of agents per rank ---------------------------------------------------------------
+
+def test_agent_blocks_are_contiguous_and_at_most_one_apart():
+    from crossgrad.comm.base import agent_blocks
+
+    assert agent_blocks(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert agent_blocks(4, 4) == [range(r, r + 1) for r in range(4)]  # one agent per rank: rank r = agent r
+    assert [len(b) for b in agent_blocks(256, 4)] == [64] * 4
+    with pytest.raises(ValueError, match="every process needs at least one agent"):
+        agent_blocks(3, 4)
+
+
+def test_a_message_of_several_tensors_unpacks_to_them():
+    """Round 2's payload (e.g. packed sign bits and float32 scales) travels as the bytes of one buffer."""
+    from crossgrad.comm.dist import _pack, _receive_buffer, _unpack
+
+    like = (torch.zeros(5, 3, dtype=torch.uint8), torch.zeros(5, 2), torch.zeros(5, dtype=torch.float64))
+    parts = [torch.randint(0, 255, (2, 3), dtype=torch.uint8), torch.randn(2, 2), torch.randn(2, dtype=torch.float64)]
+    message = _pack(parts)
+    assert message.dtype == torch.uint8 and message.shape == _receive_buffer(like, 2).shape
+    for got, sent in zip(_unpack(message, like, 2), parts, strict=True):
+        assert got.dtype == sent.dtype and torch.equal(got, sent)
+    assert _pack(parts[1:2]) is parts[1]  # one tensor goes as it is
+
+
+BLOCK_WORLD = 3
+BLOCK_GRAPHS = {  # uneven blocks over 3 ranks: 7 agents -> 3, 2, 2; 8 -> 3, 3, 2
+    "ring": lambda: Topology.ring(7),
+    "torus": lambda: Topology.torus(2, 4),
+    "exponential": lambda: Topology.exponential(8),
+    "star": lambda: Topology.star(7),
+    "directed_exponential": lambda: Topology.exponential(7, directed=True),
+}
+FLOAT32_CASES = [("ngc", dict(alpha=1.0, momentum=0.9, nesterov=True)), ("compngc", dict(alpha=1.0)),
+                 ("compcga", dict())]
+
+
+def _blocks_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from crossgrad.distributed import CommTimeoutError, gather_state, make_engine
+
+    try:
+        _init(rank, world, port, 30)
+        results = {}
+        for graph, make_topology in BLOCK_GRAPHS.items():
+            topo = make_topology()
+            batches = batches_for(topo.n, STEPS)
+            for k, (name, kw) in enumerate(CASES):
+                engine = make_engine(tiny_model(), topo, cg.make_algorithm(name, lr=0.1, gamma=0.5, **kw), timeout=20)
+                for t in range(STEPS):
+                    engine.step([batches[t][a] for a in engine.plan.local])
+                state = gather_state(engine)
+                if rank == 0:
+                    results[graph, k] = (state["x"], state["bytes_sent"])
+                results["wire", graph, k] = (len(engine.comm.peers), engine.comm.wire_bytes.clone())
+        topo = Topology.ring(7)
+        batches = batches_for(topo.n, STEPS, torch.float32)
+        for k, (name, kw) in enumerate(FLOAT32_CASES):
+            engine = make_engine(wide_model(), topo, cg.make_algorithm(name, lr=0.1, **kw), timeout=20)
+            for t in range(STEPS):
+                engine.step([batches[t][a] for a in engine.plan.local])
+            state = gather_state(engine)
+            if rank == 0:
+                results["float32", k] = (state["x"], state["bytes_sent"])
+        try:
+            make_engine(tiny_model(seed=rank // 2), Topology.ring(7), cg.make_algorithm("dsgd", lr=0.1))
+            results["seed_error"] = ""
+        except ValueError as e:
+            results["seed_error"] = str(e)
+        try:  # a hung rank is named by its agents
+            engine = make_engine(tiny_model(), Topology.ring(7), cg.make_algorithm("dsgd", lr=0.1), timeout=1)
+            if rank == 2:  # silent, but alive until the others have published their failures
+                dist.distributed_c10d._get_default_store().wait(["crossgrad/failed/0", "crossgrad/failed/1"])
+            else:
+                engine.step([batches_for(7, 1)[0][a] for a in engine.plan.local])
+            results["hang_error"] = ""
+        except CommTimeoutError as e:
+            results["hang_error"] = str(e)
+        torch.save(results, os.path.join(out_dir, f"result{rank}.pt"))
+    except Exception:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+@pytest.fixture(scope="module")
+def block_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("blocks")
+    procs = _spawn(_blocks_worker, BLOCK_WORLD, (free_port(), str(out)), join_timeout=150)
+    errors = [p.read_text() for p in out.glob("error*.txt")]
+    assert not errors, errors[0]
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(out / f"result{r}.pt", weights_only=True) for r in range(BLOCK_WORLD)]
+
+
+def simulate(model: nn.Module, topo: Topology, algo, batches) -> cg.Simulator:
+    sim = cg.Simulator(model, topo, algo)
+    for b in batches:
+        sim.step(b)
+    return sim
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("graph", list(BLOCK_GRAPHS))
+def test_blocks_of_agents_per_rank_equal_the_simulator(graph, block_results):
+    """Every algorithm, uneven blocks over 3 ranks: the simulator's parameters to float64 rounding, bytes exactly."""
+    topo = BLOCK_GRAPHS[graph]()
+    batches = batches_for(topo.n, STEPS)
+    for k, (name, kw) in enumerate(CASES):
+        sim = simulate(tiny_model(), topo, cg.make_algorithm(name, lr=0.1, gamma=0.5, **kw), batches)
+        params, sent = block_results[0][graph, k]
+        torch.testing.assert_close(params, sim.params, rtol=1e-12, atol=1e-12, msg=f"{graph} {name} {kw}")
+        assert torch.equal(sent, sim.stats["bytes_sent"]), (graph, name, kw)
+
+
+@pytest.mark.timeout(200)
+def test_blocks_in_float32_equal_the_simulator_to_rounding(block_results):
+    topo = Topology.ring(7)
+    batches = batches_for(topo.n, STEPS, torch.float32)
+    for k, (name, kw) in enumerate(FLOAT32_CASES):
+        sim = simulate(wide_model(), topo, cg.make_algorithm(name, lr=0.1, **kw), batches)
+        params, sent = block_results[0]["float32", k]
+        torch.testing.assert_close(params, sim.params, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(sent, sim.stats["bytes_sent"]), name
+
+
+@pytest.mark.timeout(200)
+def test_one_message_per_peer_rank_and_round(block_results):
+    """What goes between ranks grows with the peer ranks, not the agents: a 7-agent ring over 3 ranks
+    exchanges with 2 peers, and each sends only the boundary rows (one model row to each neighbour rank)."""
+    P = sum(p.numel() for p in tiny_model().parameters())
+    ring_ngc = next(k for k, (name, kw) in enumerate(CASES) if name == "ngc" and kw["alpha"] == 1.0)
+    for rank in range(BLOCK_WORLD):
+        peers, wire = block_results[rank]["wire", "ring", ring_ngc]
+        assert peers == 2
+        # per step: one row to each of the 2 neighbouring ranks (round 1) and one cross-gradient back each
+        assert wire.tolist() == [STEPS * 2 * P * 8, STEPS * 2 * P * 8]
+
+
+@pytest.mark.timeout(200)
+def test_blocks_misuse_and_hangs_name_ranks_and_agents(block_results):
+    assert "rank 2 (agents 5-6) start from other weights than rank 0 (agents 0-2)" in block_results[0]["seed_error"]
+    for rank in (0, 1):
+        error = block_results[rank]["hang_error"]
+        assert "round 1 (models) with peer(s)" in error and "rank 2 (agents 5-6) is silent" in error, error
 
 
 # -- a dead or hung peer -----------------------------------------------------------------------

@@ -27,9 +27,9 @@ SETS = [
 ]
 
 
-def torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def torchrun(tmp_path: Path, *args: str, processes: int = N) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={N}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
            "-m", "crossgrad", "run", "--quiet", *args]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
 
@@ -72,8 +72,9 @@ def test_dist_run_writes_the_simulators_results(tmp_path, sim_run):
                     "--name", "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "out" / "run"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.toml", "metrics.jsonl",
-                                                         "summary.json"]
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == sorted(p.name for p in sim_run.iterdir())  # the simulator's files, none per rank
+    assert {"checkpoint.pt", "config.toml", "metrics.jsonl", "summary.json"} <= set(names)
     assert proc.stdout.count("completed") == 1  # rank 0 reports for everyone
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["config"]["backend"] == "dist" and summary["status"] == "completed"
@@ -103,7 +104,48 @@ def test_dist_run_outside_torchrun_says_how_to_launch(tmp_path, capsys):
 
     rc = main(["run", "--quiet", "--backend", "dist", "--out-dir", str(tmp_path), *(f"--set={s}" for s in SETS)])
     err = capsys.readouterr().err
-    assert rc == 2 and "torchrun --nproc-per-node 3" in err and "Traceback" not in err
+    assert rc == 2 and "torchrun --nproc-per-node P" in err and "1 <= P <= 3" in err and "Traceback" not in err
+
+
+BLOCKS = [s.replace(f"n_agents={N}", "n_agents=5") for s in SETS]  # 5 agents on 2 processes: blocks of 3 and 2
+
+
+@pytest.fixture(scope="module")
+def sim_blocks_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sim_blocks")
+    cfg = load_config(None, [*BLOCKS, f'output.out_dir="{out}"', "output.name=run"])
+    assert run_experiment(cfg, quiet=True).status == "completed"
+    return out / "run"
+
+
+@pytest.mark.slow
+def test_blocks_of_agents_stopped_and_resumed_equal_the_simulator(tmp_path, sim_blocks_run):
+    """5 agents on 2 processes (uneven blocks): stopped at step 5, resumed, the simulator's run; one process
+    more than agents is refused with one line."""
+    sets = [f"--set={s}" for s in BLOCKS]
+    first = torchrun(tmp_path, *sets, "--backend", "dist", "--out-dir", "out", "--name", "run", "--stop-after", "5",
+                     processes=2)
+    assert first.returncode == 0 and "stopped: stopped at step 5 of 8" in first.stderr, first.stderr[-3000:]
+    run_dir = tmp_path / "out" / "run"
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert [len(r["streams"]) for r in state["ranks"]] == [3, 2]
+    second = torchrun(tmp_path, "--resume", "out/run", processes=2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_same_run(sim_blocks_run, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    sim_summary = json.loads((sim_blocks_run / "summary.json").read_text())
+    assert summary["bytes_per_agent_per_step"] == sim_summary["bytes_per_agent_per_step"]
+    assert summary["shard_sizes"] == sim_summary["shard_sizes"] and len(records(run_dir)[-1]["local_acc"]) == 5
+
+
+def test_dist_run_with_more_processes_than_agents_says_so(tmp_path, capsys, monkeypatch):
+    from crossgrad.cli import main
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    rc = main(["run", "--quiet", "--backend", "dist", "--out-dir", str(tmp_path), *(f"--set={s}" for s in SETS)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "4 processes were launched for 3 agents" in err and "Traceback" not in err
 
 
 POISON = """

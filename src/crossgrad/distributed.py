@@ -1,11 +1,11 @@
-"""Running the engine with one agent per process on torch.distributed (gloo on CPU, NCCL on GPU).
+"""Running the engine on torch.distributed (gloo on CPU, NCCL on GPU), a block of agents per process.
 
 See docs/distributed.md for a complete script and the torchrun command lines.
 
-Training uses only point-to-point messages along graph edges (`DistComm`). The collectives here
-(`make_engine`'s start-up check, `gather_rows`, `gather_state`) run outside training steps:
-the first once at start-up, the others for evaluation only (the consensus model and the local
-models' accuracies are computed on rank 0).
+Training uses only point-to-point messages between ranks whose agents are neighbours, one per peer
+rank and round (`DistComm`). The collectives here (`make_engine`'s start-up check, `gather_rows`,
+`gather_state`) run outside training steps: the first once at start-up, the others for evaluation
+only (the consensus model and the local models' accuracies are computed on rank 0).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from crossgrad.algorithms import Algorithm
-from crossgrad.comm.dist import CommTimeoutError, DistComm
+from crossgrad.comm.dist import CommTimeoutError, DistComm, label
 from crossgrad.engine import Engine, LossFn
 from crossgrad.topology import Topology
 
@@ -67,11 +67,13 @@ def make_engine(model: nn.Module, topology: Topology, algorithm: Algorithm,
                 loss_fn: LossFn = nn.functional.cross_entropy, timeout: float = 60.0,
                 device: torch.device | str | None = None, evaluator: str = "auto",
                 check_init: bool = True, on_nonfinite: str = "raise") -> Engine:
-    """The same engine as the simulator's, holding this rank's agent (rank r = agent r), on a `DistComm`.
+    """The same engine as the simulator's, holding this rank's block of agents, on a `DistComm`.
 
-    Call it on every rank with the same model weights (seed before building the model), topology
-    and algorithm; `engine.step([batch])` then takes this rank's minibatch. `timeout` (seconds)
-    bounds each communication round: a dead or hung neighbour raises `CommTimeoutError`.
+    n agents over W ranks: rank r holds the agents `engine.plan.local` (`agent_blocks(n, W)[r]`;
+    rank r = agent r when n == W). Call it on every rank with the same model weights (seed before
+    building the model), topology and algorithm; `engine.step(batches)` then takes one minibatch
+    per local agent. `timeout` (seconds) bounds each communication round: a dead or hung neighbour
+    raises `CommTimeoutError`.
     `on_nonfinite="record"` keeps a rank communicating after a NaN/Inf (see `Engine`), so that the
     ranks can agree on the divergence instead of seeing a silent peer.
     `check_init` compares a fingerprint of the initial weights across ranks once (a collective)
@@ -82,11 +84,11 @@ def make_engine(model: nn.Module, topology: Topology, algorithm: Algorithm,
     engine = Engine(model, topology, algorithm, comm, loss_fn, device=device, evaluator=evaluator,
                     on_nonfinite=on_nonfinite)
     if check_init:
-        _check_same_init(engine.x[0])
+        _check_same_init(engine.x[0], comm.spans)  # the local rows start equal: one per rank says it all
     return engine
 
 
-def _check_same_init(row: Tensor) -> None:
+def _check_same_init(row: Tensor, spans: tuple[tuple[int, int], ...]) -> None:
     weights = torch.linspace(1.0, 2.0, row.numel(), dtype=torch.float64, device=row.device)
     mine = torch.stack([row.double().sum(), (row.double() * weights).sum()])
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
@@ -94,26 +96,35 @@ def _check_same_init(row: Tensor) -> None:
     fingerprints = torch.stack(everyone).cpu()
     differ = [r for r in range(len(everyone)) if not torch.equal(fingerprints[r], fingerprints[0])]
     if differ:
-        raise ValueError(f"agents {differ} start from other weights than agent 0: every rank must build the "
+        who = f"agents {differ}" if len(spans) == spans[-1][1] else ", ".join(label(r, spans) for r in differ)
+        raise ValueError(f"{who} start from other weights than {label(0, spans)}: every rank must build the "
                          "same initial model (seed torch before building it)")
 
 
 def gather_rows(rows: Tensor, dst: int = 0) -> Tensor | None:
-    """Every rank's [k, ...] tensor (same shape on every rank), concatenated along dim 0 on `dst`, None elsewhere.
+    """Every rank's [k_r, ...] tensor concatenated along dim 0 on `dst` (rank order), None elsewhere.
 
-    A collective outside training (evaluation, statistics); all ranks must call it.
+    The ranks may hold different numbers of rows k_r (uneven blocks of agents); the other
+    dimensions and the dtype must agree. A collective outside training (evaluation, statistics);
+    all ranks must call it.
     """
     rows = rows.contiguous()
+    world = dist.get_world_size()
+    counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([len(rows)], dtype=torch.long, device=rows.device))
+    sizes = [int(c) for c in counts]
+    padded = rows.new_zeros((max(sizes), *rows.shape[1:]))  # gather needs one shape on every rank
+    padded[: len(rows)] = rows
     if dist.get_rank() == dst:
-        out = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
-        dist.gather(rows, out, dst=dst)
-        return torch.cat(out)
-    dist.gather(rows, None, dst=dst)
+        out = [torch.empty_like(padded) for _ in range(world)]
+        dist.gather(padded, out, dst=dst)
+        return torch.cat([o[:k] for o, k in zip(out, sizes)])
+    dist.gather(padded, None, dst=dst)
     return None
 
 
 def gather_state(engine: Engine, dst: int = 0) -> dict[str, Tensor | list[Tensor]] | None:
-    """Every agent's parameters, buffers and byte counters, stacked on `dst` like the simulator's.
+    """Every agent's parameters, buffers and byte counters (all ranks' blocks), stacked on `dst` as in the simulator.
 
     Returns {"x": [n, P], "buffers": [[n, *shape] per buffer], "bytes_sent": [n, 2]} on `dst`, None
     elsewhere; the consensus model is x.mean(0). A collective outside training; all ranks must call it.

@@ -1,18 +1,28 @@
-"""torch.distributed backend: one agent per rank, point-to-point along graph edges only.
+"""torch.distributed backend: each rank holds a contiguous block of agents; point-to-point between ranks.
+
+Agents are placed in contiguous blocks over the ranks (`agent_blocks`: uneven when the ranks do
+not divide the agents; one agent per rank is the special case rank r = agent r). Edges between two
+agents of one rank are served in memory. Everything a rank sends to one peer rank in a round goes
+as **one message**: round 1 the rows of its agents that the peer's agents receive, round 2 the
+cross-gradients bound for the peer's agents (several payload tensors, e.g. packed sign bits and
+float32 scales, travel as the bytes of one buffer). So the per-step message count grows with the
+number of peer ranks, not with the number of agents.
 
 Every round is symmetric and fully batched: each rank posts all its sends and receives of the
 round together (`batch_isend_irecv`), then waits on them against one deadline. A peer that dies
 or hangs makes the others raise `CommTimeoutError` naming it and the round, instead of hanging.
 
-Message order: between two ranks the messages of a step go in a fixed order (round 1, then
-round 2), and both ranks post them in the same order, so point-to-point FIFO matching pairs every
-send with the right receive even on directed and irregular graphs.
+Message order: between two ranks a step sends at most one message each way per round, in a fixed
+order (round 1, then round 2), and the rows inside a message are in an order both ranks derive
+from the edge list, so point-to-point FIFO matching pairs every send with the right receive even
+on directed and irregular graphs.
 
 Blame: a rank whose round fails publishes its failure in the process group's key-value store
 before it gives up, and reads what the peers it waited for published. A peer that published a
 failure of its own (it waited for someone else) is not the cause: the message says the cause is
 further away and quotes the peer. A peer that published nothing is the culprit: silent (time-out)
-or gone (its connection closed without a word).
+or gone (its connection closed without a word). Ranks are named by their agents: "agent r" with
+one agent per rank, "rank r (agents a-b)" otherwise.
 
 Waiting: on gloo, `Work.wait(timeout)` blocks with a real time-out. On NCCL `wait()` only orders
 the CUDA stream and never times out on the host, so the rank polls `Work.is_completed()` against
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import time
 from datetime import timedelta
@@ -31,10 +42,20 @@ import torch.distributed as dist
 from torch import Tensor
 
 from crossgrad.codecs import Payload
-from crossgrad.comm.base import EdgePlan, count_round1, count_round2
+from crossgrad.comm.base import EdgePlan, agent_blocks, count_round1, count_round2
 
 ROUND1 = "round 1 (models)"
 ROUND2 = "round 2 (cross-gradients)"
+
+Spans = tuple[tuple[int, int], ...]  # (first agent, one past the last) of every rank's block
+
+
+def label(rank: int, spans: Spans | None = None) -> str:
+    """How messages name a rank: by its agent with one agent per rank, else by rank and agents."""
+    if spans is None or len(spans) == spans[-1][1]:
+        return f"agent {rank}"
+    a, b = spans[rank]
+    return f"rank {rank} (agent {a})" if b - a == 1 else f"rank {rank} (agents {a}-{b - 1})"
 
 
 def _describe(error: BaseException, timeout: float) -> str:
@@ -88,7 +109,7 @@ def _reports(peers: list[int], wait: float) -> dict[int, dict]:
 
 
 def _first_failure(start: int, report: dict) -> str:
-    """Follow published failures from agent `start` away from us to the first one: the agent whose
+    """Follow published failures from rank `start` away from us to the first one: the rank whose
     own peers published nothing (or only blame it back)."""
     seen, current = {start}, start
     while True:
@@ -104,19 +125,19 @@ def _first_failure(start: int, report: dict) -> str:
         seen.add(current)
 
 
-def _blame(rank: int, peers: list[int], detail: str, reports: dict[int, dict]) -> str:
+def _blame(rank: int, peers: list[int], detail: str, reports: dict[int, dict], spans: Spans | None) -> str:
     """Why the round with `peers` failed: a silent or vanished peer, or a failure further away."""
     timed_out = detail.startswith("no answer")
     parts = []
     for p in peers:
-        report = reports.get(p)
+        report, who = reports.get(p), label(p, spans)
         if report is not None and report["peers"] != [rank]:  # it failed waiting for someone else
-            parts.append(f"agent {p} stopped after its own failure, so the cause is further away "
+            parts.append(f"{who} stopped after its own failure, so the cause is further away "
                          f"(first failure: {_first_failure(p, report)})")
         elif timed_out:
-            parts.append(f"agent {p} is silent: {detail}")
+            parts.append(f"{who} is silent: {detail}")
         else:
-            parts.append(f"agent {p} closed its connection without reporting a failure (it exited or crashed): "
+            parts.append(f"{who} closed its connection without reporting a failure (it exited or crashed): "
                          f"{detail}")
     return "; ".join(parts) or detail
 
@@ -124,24 +145,70 @@ def _blame(rank: int, peers: list[int], detail: str, reports: dict[int, dict]) -
 class CommTimeoutError(RuntimeError):
     """A peer did not complete a round in time (or its connection failed).
 
-    `rank`: the agent reporting; `peers`: the agents it was waiting for; `round_name`: which round.
+    `rank`: the rank reporting; `peers`: the ranks it was waiting for; `round_name`: which round;
+    `spans`: every rank's block of agents (None: one agent per rank), to name ranks by their agents.
     """
 
-    def __init__(self, rank: int, peers: list[int], round_name: str, detail: str):
-        who = ", ".join(map(str, peers)) or "unknown"
-        super().__init__(f"agent {rank}: {round_name} with peer(s) {who} failed: {detail}")
-        self.rank, self.peers, self.round_name, self.detail = rank, peers, round_name, detail
+    def __init__(self, rank: int, peers: list[int], round_name: str, detail: str, spans: Spans | None = None):
+        if spans is None or len(spans) == spans[-1][1]:
+            who = ", ".join(map(str, peers))
+        else:
+            who = ", ".join(label(p, spans) for p in peers)
+        super().__init__(f"{label(rank, spans)}: {round_name} with peer(s) {who or 'unknown'} failed: {detail}")
+        self.rank, self.peers, self.round_name, self.detail, self.spans = rank, peers, round_name, detail, spans
 
     def __reduce__(self):  # picklable across processes
-        return (type(self), (self.rank, self.peers, self.round_name, self.detail))
+        return (type(self), (self.rank, self.peers, self.round_name, self.detail, self.spans))
+
+
+_ALIGN = 8  # byte alignment of each tensor in a packed message, so that every section views back as its dtype
+
+
+def _row_bytes(t: Tensor) -> int:
+    return math.prod(t.shape[1:]) * t.element_size()
+
+
+def _pack(parts: list[Tensor]) -> Tensor:
+    """Several tensors as one message: a single one as it is, several as their bytes, one after the other."""
+    if len(parts) == 1:
+        return parts[0].contiguous()
+    blob = []
+    for p in parts:
+        b = p.contiguous().reshape(-1).view(torch.uint8)
+        blob += [b, b.new_zeros(-len(b) % _ALIGN)]
+    return torch.cat(blob)
+
+
+def _receive_buffer(like: Payload, rows: int) -> Tensor:
+    """An empty message of `rows` rows of each tensor of `like` (see `_pack`)."""
+    if len(like) == 1:
+        return like[0].new_empty((rows, *like[0].shape[1:]))
+    total = sum(-(-rows * _row_bytes(t) // _ALIGN) * _ALIGN for t in like)
+    return torch.empty(total, dtype=torch.uint8, device=like[0].device)
+
+
+def _unpack(message: Tensor, like: Payload, rows: int) -> list[Tensor]:
+    """The tensors of a message made by `_pack`, [rows, ...] each."""
+    if len(like) == 1:
+        return [message]
+    out, at = [], 0
+    for t in like:
+        size = rows * _row_bytes(t)
+        out.append(message[at : at + size].view(t.dtype).reshape(rows, *t.shape[1:]))
+        at += -(-size // _ALIGN) * _ALIGN
+    return out
 
 
 class DistComm:
-    """The `Comm` of the rank's own agent (rank r = agent r) on an initialised process group.
+    """The `Comm` of this rank's block of agents on an initialised process group.
 
+    With n agents over W ranks, rank r holds `agent_blocks(n, W)[r]` (one agent each when n == W).
     `timeout` (seconds) bounds each round: the time from posting its messages until all of them
     have completed. After a failed round the object refuses further rounds (the peers' message
     streams are out of step); restart the run.
+
+    `wire_bytes` (float64 [2]) counts what this rank sent to other ranks in rounds 1 and 2; unlike
+    `bytes_sent` (per agent, every edge, the simulator's counter) it leaves out edges inside the rank.
     """
 
     def __init__(self, edges: list[tuple[int, int]], n: int, timeout: float = 60.0,
@@ -149,30 +216,79 @@ class DistComm:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised; call crossgrad.distributed.init_from_env()")
         world = dist.get_world_size()
-        if world != n:
+        if world > n:
             raise ValueError(f"the topology has {n} agents but the process group has {world} ranks; "
-                             "launch one process per agent")
+                             "launch at most one process per agent")
         if not timeout > 0:
             raise ValueError(f"timeout must be positive, not {timeout}")
         self.rank = dist.get_rank()
-        self.plan = EdgePlan.build(edges, n, [self.rank])
-        self.bytes_sent = torch.zeros(1, 2, dtype=torch.float64)
+        blocks = agent_blocks(n, world)
+        self.spans: Spans = tuple((b.start, b.stop) for b in blocks)
+        self.plan = plan = EdgePlan.build(edges, n, list(blocks[self.rank]))
+        self.bytes_sent = torch.zeros(plan.n_local, 2, dtype=torch.float64)
+        self.wire_bytes = torch.zeros(2, dtype=torch.float64)
         self.timeout = float(timeout)
         self.device = torch.device(device)
-        self._in_peers = self.plan.in_src.tolist()  # agents whose models we receive
-        self._out_peers = self.plan.out_dst.tolist()  # agents that receive our model
         self._poll = dist.get_backend() == "nccl"
         self._failed: CommTimeoutError | None = None
+        self._plan_routes(blocks)
+
+    def _plan_routes(self, blocks: list[range]) -> None:
+        """Which rows go to and come from every peer rank in each round, and where the arriving rows go.
+
+        Round 1: the rows of ours a peer's agents receive (sorted by agent), and the peer's agents
+        ours receive; the round's rows live in a pool [local rows, then each peer's, in rank order].
+        Round 2: one row per edge between the two blocks, both sides sorting the edges by (model's
+        agent, receiver); the arriving rows follow the payload's in the round's pool.
+        """
+        plan, start, dev = self.plan, blocks[self.rank].start, self.device
+        owner = [r for r, b in enumerate(blocks) for _ in b]
+        in_src, in_dst = plan.in_src.tolist(), [start + k for k in plan.in_dst.tolist()]
+        out_src, out_dst = [start + k for k in plan.out_src.tolist()], plan.out_dst.tolist()
+        peers = sorted({owner[a] for a in in_src + out_dst} - {self.rank})
+        row = {a: a - start for a in blocks[self.rank]}
+        self._send1: dict[int, Tensor] = {}
+        self._recv1: dict[int, int] = {}
+        in_edge = {(s, d): e for e, (s, d) in enumerate(zip(in_src, in_dst))}
+        back = {(s, d): e for (s, d), e in in_edge.items() if owner[s] == self.rank}
+        self._send2: dict[int, Tensor] = {}
+        self._recv2: dict[int, int] = {}
+        arrived: dict[tuple[int, int], int] = {}
+        n_arrived = 0
+        for q in peers:
+            sends = sorted({s - start for s, d in zip(out_src, out_dst) if owner[d] == q})
+            gets = sorted({s for s in in_src if owner[s] == q})
+            for a in gets:
+                row[a] = len(row)
+            self._send1[q] = torch.tensor(sends, dtype=torch.long, device=dev)
+            self._recv1[q] = len(gets)
+            to_q = sorted((s, d) for s, d in in_edge if owner[s] == q)
+            from_q = sorted((s, d) for s, d in zip(out_src, out_dst) if owner[d] == q)
+            self._send2[q] = torch.tensor([in_edge[sd] for sd in to_q], dtype=torch.long, device=dev)
+            self._recv2[q] = len(from_q)
+            for sd in from_q:
+                arrived[sd] = len(in_src) + n_arrived
+                n_arrived += 1
+        self._rows1 = len(row)
+        self._pool1 = torch.tensor([row[s] for s in in_src], dtype=torch.long, device=dev)
+        self._pool2 = torch.tensor([back.get(sd, arrived.get(sd)) for sd in zip(out_src, out_dst)],
+                                   dtype=torch.long, device=dev)
+        self.peers = peers  # the ranks this rank exchanges with
 
     def exchange(self, x: Tensor) -> Tensor:
-        """Round 1: send our row to every out-neighbour, receive one row per in-edge (in-edge order)."""
+        """Round 1: one message of rows per peer rank each way; returns one row per in-edge (in-edge order)."""
         count_round1(self, x)
-        row = x[0].contiguous()
-        received = torch.empty(len(self._in_peers), x.shape[1], dtype=x.dtype, device=x.device)
-        ops = [(dist.isend, row, j) for j in self._out_peers]
-        ops += [(dist.irecv, received[e], j) for e, j in enumerate(self._in_peers)]
-        self._run(ops, ROUND1)
-        return received
+        pool = x.new_empty(self._rows1, x.shape[1])
+        pool[: len(x)].copy_(x)
+        ops, at = [], len(x)
+        for q, rows in self._send1.items():
+            if len(rows):
+                ops.append((dist.isend, x.index_select(0, rows), q))
+            if self._recv1[q]:
+                ops.append((dist.irecv, pool[at : at + self._recv1[q]], q))
+                at += self._recv1[q]
+        self._run(ops, ROUND1, 0)
+        return pool.index_select(0, self._pool1)
 
     def exchange_edges(self, payload: Payload) -> Payload:
         """Round 2: row e of every payload tensor goes back to in-edge e's source; one row per out-edge returns.
@@ -182,25 +298,28 @@ class DistComm:
         float32 scales, or one float row when uncompressed).
         """
         count_round2(self, payload)
-        received = tuple(
-            torch.empty((len(self._out_peers), *t.shape[1:]), dtype=t.dtype, device=t.device) for t in payload
-        )
-        ops = []
-        for e, j in enumerate(self._in_peers):  # the cross-gradient made with j's model goes back to j
-            ops += [(dist.isend, t[e].contiguous(), j) for t in payload]
-        for e, j in enumerate(self._out_peers):
-            ops += [(dist.irecv, r[e], j) for r in received]
-        self._run(ops, ROUND2)
-        return received
+        ops, received = [], []
+        for q, edges in self._send2.items():
+            if len(edges):
+                ops.append((dist.isend, _pack([t.index_select(0, edges) for t in payload]), q))
+            if self._recv2[q]:
+                buffer = _receive_buffer(payload, self._recv2[q])
+                ops.append((dist.irecv, buffer, q))
+                received.append((buffer, self._recv2[q]))
+        self._run(ops, ROUND2, 1)
+        parts = [_unpack(buffer, payload, rows) for buffer, rows in received]
+        return tuple(torch.cat([t, *(p[k] for p in parts)]).index_select(0, self._pool2)
+                     for k, t in enumerate(payload))
 
     # -- posting and waiting -------------------------------------------------------------------
 
-    def _run(self, ops: list[tuple], round_name: str) -> None:
+    def _run(self, ops: list[tuple], round_name: str, round_index: int) -> None:
         if self._failed is not None:
             raise CommTimeoutError(self.rank, self._failed.peers, round_name,
-                                   f"an earlier round failed ({self._failed})")
+                                   f"an earlier round failed ({self._failed})", self.spans)
         if not ops:
             return
+        self.wire_bytes[round_index] += sum(t.numel() * t.element_size() for op, t, _ in ops if op is dist.isend)
         p2p = [dist.P2POp(op, tensor, peer) for op, tensor, peer in ops]
         try:
             works = dist.batch_isend_irecv(p2p)
@@ -256,11 +375,11 @@ class DistComm:
         return failed, detail
 
     def _fail(self, peers: list[int], round_name: str, detail: str) -> None:
-        _publish(self.rank, peers, str(CommTimeoutError(self.rank, peers, round_name, detail)))
+        _publish(self.rank, peers, str(CommTimeoutError(self.rank, peers, round_name, detail, self.spans)))
         # a peer that failed further away publishes about when our own time-out fires: give it a moment
         grace = min(0.25 * self.timeout, 2.0) if detail.startswith("no answer") else 0.2
-        detail = _blame(self.rank, peers, detail, _reports(peers, grace))
-        error = CommTimeoutError(self.rank, peers, round_name, detail)
+        detail = _blame(self.rank, peers, detail, _reports(peers, grace), self.spans)
+        error = CommTimeoutError(self.rank, peers, round_name, detail, self.spans)
         self._failed = error
         if self._poll:  # NCCL: pending kernels would block the process at exit; abort the communicator
             abort = getattr(dist.distributed_c10d, "_abort_process_group", None)

@@ -1,4 +1,5 @@
-"""Where a run's agents live: all in this process (`LocalCluster`) or one per torch.distributed rank (`DistCluster`).
+"""Where a run's agents live: all in this process (`LocalCluster`) or in blocks over torch.distributed
+ranks (`DistCluster`).
 
 The trainer talks only to this interface and never asks which backend it runs on:
 
@@ -104,10 +105,13 @@ class LocalCluster:
 
 
 class DistCluster:
-    """One agent per torch.distributed rank (rank r = agent r), launched by torchrun.
+    """A contiguous block of agents per torch.distributed rank (`agent_blocks`), launched by torchrun.
 
-    Training exchanges messages along graph edges only (`DistComm`, bounded by training.comm_timeout);
-    everything here is a collective outside the steps, bounded by training.control_timeout.
+    Any number of processes from 1 to n_agents; with n_agents processes, rank r = agent r.
+
+    Training exchanges messages between ranks of neighbouring agents only (`DistComm`, bounded by
+    training.comm_timeout); everything here is a collective outside the steps, bounded by
+    training.control_timeout.
     """
 
     sync_every = 10  # steps between two agreements on the flags (plus one at every evaluation and checkpoint)
@@ -115,27 +119,29 @@ class DistCluster:
     def __init__(self, cfg: Config):
         import torch.distributed as dist
 
+        from crossgrad.comm.base import agent_blocks
         from crossgrad.comm.dist import CommTimeoutError
         from crossgrad.distributed import init_from_env
 
+        n = cfg.topology.n_agents
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise ConfigError(
-                "backend 'dist' runs one process per agent: launch it with "
-                f"torchrun --nproc-per-node {cfg.topology.n_agents} -m crossgrad run ... (see docs/distributed.md)"
+                f"backend 'dist' runs the {n} agents in blocks over P processes (1 <= P <= {n}): launch it with "
+                "torchrun --nproc-per-node P -m crossgrad run ... (see docs/distributed.md)"
             )
         world = int(os.environ["WORLD_SIZE"])
-        if world != cfg.topology.n_agents:
+        if world > n:
             raise ConfigError(
-                f"backend 'dist' needs one process per agent: {world} processes were launched for "
-                f"{cfg.topology.n_agents} agents (torchrun --nproc-per-node / --nnodes)"
+                f"backend 'dist' needs at least one agent per process: {world} processes were launched for "
+                f"{n} agents (torchrun --nproc-per-node / --nnodes)"
             )
         wanted = resolve_device(cfg.training.device)  # the simulator's check: no silent fall-back to the CPU
         self.cfg = cfg
         self.device = init_from_env("nccl" if wanted.type == "cuda" else "gloo",
                                     timeout=cfg.training.control_timeout)
-        self.n = self.n_processes = world
+        self.n, self.n_processes = n, world
         self.rank = dist.get_rank()
-        self.local = [self.rank]
+        self.local = list(agent_blocks(n, world)[self.rank])
         self.main = self.rank == 0
         self.failures = (CommTimeoutError,)
         self._dist = dist
@@ -152,7 +158,7 @@ class DistCluster:
         return gather_rows(t)
 
     def share(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.n
+        out: list[Any] = [None] * self.n_processes
         self._dist.all_gather_object(out, obj)
         return out
 
@@ -162,7 +168,7 @@ class DistCluster:
     def gather_parts(self, part: dict[str, Any]) -> list[dict[str, Any]] | None:
         from crossgrad.run.checkpoint import to_cpu
 
-        everyone = [None] * self.n if self.main else None
+        everyone = [None] * self.n_processes if self.main else None
         self._dist.gather_object(to_cpu(part), everyone, dst=0)
         return everyone
 
@@ -183,7 +189,7 @@ class DistCluster:
 
 @contextlib.contextmanager
 def open_cluster(cfg: Config) -> Iterator[LocalCluster | DistCluster]:
-    """The cluster of `cfg.backend` ("sim": this process; "dist": this torchrun rank), torn down at exit."""
+    """The cluster of `cfg.backend` ("sim": this process; "dist": this torchrun rank's block), torn down at exit."""
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     if cfg.backend != "dist":
