@@ -23,6 +23,7 @@ ALGOS = {
 }
 
 
+@pytest.mark.slow  # a real training run per algorithm: about a minute in all on an idle 2-core machine
 @pytest.mark.parametrize("label", list(ALGOS))
 def test_every_algorithm_learns_on_skewed_digits(label, tmp_path):
     cfg = load_config(None, [

@@ -41,7 +41,8 @@ def _write_run(d, method, seed, acc, local, status="completed", n_epochs=4, alph
                 "consensus_loss": 1.0 / e, "local_acc_mean": local, "local_acc_min": local,
                 "local_acc_max": local, "train_loss": 2.0 / e + 0.01 * seed,
                 "consensus_distance": 10.0 ** (-e), "bias_mv": None, "bias_dv": None,
-                "lr": 0.1, "wall_time_s": float(e)}) + "\n")
+                "lr": 0.1, "wall_time_s": float(e), "bytes_round1": (bytes_ or [1000, 1000])[0],
+                "bytes_round2": (bytes_ or [1000, 1000])[1]}) + "\n")
 
 
 @pytest.fixture
@@ -146,11 +147,41 @@ def test_config_toml_stands_in_for_a_summary_without_config(tmp_path, capsys):
     assert [r.method for r in rows] == ["DSGDm-N [lr=0.0025]", "DSGDm-N [lr=0.01]"]
 
 
-def test_directory_with_only_config_toml_is_a_crashed_run(tmp_path, capsys):
-    (tmp_path / "crashed").mkdir()
-    (tmp_path / "crashed" / "config.toml").write_text('[algorithm]\nname = "ngc"\n')
-    assert report.collect([tmp_path]) == []
-    assert "crashed has no summary.json" in capsys.readouterr().err
+def test_unfinished_runs_are_counted_not_averaged(tmp_path, capsys):
+    """Issue 17.5: the footer says runs not completed are counted in 'n ok/all'; interrupted ones were not."""
+    from crossgrad.run.config import config_from_dict
+
+    def config(seed):
+        return {"algorithm": {"name": "ngc", "alpha": 1.0}, "training": {"seed": seed}}
+
+    _write_run(tmp_path / "done", "NGC (α=1)", 0, 0.5, 0.4)
+    summary = json.loads((tmp_path / "done" / "summary.json").read_text())
+    summary["config"] = config_from_dict(config(0)).to_dict()
+    (tmp_path / "done" / "summary.json").write_text(json.dumps(summary))
+    for name, seed, ckpt in (("crashed", 1, False), ("interrupted", 2, True)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.toml").write_text(
+            f'[algorithm]\nname = "ngc"\nalpha = 1.0\n[training]\nseed = {seed}\n')
+        if ckpt:
+            (tmp_path / name / "checkpoint.pt").write_bytes(b"x")
+    runs = report.collect([tmp_path])
+    assert sorted(r["summary"]["status"] for r in runs) == ["completed", "crashed", "interrupted"]
+    (row,) = report.aggregate(runs)
+    assert (row.method, row.n_completed, row.n_runs) == ("NGC (α=1)", 1, 3)
+    assert "1/3" in report.format_table([row])
+
+
+def test_bookkeeping_keys_do_not_split_a_method(tmp_path):
+    """Issue 17.5: checkpoint_every, threads, the evaluation cadence, the backend are not variants."""
+    for seed, extra in ((0, {"checkpoint_every": 1, "threads": 1, "eval_every": 1}),
+                        (1, {"checkpoint_every": 0, "threads": 2, "eval_every": 2})):
+        _write_run(tmp_path / f"s{seed}", "NGC (α=1)", seed, 0.5, 0.4)
+        summary = json.loads((tmp_path / f"s{seed}" / "summary.json").read_text())
+        summary["config"] = {"algorithm": {"name": "ngc", "lr": 0.01}, "training": {"seed": seed, **extra},
+                             "backend": "sim" if seed else "dist"}
+        (tmp_path / f"s{seed}" / "summary.json").write_text(json.dumps(summary))
+    (row,) = report.aggregate(report.collect([tmp_path]))
+    assert row.n_completed == 2
 
 
 def test_single_seed_std_zero_and_labelled(tmp_path):
@@ -158,7 +189,7 @@ def test_single_seed_std_zero_and_labelled(tmp_path):
     (row,) = report.aggregate(report.collect([tmp_path]))
     assert row.stats["consensus_acc"].std == 0.0
     text = report.format_table([row])
-    assert "50.00 ± 0.00 (n=1)" in text
+    assert "50.00 (n=1)" in text and "±" not in text.splitlines()[2]  # issue 17.5: no "± 0.00" for one run
 
 
 def test_missing_optional_keys_blank(tmp_path):
@@ -249,3 +280,45 @@ def test_cli_main(results, capsys):
     assert report.main(["plot", str(results), "--metrics", "consensus_acc"]) == 0
     out = capsys.readouterr().out
     assert "report.md" in out and "curves_" in out
+
+
+def test_plot_gives_each_setting_its_own_file(tmp_path, capsys):
+    """Issue 17.4: settings whose names differ only in punctuation or a decimal got one file name, the last
+    one silently overwriting the others."""
+    for i, setting in enumerate(("d/dirichlet 0.5/ring-5", "d/dirichlet:0.5/ring-5", "d/dirichlet-0.3/ring-5")):
+        _write_run(tmp_path / "runs" / f"r{i}", "NGC (α=1)", 0, 0.5, 0.4)
+        s = json.loads((tmp_path / "runs" / f"r{i}" / "summary.json").read_text())
+        (tmp_path / "runs" / f"r{i}" / "summary.json").write_text(json.dumps({**s, "setting": setting}))
+    assert report.plot_main([tmp_path / "runs"], out=tmp_path / "fig") == 0
+    curves = sorted(p.name for p in (tmp_path / "fig").glob("curves_*.png"))
+    assert len(curves) == 3 and "curves_d-dirichlet-0.3-ring-5.png" in curves
+
+
+def test_plot_draws_cost_figure_log_loss_and_per_step_loss(tmp_path, capsys):
+    """Issue 17.6: accuracy against bytes and wall time, mean local accuracy, a log-scale loss, per-step
+    training loss (a run that diverged in its first epoch still has a curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from crossgrad.report import plots
+
+    _write_run(tmp_path / "ok", "NGC (α=1)", 0, 0.5, 0.4)
+    _write_run(tmp_path / "dead", "DSGDm-N", 0, 0.1, 0.1, status="diverged", n_epochs=0)
+    (tmp_path / "dead" / "steps.csv").write_text("step,epoch,lr,train_loss,wall_time_s\n"
+                                                 "10,0.4,0.1,2.3,1.0\n20,0.8,0.1,9.5,2.0\n")
+    rows = report.aggregate(report.collect([tmp_path]))
+    colour = {r.method: f"C{i}" for i, r in enumerate(rows)}
+    fig = plots._draw_curves(plt, rows, list(plots.DEFAULT_METRICS), colour, SETTING)
+    acc, local, loss, dist = fig.axes
+    assert loss.get_yscale() == "log" and dist.get_yscale() == "log"
+    assert "mean local accuracy" in local.get_ylabel()
+    (dead,) = [line for line in loss.get_lines() if line.get_color() == colour["DSGDm-N"]]
+    assert list(dead.get_xdata()) == [0.4, 0.8]
+    assert fig.legends and not any(ax.get_legend() for ax in fig.axes)  # one legend, outside the panels
+    cost = plots._draw_cost(plt, rows, colour, SETTING)
+    by_bytes, by_time = cost.axes
+    (line,) = [ln for ln in by_bytes.get_lines() if ln.get_color() == colour["NGC (α=1)"]]
+    assert list(line.get_xdata()) == [2000 * 25 * e / 1e6 for e in (1, 2, 3, 4)]  # (r1 + r2) x step
+    assert "wall time" in by_time.get_xlabel()

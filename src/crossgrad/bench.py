@@ -3,6 +3,9 @@
 The *bound* is a plain PyTorch loop doing exactly the simulator's forward/backward passes (same
 model, batch size and number of passes per step) on one model and nothing else; the ratio
 simulator samples/s / bound samples/s says how close the simulator is to pure gradient work.
+The *ideal* is one model doing ONE forward/backward on a batch holding every pass's samples (the
+same FLOPs): what a GPU can reach at best. `runner_vs_engine` times `crossgrad run` against the
+engine alone on the same configuration.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from crossgrad.algorithms import make_algorithm
+from crossgrad.algorithms import ConfigError, make_algorithm
 from crossgrad.models import make_model
 from crossgrad.simulator import Simulator
 from crossgrad.topology import make_topology
@@ -29,6 +32,21 @@ BENCH_ALGORITHMS: dict[str, tuple[str, dict]] = {
     "cga": ("cga", dict(momentum=0.9, nesterov=True)),
     "compcga": ("compcga", dict(momentum=0.9, nesterov=True)),
 }
+
+
+#: models the bench can name beyond the registry's: (registry name, norm, options)
+BENCH_MODELS: dict[str, tuple[str, str, dict]] = {
+    # parameter-heavy and FLOP-light at small inputs: where the engine's [n, P] passes show
+    "cnn5-1m": ("cnn5", "group", dict(widths=(64, 128, 256, 320))),
+}
+
+
+def bench_model(name: str, input_shape: tuple[int, ...], num_classes: int = 10) -> nn.Module:
+    """A registry model with its default norm, or one of BENCH_MODELS."""
+    if name in BENCH_MODELS:
+        base, norm, options = BENCH_MODELS[name]
+        return make_model(base, input_shape=input_shape, num_classes=num_classes, norm=norm, **options)
+    return make_model(name, input_shape=input_shape, num_classes=num_classes)
 
 
 def _batches(n: int, batch: int, input_shape: tuple[int, ...], classes: int, pool: int, device) -> list:
@@ -63,6 +81,22 @@ class BoundLoop:
         return steps * self.passes * self.flat[0][0].shape[0]
 
 
+class BigBatch:
+    """The ideal: one model, one forward/backward per step on all of a step's samples at once."""
+
+    def __init__(self, model: nn.Module, batches: list, passes: int, device):
+        self.model = model.to(device).train()
+        flat = [b for step in batches for b in step][: len(batches[0])] * passes
+        self.x = torch.cat([x for x, _ in flat])
+        self.y = torch.cat([y for _, y in flat])
+
+    def run(self, steps: int) -> int:
+        for _ in range(steps):
+            self.model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(self.model(self.x), self.y).backward()
+        return steps * len(self.y)
+
+
 def _timed(fn, device) -> tuple[float, int]:
     _sync(device)
     start = time.perf_counter()
@@ -79,6 +113,9 @@ class SimResult:
     step_s: float
     passes_per_step: int
     phases: dict[str, float]  # fraction of step time
+    ideal_samples_per_s: float | None  # CUDA only
+    state_bytes_per_agent: float
+    peak_device_bytes: int | None  # CUDA only: the simulator's peak allocated memory
 
 
 def measure(model_name: str, input_shape: tuple[int, ...], topology, label: str, batch: int, steps: int,
@@ -92,15 +129,24 @@ def measure(model_name: str, input_shape: tuple[int, ...], topology, label: str,
     n = topology.n
     batches = _batches(n, batch, input_shape, 10, pool=2, device=device)
     torch.manual_seed(0)
-    model = make_model(model_name, input_shape=input_shape, num_classes=10)
+    model = bench_model(model_name, input_shape)
     sim = Simulator(model, topology, make_algorithm(name, lr=0.01, **kw), device=device, evaluator=evaluator)
     sim.step(batches[0])  # warm-up
     passes = sim.stats["grad_evals"] // n
     torch.manual_seed(0)
-    bound = BoundLoop(make_model(model_name, input_shape=input_shape, num_classes=10), batches, n * passes, device)
+    bound = BoundLoop(bench_model(model_name, input_shape), batches, n * passes, device)
     bound.run(1)
+    # the ideal is a GPU's: on a CPU one huge batch runs far slower than the same passes in a loop
+    # (7x for cnn5-1m at 3x8x8: 36 s vs 4.8 s for 16 x 32 samples), so it is not timed there
+    ideal = None
+    if device.type == "cuda":
+        torch.manual_seed(0)
+        ideal = BigBatch(bench_model(model_name, input_shape), batches, n * passes, device)
+        ideal.run(1)
     engine = sim.engine
-    engine.clock.enabled = True
+    engine.clock.enabled = device.type != "cuda"  # its synchronisations would slow the GPU down
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     def sim_round() -> int:
         evals = engine.stats.grad_evals
@@ -108,7 +154,7 @@ def measure(model_name: str, input_shape: tuple[int, ...], topology, label: str,
             sim.step(batches[t % len(batches)])
         return (engine.stats.grad_evals - evals) * batch
 
-    best_sim = best_bound = float("inf")
+    best_sim = best_bound = best_ideal = float("inf")
     sim_samples = bound_samples = 0
     best_phases: dict[str, float] = {}
     for _ in range(repeats):
@@ -118,10 +164,14 @@ def measure(model_name: str, input_shape: tuple[int, ...], topology, label: str,
             best_sim = elapsed
             total = sum(engine.clock.totals.values()) or 1.0
             best_phases = {k: v / total for k, v in engine.clock.totals.items()}
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         elapsed, bound_samples = _timed(lambda: bound.run(steps), device)
         best_bound = min(best_bound, elapsed)
+        if ideal is not None:
+            elapsed, ideal_samples = _timed(lambda: ideal.run(steps), device)
+            best_ideal = min(best_ideal, elapsed)
     return SimResult(label, sim_samples / best_sim, bound_samples / best_bound, best_sim / steps, passes,
-                     best_phases)
+                     best_phases, None if ideal is None else ideal_samples / best_ideal, state_bytes(sim) / n, peak)
 
 
 def throughput_table(model_name: str, input_shape: tuple[int, ...], n: int = 16, batch: int = 32,
@@ -137,7 +187,11 @@ def throughput_table(model_name: str, input_shape: tuple[int, ...], n: int = 16,
         rows.append({
             "model": model_name, "algorithm": label, "agents": n, "passes/agent/step": res.passes_per_step,
             "sim samples/s": res.samples_per_s, "bound samples/s": res.bound_samples_per_s,
-            "ratio": res.samples_per_s / res.bound_samples_per_s, "step ms": res.step_s * 1e3,
+            "ratio": res.samples_per_s / res.bound_samples_per_s,
+            **({} if res.ideal_samples_per_s is None else {
+                "ideal samples/s": res.ideal_samples_per_s, "of ideal": res.samples_per_s / res.ideal_samples_per_s}),
+            "step ms": res.step_s * 1e3, "state MiB/agent": res.state_bytes_per_agent / 2**20,
+            **({} if res.peak_device_bytes is None else {"peak GPU MiB": res.peak_device_bytes / 2**20}),
             **{f"{k} %": 100 * v for k, v in sorted(res.phases.items()) if k != "gradients"},
         })
         gc.collect()
@@ -145,21 +199,8 @@ def throughput_table(model_name: str, input_shape: tuple[int, ...], n: int = 16,
 
 
 def state_bytes(sim: Simulator) -> int:
-    """Bytes of the engine's per-agent tensors: its whole state (parameters, buffers, momentum, error
-    memories, the algorithm's own) and the gradient buffer."""
-    e = sim.engine
-    return _tensor_bytes(e.state_dict()) + e.grads.numel() * e.grads.element_size()
-
-
-def _tensor_bytes(obj) -> int:
-    """Bytes of every tensor in a nest of dicts and lists."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
+    """Bytes of the engine's per-agent tensors kept across steps (see Engine.memory_bytes)."""
+    return sim.engine.memory_bytes()
 
 
 def scaling_table(model_name: str = "lenet5", input_shape: tuple[int, ...] = (1, 28, 28),
@@ -180,7 +221,7 @@ def scaling_table(model_name: str = "lenet5", input_shape: tuple[int, ...] = (1,
         for n in sizes:
             topo = make_topology(topo_name, n)
             torch.manual_seed(0)
-            model = make_model(model_name, input_shape=input_shape, num_classes=10)
+            model = bench_model(model_name, input_shape)
             batches = _batches(n, batch, input_shape, 10, pool=1, device=dev)
             name, kw = BENCH_ALGORITHMS[label]
             sim = Simulator(model, topo, make_algorithm(name, lr=0.01, **kw), device=dev)
@@ -204,6 +245,60 @@ def scaling_table(model_name: str = "lenet5", input_shape: tuple[int, ...] = (1,
     return rows
 
 
+#: `crossgrad bench --runner` by default: 16 agents, ring, NGC, the parameter-heavy GroupNorm cnn5 on digits
+RUNNER_SETTINGS = ("topology.n_agents=16", "topology.name=\"ring\"", "algorithm.name=\"ngc\"",
+                   "model.name=\"cnn5\"", "model.norm=\"group\"", "model.options.widths=[64, 128, 256, 320]")
+
+
+def runner_vs_engine(sets: list[str], steps: int = 20, repeats: int = 2, device: str = "cpu") -> dict:
+    """Steps/s of `crossgrad run` (data streams, bookkeeping, sync points: everything but evaluation) against
+    the engine alone stepping on ready-made batches of the same run.
+
+    The runner's step time is the difference of two runs of `steps` and `2 * steps` steps, which cancels
+    its set-up, final evaluation and checkpoint. Rounds alternate runner and engine; the best of each is kept.
+    """
+    import tempfile
+
+    from crossgrad.run.cluster import LocalCluster
+    from crossgrad.run.config import load_config
+    from crossgrad.run.data import AgentBatches, prepare
+    from crossgrad.run.trainer import run_experiment
+
+    dev = torch.device(device)
+    fixed = [f"training.device=\"{device}\"", "training.eval_at_start=false", "training.checkpoint_every=0",
+             "training.eval_subset=64", f"training.eval_every_steps={10 * steps}"]
+    base = load_config(None, [*sets, *fixed])
+    prepared = prepare(base, dev)
+    engine = LocalCluster(base).build_engine(prepared)
+    pool = AgentBatches(prepared, list(range(base.topology.n_agents)), base.training.batch_size)
+    batches = [pool.next() for _ in range(2)]
+    engine.step(batches[0])  # warm-up
+
+    def engine_round() -> None:
+        for t in range(steps):
+            engine.step(batches[t % 2])
+
+    best_runner = best_engine = float("inf")
+    with tempfile.TemporaryDirectory() as out:
+        def runner(k: int, tag: str) -> float:
+            cfg = load_config(None, [*sets, *fixed, f"training.steps={k}", f"output.out_dir=\"{out}\"",
+                                     f"output.name=\"{tag}\""])
+            start = time.perf_counter()
+            result = run_experiment(cfg, quiet=True)
+            _sync(dev)
+            if result.status != "completed":
+                raise RuntimeError(f"bench run ended {result.status}: {result.message}")
+            return time.perf_counter() - start
+
+        for r in range(repeats):
+            short, long = runner(steps, f"short{r}"), runner(2 * steps, f"long{r}")
+            best_runner = min(best_runner, max(long - short, 1e-9) / steps)
+            best_engine = min(best_engine, _timed(engine_round, dev)[0] / steps)
+    return {"agents": base.topology.n_agents, "algorithm": base.algorithm.name,
+            "params": engine.layout.size, "runner steps/s": 1 / best_runner,
+            "engine steps/s": 1 / best_engine, "runner / engine": best_engine / best_runner}
+
+
 def format_rows(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)"
@@ -219,6 +314,35 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_args(args) -> list[tuple[str, tuple[int, ...]]]:
+    """The bench's options checked before anything runs (a ConfigError names the bad one); its (model, shape)s."""
+    from crossgrad.run.data import resolve_device
+
+    for opt, low in (("agents", 2), ("batch", 1), ("steps", 1), ("repeats", 1), ("threads", 1)):
+        value = getattr(args, opt)
+        if value is not None and value < low:
+            raise ConfigError(f"--{opt} must be >= {low}, not {value}")
+    if not args.scaling_window > 0:
+        raise ConfigError(f"--scaling-window must be a positive number of seconds, not {args.scaling_window}")
+    sizes = args.scaling.split(",") if args.scaling else []
+    if not all(v.strip().isdigit() and int(v) >= 2 for v in sizes):
+        raise ConfigError(f"--scaling takes agent counts >= 2 separated by commas (8,16,32), not {args.scaling!r}")
+    resolve_device(args.device, "--device")
+    models = []
+    for spec in args.models.split(","):
+        name, _, shape = spec.partition(":")
+        dims = shape.split("x")
+        if len(dims) != 3 or not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise ConfigError(f"--models takes name:CxHxW entries (e.g. lenet5:1x28x28), not {spec!r}")
+        input_shape = tuple(int(d) for d in dims)
+        try:
+            bench_model(name, input_shape)
+        except ValueError as e:  # an unknown model, or one that does not fit the input
+            raise ConfigError(f"--models {spec!r}: {e}") from None
+        models.append((name, input_shape))
+    return models
+
+
 def main(argv: list[str] | None = None) -> int:
     """`crossgrad bench`: throughput vs bound per algorithm, overheads, and a scaling table."""
     import argparse
@@ -227,29 +351,47 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="crossgrad bench", description=main.__doc__)
     p.add_argument("--models", default="lenet5:1x28x28,cnn5:3x32x32",
                    help="comma-separated name:CxHxW (default: %(default)s)")
-    p.add_argument("--agents", type=int, default=16)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--agents", type=int, default=16,
+                   help="agents on a ring for the per-algorithm table (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="minibatch size per agent (default: %(default)s)")
     p.add_argument("--steps", type=int, default=3, help="steps per timed round")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; the best is kept")
-    p.add_argument("--algorithms", default=",".join(BENCH_ALGORITHMS), help="default: all")
+    p.add_argument("--algorithms", default=",".join(BENCH_ALGORITHMS),
+                   help="comma-separated labels to time (default: all of %(default)s)")
     p.add_argument("--scaling", default="8,16,32,64,128,256", help="agent counts for the scaling table ('' skips)")
-    p.add_argument("--scaling-topologies", default="ring,exponential")
+    p.add_argument("--scaling-topologies", default="ring,exponential",
+                   help="comma-separated topologies of the scaling table (default: %(default)s)")
     p.add_argument("--scaling-window", type=float, default=10.0,
                    help="seconds each scaling size is timed for (the same for every size)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--evaluator", default="auto", choices=["auto", "loop", "vmap"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device to time on (default: %(default)s)")
+    p.add_argument("--evaluator", default="auto", choices=["auto", "loop", "vmap"],
+                   help="how gradients are evaluated: loop over (model, batch) pairs (CPU), vmap them "
+                        "with torch.func (GPU), or auto by device (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--runner", action="store_true",
+                   help="time `crossgrad run` against the engine alone instead (--set, --runner-steps apply)")
+    p.add_argument("--runner-steps", type=int, default=10, help="steps of the shorter of the two timed runs")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config overrides for --runner, after its defaults: " + " ".join(RUNNER_SETTINGS))
     args = p.parse_args(argv)
+    models = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.runner:
+        row = runner_vs_engine([*RUNNER_SETTINGS, *args.sets], steps=args.runner_steps, repeats=args.repeats,
+                               device=args.device)
+        print(f"runner vs engine, device {args.device}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads")
+        print(format_rows([row]))
+        return 0
     unknown = [a for a in args.algorithms.split(",") if a not in BENCH_ALGORITHMS]
     if unknown:
         p.error(f"unknown algorithm label(s) {unknown}; choose from {list(BENCH_ALGORITHMS)}")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"device {args.device}, torch {torch.__version__}")
-    for spec in args.models.split(","):
-        name, _, shape = spec.partition(":")
-        input_shape = tuple(int(v) for v in shape.split("x"))
+    for name, input_shape in models:
+        shape = "x".join(map(str, input_shape))
         rows = throughput_table(name, input_shape, n=args.agents, batch=args.batch, steps=args.steps,
                                 repeats=args.repeats, algorithms=args.algorithms.split(","), device=args.device,
                                 evaluator=args.evaluator)

@@ -1,21 +1,25 @@
-"""Command-line interface: `crossgrad run | sweep | report | plot | models | topology | quickstart`.
+"""Command-line interface: `crossgrad run | sweep | report | plot | config | algorithms | partition | models |
+topology | quickstart | bench`.
 
 Exit codes: 0 success; 1 a run diverged (NaN/Inf) or failed; 2 a configuration or input error
-(one line on stderr, no traceback); 130 interrupted (a checkpoint was written, resume with
-`crossgrad run --resume DIR`).
+(one line on stderr, no traceback); 75 a run directory is in use by another process; 130 interrupted
+(a checkpoint was written, resume with `crossgrad run --resume DIR`, unless no step had run yet).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 EPILOG_SET = (
     "--set takes section.key=value, the value a TOML literal (algorithm.alpha=0, "
-    'data.name="mnist"; a bare word is taken as a string). Top-level keys have no section '
-    "(backend=sim). Sections: data, model, topology, algorithm, training, output."
+    'data.name="mnist"; a bare word is taken as a string), or section.table.key=value for an option '
+    "table (topology.options.p=0.05). Top-level keys have no section (backend=sim). Sections: data, model, "
+    "topology, algorithm, training, output. `crossgrad config` prints every key and its value."
 )
 
 
@@ -28,6 +32,8 @@ def _error(msg: str) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from crossgrad.run import load_config, resume_experiment, run_experiment
 
+    if args.stop_after is not None and args.stop_after < 0:
+        return _error(f"--stop-after takes a number of steps >= 0, not {args.stop_after}")
     if args.resume:
         if args.config or args.set or args.out_dir or args.name or args.backend:
             return _error(
@@ -98,15 +104,61 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return plot_main(args.dirs, out=args.out)
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from crossgrad.run.config import dump_toml, load_config
+
+    cfg = load_config(args.config, args.set)
+    print(f"# the resolved configuration{f' of {args.config}' if args.config else ' (the defaults)'}; "
+          f"runs into {Path(cfg.output.out_dir) / cfg.run_name()}")
+    data = cfg.to_dict()
+    print(dump_toml(data), end="")
+    unset = [f"{k}.{kk}" for k, v in data.items() if isinstance(v, dict) for kk, vv in v.items() if vv is None]
+    if unset:
+        print(f"# unset (their defaults apply): {', '.join(unset)}")
+    return 0
+
+
+def cmd_algorithms(args: argparse.Namespace) -> int:
+    from crossgrad.algorithms import ALGORITHMS, algorithm_options
+    from crossgrad.run.config import dump_toml
+
+    for name in sorted(ALGORITHMS):
+        doc = (ALGORITHMS[name].__doc__ or "").strip().splitlines()
+        generated = doc and doc[0].startswith(ALGORITHMS[name].__name__ + "(")  # a dataclass's own signature
+        print(f"{name}" + (f": {doc[0]}" if doc and not generated else ""))
+        for key, value in algorithm_options(name).items():
+            print(f"    {key} = {'(unset)' if value is None else dump_toml({key: value}).split(' = ', 1)[1].strip()}")
+    print("\nset any of them with --set algorithm.KEY=VALUE, or in a config file's [algorithm] table")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from crossgrad.data import class_histogram, format_histogram, load_dataset, partition
+    from crossgrad.run.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    d = cfg.data
+    train, _ = load_dataset(d.name, d.data_dir)
+    parts = partition(train.y, cfg.topology.n_agents, d.partition, cfg.training.seed, beta=d.beta,
+                      shards_per_agent=d.shards_per_agent)
+    print(f"{cfg.setting} (seed {cfg.training.seed}): training samples of each class per agent")
+    print(format_histogram(class_histogram(train.y, parts, train.num_classes), train.classes))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from crossgrad.models import describe_models
 
+    if args.num_classes < 1:
+        return _error(f"--num-classes must be >= 1, not {args.num_classes}")
     shape = None
     if args.input_shape:
         try:
             shape = tuple(int(s) for s in args.input_shape.lower().replace("x", ",").split(","))
         except ValueError:
             return _error(f"--input-shape expects C,H,W (e.g. 1,28,28), not {args.input_shape!r}")
+        if len(shape) != 3 or min(shape) < 1:
+            return _error(f"--input-shape expects three positive sizes C,H,W (e.g. 1,28,28), not {args.input_shape!r}")
     try:
         print(describe_models(shape, args.num_classes, tuple(args.norm or ["evonorm"])))
     except ValueError as e:
@@ -140,6 +192,9 @@ def cmd_topology(args: argparse.Namespace) -> int:
     print(f"symmetric W       {'yes' if s['symmetric'] else 'no'}")
     print(f"doubly stochastic {'yes' if s['doubly_stochastic'] else 'no'}")
     print(f"spectral gap      {s['spectral_gap']:.6g}")
+    warning = topo.consensus_warning()
+    if warning:
+        print(f"crossgrad: warning: {warning}", file=sys.stderr)
     if args.matrix:
         import torch
 
@@ -198,8 +253,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         return rc
     rc = plot_main([str(out)], out=str(out))
     print(
-        f"\nquickstart finished in {time.perf_counter() - start:.1f} s. Learning curves: {out}/curves_*.png "
-        f"(and .svg); per-run metrics in {', '.join(str(d / 'metrics.jsonl') for d in dirs)}"
+        f"\nquickstart finished in {time.perf_counter() - start:.1f} s. Learning curves: {out}/curves_*.png, "
+        f"accuracy against bytes sent and wall time: {out}/cost_*.png (and .svg); per-run metrics in "
+        f"{', '.join(str(d / 'metrics.jsonl') for d in dirs)}"
     )
     return rc
 
@@ -211,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decentralized deep learning on non-IID data: "
         "NGC, CompNGC, DSGD(m-N), QGM, CGA, CompCGA.",
         epilog="Start with `crossgrad quickstart`. Exit codes: 0 ok, 1 a run diverged or failed, "
-        "2 bad configuration or input, 130 interrupted (checkpoint written).",
+        "2 bad configuration or input, 75 run directory in use, 130 interrupted (checkpoint written if a step ran).",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -235,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-after",
         type=int,
         metavar="STEPS",
-        help="stop after this many steps in total, writing a checkpoint as Ctrl-C does",
+        help="stop after this many steps in total with a checkpoint to resume from (a requested stop: exit 0)",
     )
     r.add_argument(
         "--overwrite", action="store_true", help="replace a finished or unfinished run in the same directory"
@@ -277,6 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or folders holding them")
         c.add_argument("--out", help="where to write the files (default: the first DIR)")
         c.set_defaults(func=func)
+
+    for name, func, what in (
+        ("config", cmd_config, "print the resolved configuration (defaults, FILE and --set applied) as TOML"),
+        ("partition", cmd_partition, "print the class histogram of every agent's shard for a configuration"),
+    ):
+        c = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".", epilog=EPILOG_SET)
+        c.add_argument("config", nargs="?", help="TOML config file (optional: defaults otherwise)")
+        c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+        c.set_defaults(func=func)
+    a = sub.add_parser("algorithms", help="list the algorithms with their hyperparameters and defaults")
+    a.set_defaults(func=cmd_algorithms)
 
     m = sub.add_parser("models", help="list the models with parameter counts")
     m.add_argument("--input-shape", metavar="C,H,W", help="count parameters at this input shape")
@@ -324,30 +391,58 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    hit = []
+
+    def on_ctrl_c(signum, frame):
+        hit.append(signum)
+        raise KeyboardInterrupt
+
+    # a Ctrl-C that lands inside an import can surface as another error (numpy half-initialised:
+    # AttributeError); remembering that it came is what tells those apart from real errors
+    own = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_ctrl_c) if own else None
+    try:  # torch is imported in here (crossgrad's modules load lazily): a Ctrl-C while it loads is handled too
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        print("crossgrad: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        if not hit:
+            raise
+        print("crossgrad: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if own:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:  # its own parser; argparse.REMAINDER would not pass a leading --option
         from crossgrad.bench import main as bench_main
 
-        return bench_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+        func, args = (lambda _: bench_main(argv[1:])), None
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        func = getattr(args, "func", None)
+        if not func:
+            parser.print_help()
+            return 2
     from crossgrad.run import RunBusyError, user_errors
 
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
     except RunBusyError as e:
         _error(str(e))
         return RunBusyError.exit_code
     except user_errors() as e:
         return _error(str(e))
-    except KeyboardInterrupt:
-        print("crossgrad: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a path the checks above did not foresee: still one line, not a traceback
+        from crossgrad.files import describe
+
+        return _error(f"{e.filename}: {describe(e)}" if e.filename else describe(e))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,16 @@ class Codec(Protocol):
 
     def encode(self, rows: Tensor) -> Payload: ...
 
-    def decode(self, payload: Payload, dtype: torch.dtype) -> Tensor: ...
+    def decode(self, payload: Payload, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+        """The rows [E, P] a payload carries, in `dtype` (into `out` if given)."""
+        ...
 
-    def roundtrip(self, rows: Tensor) -> Tensor:
-        """decode(encode(rows)), computed directly."""
+    def roundtrip(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
+        """decode(encode(rows)), computed directly (into `out` if given; it may be rows itself)."""
+        ...
+
+    def encode_roundtrip(self, rows: Tensor, out: Tensor | None = None) -> tuple[Payload, Tensor]:
+        """(encode(rows), roundtrip(rows)) sharing their work; `out` as in roundtrip."""
         ...
 
 
@@ -39,11 +45,14 @@ class Identity:
     def encode(self, rows: Tensor) -> Payload:
         return (rows,)
 
-    def decode(self, payload: Payload, dtype: torch.dtype) -> Tensor:
-        return payload[0].to(dtype)
+    def decode(self, payload: Payload, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+        return payload[0].to(dtype) if out is None else out.copy_(payload[0])
 
-    def roundtrip(self, rows: Tensor) -> Tensor:
-        return rows
+    def roundtrip(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
+        return rows if out is None else out.copy_(rows)
+
+    def encode_roundtrip(self, rows: Tensor, out: Tensor | None = None) -> tuple[Payload, Tensor]:
+        return self.encode(rows), self.roundtrip(rows, out)
 
 
 def _as_int64(value: int) -> int:
@@ -101,28 +110,42 @@ class ScaledSign:
         return torch.stack([rows[:, s].abs().mean(1) for s in self._slices], 1).to(torch.float32)
 
     def encode(self, rows: Tensor) -> Payload:
-        negative = torch.signbit(rows)
-        if self._padded_size != rows.shape[1]:  # give every tensor a byte-aligned start
-            aligned = torch.zeros(rows.shape[0], self._padded_size, dtype=torch.bool, device=rows.device)
-            for s, ps in zip(self._slices, self._padded_slices):
-                aligned[:, ps] = negative[:, s]
-            negative = aligned
-        return pack_bits(negative), self._scales(rows)
+        return self._pack(rows), self._scales(rows)
 
-    def decode(self, payload: Payload, dtype: torch.dtype) -> Tensor:
+    def _pack(self, rows: Tensor) -> Tensor:
+        if self._padded_size == rows.shape[1]:
+            return pack_bits(torch.signbit(rows))
+        # give every tensor a byte-aligned start
+        negative = torch.zeros(rows.shape[0], self._padded_size, dtype=torch.bool, device=rows.device)
+        for s, ps in zip(self._slices, self._padded_slices):
+            torch.signbit(rows[:, s], out=negative[:, ps])
+        return pack_bits(negative)
+
+    def decode(self, payload: Payload, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
         packed, scales = payload
-        # copysign(scale, +-0.5) sets each sign without a (slow) masked select
-        half = 0.5 - unpack_bits(packed, self._padded_size).to(dtype)
+        # copysign(scale, +-0.5) sets each sign without a (slow) masked select; in place: on big
+        # messages a fresh block costs more in page faults than a second pass over it
+        half = unpack_bits(packed, self._padded_size).to(dtype).neg_().add_(0.5)
         scales = scales.to(dtype)
-        out = torch.empty(packed.shape[0], self.layout.size, dtype=dtype, device=packed.device)
+        if out is None:
+            out = torch.empty(packed.shape[0], self.layout.size, dtype=dtype, device=packed.device)
         for t, (s, ps) in enumerate(zip(self._slices, self._padded_slices)):
             torch.copysign(scales[:, t : t + 1], half[:, ps], out=out[:, s])
         return out
 
-    def roundtrip(self, rows: Tensor) -> Tensor:
+    def roundtrip(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
         """decode(encode(rows)) without packing: what the sender knows the receiver will see."""
-        scales = self._scales(rows).to(rows.dtype)
-        out = torch.empty_like(rows)
+        return self._signed(self._scales(rows), rows, out)
+
+    def encode_roundtrip(self, rows: Tensor, out: Tensor | None = None) -> tuple[Payload, Tensor]:
+        scales = self._scales(rows)
+        packed = self._pack(rows)  # before _signed, which may overwrite rows
+        return (packed, scales), self._signed(scales, rows, out)
+
+    def _signed(self, scales: Tensor, rows: Tensor, out: Tensor | None) -> Tensor:
+        """Each tensor's scale with the sign of rows, into out (which may be rows)."""
+        scales = scales.to(rows.dtype)
+        out = torch.empty_like(rows) if out is None else out
         for t, s in enumerate(self._slices):
             torch.copysign(scales[:, t : t + 1], rows[:, s], out=out[:, s])
         return out
@@ -158,27 +181,29 @@ class ErrorFeedback:
              device: torch.device | str) -> None:
         self.memory = torch.zeros(tuple(rows_shape), dtype=dtype, device=device)
 
-    def _corrected(self, rows: Tensor) -> Tensor:
+    def _correct(self, rows: Tensor) -> Tensor:
+        """e + g, formed in the memory itself (no [E, P] temporary); `_keep_rest` completes the update."""
         if self.memory is None:
             self.init(rows.shape, rows.dtype, rows.device)
         elif self.memory.shape != rows.shape:
             raise ValueError(f"error feedback holds memory rows {tuple(self.memory.shape)}, "
                              f"got rows {tuple(rows.shape)}")
-        return self.memory + rows
+        return self.memory.add_(rows)
 
-    def encode(self, rows: Tensor) -> tuple[Payload, Tensor]:
-        """The payload to send and its decoded value c (what the receiver will see); updates the memory."""
-        corrected = self._corrected(rows)
-        payload = self.codec.encode(corrected)
-        return payload, self._keep_rest(corrected)
+    def encode(self, rows: Tensor, out: Tensor | None = None) -> tuple[Payload, Tensor]:
+        """The payload to send and its decoded value c (what the receiver will see); updates the memory.
 
-    def roundtrip(self, rows: Tensor) -> Tensor:
+        c is written into `out` if given, which may be rows itself (they are not needed afterwards).
+        """
+        payload, decoded = self.codec.encode_roundtrip(self._correct(rows), out)
+        return payload, self._keep_rest(decoded)
+
+    def roundtrip(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
         """As `encode` for rows that never leave the agent (the self-gradient): no payload is built."""
-        return self._keep_rest(self._corrected(rows))
+        return self._keep_rest(self.codec.roundtrip(self._correct(rows), out))
 
-    def _keep_rest(self, corrected: Tensor) -> Tensor:
-        decoded = self.codec.roundtrip(corrected)
-        torch.sub(corrected, decoded, out=self.memory)
+    def _keep_rest(self, decoded: Tensor) -> Tensor:
+        self.memory.sub_(decoded)  # e <- (e + g) - c
         return decoded
 
     def state_dict(self) -> dict[str, Any]:

@@ -5,11 +5,19 @@ per agent) as flat rows, and the stateful pieces of the iteration: the direction
 7-8), the error-feedback codecs and the algorithm's own state. Its state_dict is theirs, assembled
 without knowing what is inside. It asks the backend to move tensors and a gradient evaluator to run
 (model, minibatch) pairs.
+
+On parameter-heavy models every pass over [n, P] costs about as much as a forward/backward pass, so
+the step makes as few as it can: in-process (a `SharedMemoryComm`) neighbours' rows are never copied
+(gossip is one product over x, cross-gradients read x's rows), x and x_half alternate between two
+buffers, the last direction transform is fused with the update, and round-2 and decoded messages
+land in buffers kept across steps. One host synchronisation per step remains: the finiteness check.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,13 +27,24 @@ from torch import Tensor, nn
 
 from crossgrad.algorithms import Algorithm, CombineContext, combine_weights
 from crossgrad.codecs import ErrorFeedback, make_codec
-from crossgrad.comm.base import Comm
+from crossgrad.comm.base import Comm, SharedMemoryComm
 from crossgrad.flat import ParamLayout
 from crossgrad.topology import Topology
 from crossgrad.transforms import transforms_for
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nest of dicts, lists and tuples."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 class NonFiniteError(FloatingPointError):
@@ -36,25 +55,53 @@ class NonFiniteError(FloatingPointError):
         self.step, self.agent, self.what = step, agent, what
 
 
+@dataclass(frozen=True)
+class PairRows:
+    """The parameter row of every (model, minibatch) pair of a step, without stacking them.
+
+    Pair k < n is own[k] (a local agent's gossiped model); pair n + e is other[index[e]] (the model
+    that arrived on in-edge e: a row of the shared x in-process, a received row otherwise).
+    """
+
+    own: Tensor
+    other: Tensor | None = None
+    index: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.own) + (0 if self.index is None else len(self.index))
+
+    def __getitem__(self, k: int) -> Tensor:
+        n = len(self.own)
+        return self.own[k] if k < n else self.other[self._index_list[k - n]]
+
+    @functools.cached_property
+    def _index_list(self) -> list[int]:
+        return [] if self.index is None else self.index.tolist()
+
+    def stacked(self) -> Tensor:
+        """All rows as one [K, P] tensor (one gather; the batched evaluator needs it)."""
+        if self.index is None:
+            return self.own
+        return torch.cat([self.own, self.other.index_select(0, self.index)])
+
+
 class LoopEvaluator:
     """Evaluates gradients of many (parameter row, minibatch) pairs with one worker module.
 
-    The worker's parameters are views into one flat buffer, so loading a row is a single copy and
-    the per-pair overhead stays small next to the forward/backward pass itself.
+    The worker's parameters are pointed at views of each pair's row in turn: nothing is copied in,
+    and the per-pair overhead stays small next to the forward/backward pass itself.
     """
 
     def __init__(self, model: nn.Module, layout: ParamLayout, loss_fn: LossFn):
         self.worker = copy.deepcopy(model).train()
-        self.flat = layout.flatten(model).clone()
+        self.layout = layout
         self.params = list(self.worker.parameters())
-        for p, view in zip(self.params, layout.views(self.flat)):
-            p.data = view
         self.buffers = list(self.worker.buffers())
         self.loss_fn = loss_fn
 
     def __call__(
         self,
-        rows: Tensor,
+        rows: PairRows,
         data: Sequence[int],
         batches: Sequence[Batch],
         out: Tensor,
@@ -69,7 +116,8 @@ class LoopEvaluator:
         """
         losses = torch.empty(len(data), dtype=out.dtype, device=out.device)
         for k, b in enumerate(data):
-            self.flat.copy_(rows[k])
+            for p, view in zip(self.params, self.layout.views(rows[k])):
+                p.data = view
             if self.buffers:
                 for mine, theirs in zip(self.buffers, buffers):
                     mine.copy_(theirs[owners[k]])
@@ -102,6 +150,8 @@ class VmapEvaluator:
             return loss_fn(out, targets)
 
         self._grad = torch.func.vmap(torch.func.grad_and_value(loss_of))
+        self._data: tuple[int, ...] = ()
+        self._index: Tensor | None = None
 
     @staticmethod
     def supports(model: nn.Module, batches: Sequence[Batch]) -> bool:
@@ -110,13 +160,14 @@ class VmapEvaluator:
         shapes = {(tuple(x.shape), tuple(y.shape)) for x, y in batches}
         return len(shapes) == 1
 
-    def __call__(self, rows: Tensor, data: Sequence[int], batches: Sequence[Batch], out: Tensor,
+    def __call__(self, rows: PairRows, data: Sequence[int], batches: Sequence[Batch], out: Tensor,
                  buffers: list[Tensor] | None = None, owners: Sequence[int] | None = None,
                  keep_buffers: int = 0) -> Tensor:
-        index = torch.as_tensor(data, device=rows.device)
-        inputs = torch.stack([b[0] for b in batches]).index_select(0, index)
-        targets = torch.stack([b[1] for b in batches]).index_select(0, index)
-        grads, losses = self._grad(rows, inputs, targets)
+        if tuple(data) != self._data:  # the same every step of a run: one host-to-device copy in all
+            self._data, self._index = tuple(data), torch.as_tensor(data, device=out.device)
+        inputs = torch.stack([b[0] for b in batches]).index_select(0, self._index)
+        targets = torch.stack([b[1] for b in batches]).index_select(0, self._index)
+        grads, losses = self._grad(rows.stacked(), inputs, targets)
         out.copy_(grads)
         return losses.detach()
 
@@ -144,6 +195,32 @@ class PhaseClock:
 
     def reset(self) -> None:
         self.totals.clear()
+
+
+#: up to this many agents gossip is one dense [n, n] x [n, P] product (the fastest at these sizes: one
+#: read of x, one write of x_half); beyond, a sparse one, whose cost grows with the edges instead of n^2
+DENSE_GOSSIP_MAX_AGENTS = 64
+
+
+class SharedGossip:
+    """Step 2 for agents that share memory: x_half = G x, one product over the rows, nothing gathered.
+
+    G = diag(1 - gamma + gamma w_ii) + gamma * (w_ij on the in-edges).
+    """
+
+    def __init__(self, n: int, gossip_self: Tensor, gossip_in: Tensor, dst: Tensor, src: Tensor):
+        G = torch.diag(gossip_self)
+        G.index_put_((dst, src), gossip_in, accumulate=True)
+        if n > DENSE_GOSSIP_MAX_AGENTS:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": used for plain products only
+                warnings.simplefilter("ignore", UserWarning)
+                G = G.to_sparse_csr()
+        self.G = G
+
+    def __call__(self, x: Tensor, out: Tensor) -> Tensor:
+        if self.G.layout == torch.strided:
+            return torch.mm(self.G, x, out=out)
+        return torch.addmm(out, self.G, x, beta=0, out=out)
 
 
 @dataclass
@@ -217,6 +294,12 @@ class Engine:
         gamma = algorithm.gamma
         self.gossip_self = (1 - gamma + gamma * gossip_self).to(self.dtype).to(dev)
         self.gossip_in = (gamma * gossip_in).to(self.dtype).to(dev)
+        #: in-process backends: neighbours' rows are read in place (see SharedMemoryComm)
+        self.shared = isinstance(comm, SharedMemoryComm)
+        if self.shared:
+            self.shared_gossip = SharedGossip(n, self.gossip_self, self.gossip_in, self.ctx.plan.in_dst, comm.sources)
+        # x and the next step's x_half alternate between two buffers, so no [n, P] block is allocated per step
+        self._spare = torch.empty_like(self.x)
         self.algo_state = algorithm.init_state(self.ctx, dev)
         #: error-feedback codecs of the cross-gradient messages (one memory row per in-edge) and of
         #: the self-gradient (one per agent); None where the algorithm compresses nothing there
@@ -238,6 +321,9 @@ class Engine:
         n_pairs = n + (len(plan.in_src) if algorithm.cross_gradients else 0)
         self.grads = torch.empty(n_pairs, layout.size, dtype=self.dtype, device=dev)
         self._pair_data = list(range(n)) + (plan.in_dst.tolist() if algorithm.cross_gradients else [])
+        self._edges = torch.arange(len(plan.in_src), device=dev)  # received row e is in-edge e's
+        decoded_rows = len(plan.out_dst) if algorithm.codec is not None and algorithm.round2 else 0
+        self._decoded = torch.empty(decoded_rows, layout.size, dtype=self.dtype, device=dev)
         self.stats = StepStats()
         self.clock = PhaseClock(dev)
         #: the last step's self, model-variant and data-variant gradients (for diagnostics)
@@ -256,33 +342,39 @@ class Engine:
             raise ValueError(f"step() needs one minibatch per agent: got {len(batches)}, expected {n}")
         clock = self.clock
         clock.start()
-        x = self.x
-        neighbours = self.comm.exchange(x)  # round 1: x_j^t for every in-edge
-        clock.tick("exchange")
-        x_half = x * self.gossip_self.unsqueeze(1)
-        x_half.index_add_(0, plan.in_dst, neighbours * self.gossip_in.unsqueeze(1))
-        rows = torch.cat([x_half, neighbours]) if algo.cross_gradients else x_half
+        x, x_half = self.x, self._spare
+        if self.shared:
+            models = self.comm.share(x)  # round 1: every agent reads its neighbours' rows of x in place
+            clock.tick("exchange")
+            self.shared_gossip(models, out=x_half)
+            received, index = models, self.comm.sources
+        else:
+            received = self.comm.exchange(x)  # round 1: x_j^t for every in-edge
+            clock.tick("exchange")
+            torch.mul(x, self.gossip_self.unsqueeze(1), out=x_half)
+            x_half.index_add_(0, plan.in_dst, received * self.gossip_in.unsqueeze(1))
+            index = self._edges
+        rows = PairRows(x_half, received, index) if algo.cross_gradients else PairRows(x_half)
         clock.tick("gossip")
         evaluate = self.evaluate
         if self.evaluate_batched is not None and VmapEvaluator.supports(self.evaluate.worker, batches):
             evaluate = self.evaluate_batched
         losses = evaluate(rows, self._pair_data, batches, self.grads, self.buffers,
                           owners=self._pair_data, keep_buffers=n)
-        bad_loss = ~torch.isfinite(losses[:n])
-        if bad_loss.any():
-            self._fail(lambda: self._diagnose_loss(int(bad_loss.nonzero()[0, 0]), neighbours))
         clock.tick("gradients")
         g_self, mv = self.grads[:n], (self.grads[n:] if algo.cross_gradients else None)
         dv = None
         if self.edge_codec is not None:
-            payload, mv = self.edge_codec.encode(mv)
+            # the raw gradients are dead once corrected: their compressed values overwrite them
+            payload, mv = self.edge_codec.encode(mv, out=mv)
             if self.self_codec is not None:
-                g_self = self.self_codec.roundtrip(g_self)
+                g_self = self.self_codec.roundtrip(g_self, out=g_self)
             clock.tick("compress")
             if algo.round2:
-                received = self.comm.exchange_edges(payload)
+                arrived = self.comm.exchange_edges(payload)
                 clock.tick("exchange")
-                dv = self.edge_codec.codec.decode(received, self.dtype)
+                # decoded into the cross-gradient rows' twin buffer, reused every step
+                dv = self.edge_codec.codec.decode(arrived, self.dtype, out=self._decoded)
                 clock.tick("compress")
         elif algo.round2:
             dv = self.comm.exchange_edges((mv,))[0]
@@ -290,11 +382,18 @@ class Engine:
         self.last = {"g_self": g_self, "mv": mv, "dv": dv}
         d = algo.combine(self.ctx, g_self, mv, dv, self.algo_state)
         clock.tick("combine")
-        d = self.transforms.update(d, x_half, self.lr)
-        bad = ~torch.isfinite(d).all(dim=1)
-        if bad.any():  # one reduction per step; the diagnosis only runs on failure
-            self._fail(lambda: self._diagnose_update(int(bad.nonzero()[0, 0]), neighbours, g_self, mv, dv))
-        self.x = x_half.sub_(d, alpha=self.lr)
+        self.transforms.apply(d, x_half, self.lr)
+        # one host sync per step: a NaN or Inf anywhere in a loss or a row makes its sum non-finite
+        bad_loss = ~torch.isfinite(losses[:n])
+        bad_row = ~torch.isfinite(x_half.sum(1))
+        if (bad_loss | bad_row).any():  # the diagnosis only runs on failure
+            if bad_loss.any():
+                ks = bad_loss.nonzero().flatten().tolist()
+                self._fail(lambda: self._diagnose_loss(ks, received, index))
+            else:
+                ks = bad_row.nonzero().flatten().tolist()
+                self._fail(lambda: self._diagnose_update(ks, received, index, g_self, mv, dv))
+        self.x, self._spare = x_half, x
         clock.tick("update")
         self.stats.steps += 1
         self.stats.grad_evals += len(self._pair_data)
@@ -308,23 +407,34 @@ class Engine:
         if self.nonfinite is None:
             self.nonfinite = diagnose()
 
-    def _diagnose_loss(self, k: int, neighbours: Tensor) -> NonFiniteError:
-        """Local agent k's loss is not finite: blame a received model if one is, else the loss."""
-        plan, agent = self.ctx.plan, self.plan.local[k]
-        for e in (plan.in_dst == k).nonzero().flatten().tolist():
-            if not torch.isfinite(neighbours[e]).all():  # the cause, not the symptom
-                return NonFiniteError(self.stats.steps, agent,
-                                      f"model received from agent {int(plan.in_src[e])} in round 1")
-        return NonFiniteError(self.stats.steps, agent, "loss")
+    def _received_culprit(self, ks: list[int], received: Tensor, index: Tensor) -> NonFiniteError | None:
+        """The first of local agents ks that received a non-finite model in round 1, blamed on its sender.
 
-    def _diagnose_update(self, k: int, neighbours: Tensor, g_self: Tensor, mv: Tensor | None,
+        Received models are checked first: they are the cause, a bad loss or update the symptom (and
+        with dense gossip a bad row reaches every agent, not only the sender's neighbours).
+        """
+        plan = self.ctx.plan
+        for k in ks:
+            for e in (plan.in_dst == k).nonzero().flatten().tolist():
+                if not torch.isfinite(received[index[e]]).all():
+                    return NonFiniteError(self.stats.steps, self.plan.local[k],
+                                          f"model received from agent {int(plan.in_src[e])} in round 1")
+        return None
+
+    def _diagnose_loss(self, ks: list[int], received: Tensor, index: Tensor) -> NonFiniteError:
+        """The losses of local agents ks are not finite: blame a received model if one is, else the loss."""
+        culprit = self._received_culprit(ks, received, index)
+        return culprit or NonFiniteError(self.stats.steps, self.plan.local[ks[0]], "loss")
+
+    def _diagnose_update(self, ks: list[int], received: Tensor, index: Tensor, g_self: Tensor, mv: Tensor | None,
                          dv: Tensor | None) -> NonFiniteError:
-        """Name what made local agent k's update non-finite: a received message, or its own gradient."""
+        """Name what made the updates of local agents ks non-finite: a received message, or an own gradient."""
+        culprit = self._received_culprit(ks, received, index)
+        if culprit is not None:
+            return culprit
         plan, step = self.ctx.plan, self.stats.steps
+        k = ks[0]
         agent = self.plan.local[k]
-        for e in (plan.in_dst == k).nonzero().flatten().tolist():
-            if not torch.isfinite(neighbours[e]).all():
-                return NonFiniteError(step, agent, f"model received from agent {int(plan.in_src[e])} in round 1")
         if dv is not None:
             for e in (plan.out_src == k).nonzero().flatten().tolist():
                 if not torch.isfinite(dv[e]).all():
@@ -340,6 +450,12 @@ class Engine:
 
     def _codecs(self) -> dict[str, ErrorFeedback]:
         return {k: c for k, c in (("edge", self.edge_codec), ("self", self.self_codec)) if c is not None}
+
+    def memory_bytes(self) -> int:
+        """Bytes of the tensors kept across steps: the whole state (parameters, buffers, momentum, error
+        memories, the algorithm's own) and the work buffers (gradients, the second parameter block,
+        decoded messages)."""
+        return _tensor_bytes([self.state_dict(), self.grads, self._spare, self._decoded])
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a bit-exact resume needs, as independent copies (later steps do not change it)."""

@@ -28,14 +28,18 @@ import hashlib
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from crossgrad.algorithms import ConfigError
+from crossgrad.files import atomic_write_text, make_dir, open_append
 from crossgrad.run.config import (
     Config,
     apply_overrides,
@@ -45,6 +49,7 @@ from crossgrad.run.config import (
     resolve_paths,
     saved_config_data,
 )
+from crossgrad.run.trainer import GPU_SHARE_ENV
 
 SWEEP_KEYS = ("algorithms", "topologies", "seeds", "grid", "jobs")
 
@@ -236,31 +241,127 @@ def _run_inprocess(run: SweepRun, state: str, quiet: bool) -> int:
     return result.exit_code
 
 
-def _run_subprocess(run: SweepRun, state: str, threads: int) -> int:
-    run.run_dir.mkdir(parents=True, exist_ok=True)
+def _remove_orphaned_configs(run: SweepRun) -> None:
+    """The config copies of sweeps killed (-9) before they could delete them; a live sweep's copy stays."""
+    from crossgrad.run.rundir import pid_alive
+
+    for f in run.run_dir.glob("sweep-config-*.toml"):
+        pid = f.stem.rpartition("-")[2]
+        if not (pid.isdigit() and pid_alive(int(pid))):
+            f.unlink(missing_ok=True)
+
+
+class Children:
+    """The sweep's running runs. They run in their own sessions, so a Ctrl-C at the terminal reaches the
+    sweep alone, which forwards it once to each: every run then writes its checkpoint and exits, and no
+    new run starts (a run's own second Ctrl-C would abort it without a checkpoint)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.procs: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def start(self, argv: list[str], **kwargs: Any) -> subprocess.Popen | None:
+        with self.lock:  # no run starts after stop() has signalled the others
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
+            self.procs.add(proc)
+            return proc
+
+    def wait(self, proc: subprocess.Popen) -> int:
+        try:
+            return proc.wait()
+        finally:
+            with self.lock:
+                self.procs.discard(proc)
+
+    def stop(self) -> int:
+        """Forward a Ctrl-C to every running run; returns how many there were."""
+        with self.lock:
+            self.stopping = True
+            for proc in self.procs:
+                proc.send_signal(signal.SIGINT)
+            return len(self.procs)
+
+
+def _run_subprocess(run: SweepRun, state: str, threads: int, jobs: int, children: Children) -> int | None:
+    """The run's exit code, or None when the sweep was stopped before it started."""
+    make_dir(run.run_dir)
     cfg_path = None
     if state == "resume":
         args = ["run", "--resume", str(run.run_dir), "--quiet"]
     else:
         cfg_path = run.run_dir / f"sweep-config-{os.getpid()}.toml"  # per sweep: never shared
-        cfg_path.write_text(dump_toml(run.cfg.to_dict()), encoding="utf-8")
+        atomic_write_text(cfg_path, dump_toml(run.cfg.to_dict()))
         args = ["run", str(cfg_path), "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env[GPU_SHARE_ENV] = str(jobs)  # concurrent CUDA runs split the device's memory (crossgrad.run.trainer)
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
-        with open(run.run_dir / "run.log", "a", encoding="utf-8") as log:
-            proc = subprocess.run(
-                [sys.executable, "-m", "crossgrad", *args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                check=False,
-            )
+        with open_append(run.run_dir / "run.log") as log:
+            proc = children.start([sys.executable, "-m", "crossgrad", *args], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env)
+            return None if proc is None else children.wait(proc)
     finally:  # the run saved its own config.toml; this copy only passed it on
         if cfg_path is not None:
             cfg_path.unlink(missing_ok=True)
-    return proc.returncode
+
+
+def _progress(k: int, total: int, started: float) -> str:
+    """"[k/total] 12m05s, about 30m00s left" after k runs: the runs left at the mean time per run so far."""
+    def fmt(s: float) -> str:
+        return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+    spent = time.monotonic() - started
+    left = f", about {fmt(spent / k * (total - k))} left" if 0 < k < total else ""
+    return f"[{k}/{total}] {fmt(spent)}{left}"
+
+
+def _run_parallel(todo: list[tuple[SweepRun, str]], jobs: int, started: float) -> int | None:
+    """Run `todo` as `jobs` child processes; the number that failed, or None after a Ctrl-C (all stopped)."""
+    from crossgrad.run import RunBusyError
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    children, done, failures, interrupted = Children(), 0, 0, False
+
+    def work(item: tuple[SweepRun, str]) -> tuple[SweepRun, int | None]:
+        if _status(item[0]) in ("done", "busy"):  # another sweep got there first
+            return item[0], 0
+        rc = _run_subprocess(item[0], item[1], threads, jobs, children)
+        return item[0], 0 if rc == RunBusyError.exit_code or _finished_elsewhere(item[0], rc) else rc
+
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    pending = [pool.submit(work, item) for item in todo]
+    try:
+        for fut in as_completed(pending):
+            r, rc = fut.result()
+            if rc is None:
+                continue  # never started: the sweep is stopping
+            done += 1
+            if rc == 130:  # a run stopped by a signal of its own: stop the sweep as a Ctrl-C would
+                interrupted = True
+                children.stop()
+            failures += rc not in (0, 130)
+            line = {0: None, 1: None, 130: "interrupted (checkpoint written)"}.get(
+                rc, f"failed (exit {rc}); see {r.run_dir / 'run.log'}") or _result_line(r)
+            print(f"{_progress(done, len(todo), started)} {r.name}: {line}", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        n = children.stop()
+        print(f"\nsweep: Ctrl-C; waiting for {n} running run(s) to write their checkpoints", file=sys.stderr,
+              flush=True)
+    while True:  # wait for the children even through more Ctrl-Cs, so no thread is left to be interrupted
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+            break
+        except KeyboardInterrupt:
+            children.stop()  # a second Ctrl-C reaches the runs as their second one: they stop at once
+    if interrupted:
+        print("sweep interrupted; run the same command again to resume it", file=sys.stderr)
+        return None
+    return failures
 
 
 def run_sweep(
@@ -271,16 +372,22 @@ def run_sweep(
     dry_run: bool = False,
     seeds: list[int] | None = None,
 ) -> int:
-    """Run every missing run of a sweep; returns 0 if all finished, 1 if any failed or diverged."""
+    """Run every missing run of a sweep; returns 0 if all finished, 1 if any failed or diverged, 75 if
+    some are still running in another process."""
+    from crossgrad.run import RunBusyError
+
     runs, file_jobs = expand(path, overrides, seeds)
     jobs = jobs or file_jobs
     for r in runs:
         _check_not_another_run(r)
+        _remove_orphaned_configs(r)
     states = [_status(r) for r in runs]
     todo = [(r, s) for r, s in zip(runs, states, strict=False) if s not in ("done", "busy")]
     print(
         f"sweep {path}: {len(runs)} runs in {runs[0].cfg.output.out_dir if runs else '-'}; "
-        f"{len(runs) - len(todo)} already done, {len(todo)} to run"
+        f"{states.count('done')} already done, "
+        + (f"{states.count('busy')} running in another process, " if "busy" in states else "")
+        + f"{len(todo)} to run"
         + (f" with {jobs} jobs" if jobs > 1 else "")
     )
     for r, s in zip(runs, states, strict=False):
@@ -290,9 +397,9 @@ def run_sweep(
             print(f"  skip {r.name} (another process is running it)")
         elif dry_run:
             print(f"  {'resume' if s == 'resume' else 'run'} {r.name}")
-    if dry_run or not todo:
+    if dry_run:
         return 0
-    failures = 0
+    failures, started = 0, time.monotonic()
     if jobs == 1:
         for k, (r, s) in enumerate(todo, 1):
             if _status(r) in ("done", "busy"):  # another sweep got there first
@@ -306,29 +413,20 @@ def run_sweep(
                 return 130
             failures += rc != 0
             print(
-                f"[{k}/{len(todo)}] {r.name}: {_result_line(r) if rc in (0, 1) else f'failed (exit {rc})'}",
+                f"{_progress(k, len(todo), started)} {r.name}: "
+                f"{_result_line(r) if rc in (0, 1) else f'failed (exit {rc})'}",
                 flush=True,
             )
     else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        done = 0
-
-        from crossgrad.run import RunBusyError
-
-        def work(item: tuple[SweepRun, str]) -> tuple[SweepRun, int]:
-            if _status(item[0]) in ("done", "busy"):  # another sweep got there first
-                return item[0], 0
-            rc = _run_subprocess(item[0], item[1], threads)
-            return item[0], 0 if rc == RunBusyError.exit_code or _finished_elsewhere(item[0], rc) else rc
-
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for fut in as_completed([pool.submit(work, item) for item in todo]):
-                r, rc = fut.result()
-                done += 1
-                failures += rc != 0
-                line = _result_line(r) if rc in (0, 1) else f"failed (exit {rc}); see {r.run_dir / 'run.log'}"
-                print(f"[{done}/{len(todo)}] {r.name}: {line}", flush=True)
+        failures = _run_parallel(todo, jobs, started)
+        if failures is None:
+            return 130
     if failures:
         print(f"{failures} of {len(todo)} runs failed or diverged", file=sys.stderr)
         return 1
+    elsewhere = [r.name for r in runs if _status(r) == "busy"]
+    if elsewhere:  # not done yet, and not this sweep's to wait for (e.g. orphans of a sweep killed with -9)
+        print(f"{len(elsewhere)} run(s) still running in another process ({', '.join(elsewhere[:3])}"
+              f"{', ...' if len(elsewhere) > 3 else ''}); run the sweep again when they finish", file=sys.stderr)
+        return RunBusyError.exit_code
     return 0

@@ -2,8 +2,10 @@
 
 Contract steps 7-8 (ARCHITECTURE.md section 1). Each transform turns the combined gradient into a
 direction with `update(d, x_half, lr)`, owns its state (created from the initial rows x0) and saves
-and restores it, so any chain of them resumes bit-exactly. `transforms_for(algorithm, x0, lr)`
-builds the chain an algorithm's hyperparameters ask for.
+and restores it, so any chain of them resumes bit-exactly. `Chain.apply` also takes step 9, the
+last transform fused with it, so that no [n, P] direction is ever materialised: on parameter-heavy
+models each pass over the rows costs as much as a small model's forward pass.
+`transforms_for(algorithm, x0, lr)` builds the chain an algorithm's hyperparameters ask for.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ if TYPE_CHECKING:
 class Transform(Protocol):
     def update(self, d: Tensor, x_half: Tensor, lr: float) -> Tensor:
         """The new direction for combined gradient d at the gossiped rows x_half; updates own state."""
+        ...
+
+    def apply(self, d: Tensor, x_half: Tensor, lr: float) -> None:
+        """Steps 8-9 in place: x_half <- x_half - lr * update(d, x_half, lr); d may be overwritten."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -42,6 +48,9 @@ class WeightDecay:
     def update(self, d: Tensor, x_half: Tensor, lr: float) -> Tensor:
         return d.add(x_half, alpha=self.weight_decay)
 
+    def apply(self, d: Tensor, x_half: Tensor, lr: float) -> None:
+        x_half.mul_(1 - lr * self.weight_decay).sub_(d, alpha=lr)
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -57,8 +66,15 @@ class Momentum:
         self.m = torch.zeros_like(x0)
 
     def update(self, d: Tensor, x_half: Tensor, lr: float) -> Tensor:
-        self.m.mul_(self.beta).add_(d)
+        torch.add(d, self.m, alpha=self.beta, out=self.m)
         return torch.add(d, self.m, alpha=self.beta) if self.nesterov else self.m
+
+    def apply(self, d: Tensor, x_half: Tensor, lr: float) -> None:
+        torch.add(d, self.m, alpha=self.beta, out=self.m)
+        if self.nesterov:
+            x_half.sub_(d, alpha=lr).sub_(self.m, alpha=lr * self.beta)
+        else:
+            x_half.sub_(self.m, alpha=lr)
 
     def state_dict(self) -> dict[str, Any]:
         return {"m": self.m.clone()}
@@ -80,13 +96,27 @@ class QGM:
         self.x_prev = x0.clone()
         self.lr_prev = float(lr)
 
-    def update(self, d: Tensor, x_half: Tensor, lr: float) -> Tensor:
+    def _follow(self, x_half: Tensor, lr: float) -> None:
+        """m_hat and x_prev after this step's displacement (x_prev doubles as the scratch row)."""
         beta = self.beta
-        self.m_hat.mul_(beta).add_(self.x_prev - x_half, alpha=(1 - beta) / self.lr_prev)
+        self.x_prev.sub_(x_half)
+        self.m_hat.mul_(beta).add_(self.x_prev, alpha=(1 - beta) / self.lr_prev)
         self.x_prev.copy_(x_half)
         self.lr_prev = lr
-        m = torch.add(d, self.m_hat, alpha=beta)
-        return torch.add(d, m, alpha=beta) if self.nesterov else m
+
+    def update(self, d: Tensor, x_half: Tensor, lr: float) -> Tensor:
+        self._follow(x_half, lr)
+        m = torch.add(d, self.m_hat, alpha=self.beta)
+        return torch.add(d, m, alpha=self.beta) if self.nesterov else m
+
+    def apply(self, d: Tensor, x_half: Tensor, lr: float) -> None:
+        # m = d + beta m_hat; Nesterov's d + beta m = (1 + beta) d + beta^2 m_hat
+        self._follow(x_half, lr)
+        beta = self.beta
+        if self.nesterov:
+            x_half.sub_(d, alpha=lr * (1 + beta)).sub_(self.m_hat, alpha=lr * beta * beta)
+        else:
+            x_half.sub_(d, alpha=lr).sub_(self.m_hat, alpha=lr * beta)
 
     def state_dict(self) -> dict[str, Any]:
         return {"m_hat": self.m_hat.clone(), "x_prev": self.x_prev.clone(), "lr_prev": self.lr_prev}
@@ -107,6 +137,15 @@ class Chain:
         for t in self.transforms:
             d = t.update(d, x_half, lr)
         return d
+
+    def apply(self, d: Tensor, x_half: Tensor, lr: float) -> None:
+        """Steps 7-9 in place on x_half, the last transform fused with the step."""
+        if not self.transforms:
+            x_half.sub_(d, alpha=lr)
+            return
+        for t in self.transforms[:-1]:
+            d = t.update(d, x_half, lr)
+        self.transforms[-1].apply(d, x_half, lr)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kinds": [type(t).__name__ for t in self.transforms],

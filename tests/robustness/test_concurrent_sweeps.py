@@ -37,8 +37,9 @@ seeds = [0, 1, 2]
         records = [json.loads(line) for line in lines]
         assert [r["epoch"] for r in records] == [0.0, 1.0, 2.0, 3.0], (d, outputs)
         assert not (d / ".lock").exists()
-    # each run trained once: the second sweep skipped or lost the race cleanly, never wrote twice
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    # each run trained once: the second sweep skipped or lost the race cleanly, never wrote twice; a sweep
+    # that left a run to the other one says so with 75 if that run was still going when it finished
+    assert all(p.returncode in (0, 75) for p in procs), outputs
 
 
 def test_a_different_sweep_into_the_same_folder_is_refused(tmp_path, capsys):

@@ -83,8 +83,14 @@ def test_nonfinite_input_batch_names_the_loss(tmp_path, capsys, monkeypatch):
     assert "non-finite loss" in err and "agent 3" in err
 
 
-def test_diverged_run_is_not_resumed_into_a_loop(tmp_path, capsys, monkeypatch):
-    poison_nth_call(monkeypatch, LocalComm, "exchange_edges", POISON_AT)
-    assert run_cli(capsys, tmp_path)[0] == 1
-    assert main(["run", "--resume", str(tmp_path / "r"), "--quiet"]) == 2  # finished: summary says diverged
+def test_diverged_run_resumes_from_its_last_finite_checkpoint(tmp_path, capsys, monkeypatch):
+    from crossgrad.sweep import SweepRun, _status
+
+    poison_nth_call(monkeypatch, LocalComm, "exchange_edges", POISON_AT)  # a one-off fault (a flipped bit)
+    rc, err = run_cli(capsys, tmp_path)
+    assert rc == 1 and "the last finite checkpoint (step 9)" in err and f"--resume {tmp_path / 'r'}" in err
+    assert _status(SweepRun(None, tmp_path / "r")) == "done"  # a sweep never resumes it into a loop by itself
+    assert main(["run", "--resume", str(tmp_path / "r"), "--quiet"]) == 0  # on from step 9, past the fault
+    assert json.loads((tmp_path / "r" / SUMMARY).read_text())["status"] == "completed"
+    assert main(["run", "--resume", str(tmp_path / "r"), "--quiet"]) == 2
     assert "already finished" in capsys.readouterr().err

@@ -1,14 +1,14 @@
 """The communication interface the engine is written against, and the edge bookkeeping it shares.
 
 An edge (j -> i) means agent i receives agent j's model (w_ij > 0). A backend holds some *local*
-agents (all of them in the simulator, one per process under torch.distributed). Round 1 sends
+agents (all of them in the simulator, a block per process under torch.distributed). Round 1 sends
 every local agent's model along its out-edges; round 2 sends one message back along every in-edge
 of a local agent (agent i returns the cross-gradient it computed with j's model to j).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -67,6 +67,21 @@ class Comm(Protocol):
         ...
 
 
+@runtime_checkable
+class SharedMemoryComm(Comm, Protocol):
+    """A backend whose agents share one address space (the simulator): round 1 moves nothing.
+
+    The engine then gossips with one product over the rows and evaluates cross-gradients straight
+    from them, instead of copying every neighbour's row per in-edge as `exchange` does.
+    """
+
+    sources: Tensor  # [E_in] on the run's device: in-edge e's round-1 row is row sources[e] of share(x)
+
+    def share(self, x: Tensor) -> Tensor:
+        """Round 1 without copies: counts what `exchange` would send; returns the rows every agent reads."""
+        ...
+
+
 def count_round1(comm: Comm, x: Tensor) -> None:
     _count(comm.bytes_sent[:, 0], comm.plan.out_src, x.shape[1] * x.element_size())
 
@@ -79,3 +94,12 @@ def count_round2(comm: Comm, payload: Payload) -> None:
 def _count(sent: Tensor, senders: Tensor, row_bytes: int) -> None:
     """Add one message of `row_bytes` to the counter of each edge's sending agent."""
     sent.index_add_(0, senders, sent.new_full((len(senders),), float(row_bytes)))
+
+
+def agent_blocks(n: int, parts: int) -> list[range]:
+    """Agents 0..n-1 in `parts` contiguous blocks, in order; the first n % parts blocks hold one more."""
+    if not 1 <= parts <= n:
+        raise ValueError(f"cannot place {n} agents on {parts} processes: every process needs at least one agent")
+    size, extra = divmod(n, parts)
+    starts = [r * size + min(r, extra) for r in range(parts + 1)]
+    return [range(starts[r], starts[r + 1]) for r in range(parts)]

@@ -6,6 +6,7 @@ a missing, truncated or corrupt file raises `DataError` naming the file, never a
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -24,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from crossgrad.files import OutputError, atomic_write, make_dir
 
 
 class DataError(ValueError):
@@ -274,7 +277,7 @@ def _decode_jpeg(data: bytes, where: str) -> np.ndarray:
     return img
 
 
-def read_cifar_jpeg_tar(tar_path: Path, order_csv: Path | None) -> tuple[Dataset, Dataset]:
+def read_cifar_jpeg_tar(tar_path: Path, order_csv: Path | None, progress: bool = True) -> tuple[Dataset, Dataset]:
     """Decode the JPEG copy of CIFAR-10 straight from its tarball (nothing is extracted).
 
     Train images are put in the original data_batch_1..5 order using `order_csv`; test images are
@@ -288,7 +291,7 @@ def read_cifar_jpeg_tar(tar_path: Path, order_csv: Path | None) -> tuple[Dataset
         with tarfile.open(tar_path, "r:*") as tar:
             members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(".jpg")]
             for m in tqdm(members, desc=f"decoding {tar_path.name}", unit="img", leave=False,
-                          disable=len(members) < 1000):
+                          disable=not progress or len(members) < 1000):
                 f = tar.extractfile(m)
                 images[m.name] = _decode_jpeg(f.read(), f"{tar_path}:{m.name}")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
@@ -325,7 +328,7 @@ def read_cifar_jpeg_tar(tar_path: Path, order_csv: Path | None) -> tuple[Dataset
     return build(train_keys, train_labels), build(test_keys, test_labels)
 
 
-def _load_cifar_jpeg(tar_path: Path, verify: bool) -> tuple[Dataset, Dataset]:
+def _load_cifar_jpeg(tar_path: Path, verify: bool, progress: bool) -> tuple[Dataset, Dataset]:
     if verify:
         check_md5(tar_path, CIFAR_JPEG_MD5)
     cache = _cache_dir() / f"cifar10-jpeg-{md5sum(tar_path)}.pt"
@@ -337,24 +340,21 @@ def _load_cifar_jpeg(tar_path: Path, verify: bool) -> tuple[Dataset, Dataset]:
                     Dataset(d["x_test"], d["y_test"], classes, "cifar10"))
         except Exception:  # a broken cache is rebuilt, never trusted
             pass
-    train, test = read_cifar_jpeg_tar(tar_path, tar_path.parent / "train_order.csv")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"x_train": train.x, "y_train": train.y, "x_test": test.x, "y_test": test.y}, tmp)
-        os.replace(tmp, cache)
-    except OSError:
-        pass  # no writable cache: decode again next time
+    train, test = read_cifar_jpeg_tar(tar_path, tar_path.parent / "train_order.csv", progress)
+    with contextlib.suppress(OutputError):  # no writable cache (or a link planted in it): decode again next time
+        atomic_write(make_dir(cache.parent) / cache.name,
+                     lambda f: torch.save({"x_train": train.x, "y_train": train.y, "x_test": test.x,
+                                           "y_test": test.y}, f))
     return train, test
 
 
-def _load_cifar10(root: Path, download: bool, verify: bool) -> tuple[Dataset, Dataset]:
+def _load_cifar10(root: Path, download: bool, verify: bool, progress: bool) -> tuple[Dataset, Dataset]:
     for folder in (root / "cifar-10-batches-py", root):
         if (folder / "data_batch_1").is_file():
             return _load_cifar_py(folder)
     for tar in (root / "cifar10-jpeg" / "cifar-10-images-jpg.tar.gz", root / "cifar-10-images-jpg.tar.gz"):
         if tar.is_file():
-            return _load_cifar_jpeg(tar, verify)
+            return _load_cifar_jpeg(tar, verify, progress)
     if download:
         archive = root / "cifar-10-python.tar.gz"
         _download([CIFAR_URL], archive, CIFAR_PY_MD5)
@@ -461,8 +461,11 @@ def available_datasets() -> list[str]:
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = False, verify: bool = True,
-                 **options) -> tuple[Dataset, Dataset]:
-    """(train, test) of a named dataset. `synthetic` takes make_synthetic's options."""
+                 progress: bool = True, **options) -> tuple[Dataset, Dataset]:
+    """(train, test) of a named dataset. `synthetic` takes make_synthetic's options.
+
+    `progress=False` silences the bar of the one slow step, decoding the CIFAR-10 JPEG tarball on first use.
+    """
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
@@ -474,5 +477,5 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
         return _load_digits()
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     if key == "cifar10":
-        return _load_cifar10(root, download, verify)
+        return _load_cifar10(root, download, verify, progress)
     return _load_idx(key, root, download, verify)

@@ -7,11 +7,12 @@ next to ``metrics.jsonl`` (one JSON object per evaluation) and ``config.toml``::
     rows = aggregate(runs)
     print(format_table(rows))              # aligned text; also "markdown" and "csv"
     report_main(["results/"])              # prints + writes results/report.md, results/report.csv
-    plot_main(["results/"])                # results/curves_<setting>.png / .svg
+    plot_main(["results/"])                # results/curves_<setting>.png, cost_<setting>.png (and .svg)
 
 Statistics: mean ± sample standard deviation (ddof=1) over the *completed* seeds of each
-(setting, method) group.  Runs whose status is not "completed" are counted and flagged in the
-table, never averaged.  A group with one seed shows "± 0.00 (n=1)".
+(setting, method) group.  Runs whose status is not "completed" (interrupted, running and crashed
+runs included) are counted and flagged in the table, never averaged.  A group with one seed shows
+its value and "(n=1)", no spread.
 
 ``runs`` reads run directories, ``table`` aggregates and renders, ``plots`` draws.
 Run as a script: ``python -m crossgrad.report [table|plot] PATH... [--out DIR]``.
@@ -22,7 +23,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from crossgrad.report.plots import plot_alpha_sweep, plot_main
+from crossgrad.report.plots import DEFAULT_METRICS, plot_alpha_sweep, plot_main
 from crossgrad.report.runs import collect, load_metrics
 from crossgrad.report.table import COLUMNS, Row, Stat, aggregate, format_table, report_main
 
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  description="Aggregate crossgrad runs (table) or plot curves.")
     ap.add_argument("paths", nargs="+", help="result directories (searched recursively)")
     ap.add_argument("--out", default=None, help="output directory (default: first path)")
-    ap.add_argument("--metrics", default="consensus_acc,train_loss,consensus_distance")
+    ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
     argv = list(sys.argv[1:] if argv is None else argv)
     what = argv.pop(0) if argv and argv[0] in ("table", "plot") else "table"
     a = ap.parse_args(argv)

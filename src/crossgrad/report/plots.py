@@ -1,4 +1,5 @@
-"""Figures: learning curves per setting and final accuracy against α (PNG and SVG, reproducible bytes)."""
+"""Figures: learning curves and accuracy-for-cost per setting, final accuracy against α (PNG and SVG, reproducible
+bytes)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from crossgrad.report.runs import as_list, collect, default_out, load_metrics, no_runs, number, warn
+from crossgrad.files import atomic_write, make_dir
+from crossgrad.report.runs import as_list, collect, default_out, load_metrics, load_steps, no_runs, number, warn
 from crossgrad.report.table import Row, aggregate, final_metric, mean_std, summary_label
 
 _PCT_METRICS = {"consensus_acc", "local_acc_mean", "local_acc_min", "local_acc_max"}
@@ -42,41 +44,155 @@ def _save(fig, base: Path) -> list[Path]:
     out = []
     with matplotlib.rc_context({"svg.hashsalt": "crossgrad"}):
         for ext in ("png", "svg"):
-            p = base.with_suffix(f".{ext}")
+            p = base.parent / f"{base.name}.{ext}"  # not with_suffix: "…dirichlet-0.5" has a "suffix" ".5"
             kw = {"dpi": 150} if ext == "png" else {"metadata": {"Date": None}}
-            fig.savefig(p, bbox_inches="tight", **kw)
+            atomic_write(p, lambda f, ext=ext, kw=kw: fig.savefig(f, format=ext, bbox_inches="tight", **kw))
             out.append(p)
     return out
 
 
-def _curve(records_per_run: list[list[dict]], metric: str):
-    """Mean/min/max of one metric over seeds, per epoch (epochs present in any seed)."""
+#: the panels of `crossgrad plot`: test accuracy of the consensus and of the agents' own models, the training
+#: loss (per logged step where steps.csv exists) and how far the agents are apart
+DEFAULT_METRICS = ("consensus_acc", "local_acc_mean", "train_loss", "consensus_distance")
+_LOG_METRICS = {"train_loss", "consensus_loss", "consensus_distance"}
+
+
+def _curve(records_per_run: list[list[dict]], metric: str, x_key: str = "epoch"):
+    """Mean/min/max of one metric over seeds at each x (x values present in any seed)."""
     import numpy as np
-    by_epoch: dict[float, list[float]] = {}
+    by_x: dict[float, list[float]] = {}
     for recs in records_per_run:
         for rec in recs:
-            x, y = number(rec.get("epoch")), number(rec.get(metric))
+            x, y = number(rec.get(x_key)), number(rec.get(metric))
             if x is None or y is None or not math.isfinite(y):
                 continue
             if metric == "consensus_distance" and x == 0:
                 continue  # every agent starts from the same weights: 0 up to rounding, off any log scale
-            by_epoch.setdefault(round(x, 6), []).append(y)
-    if not by_epoch:
+            by_x.setdefault(round(x, 6), []).append(y)
+    if not by_x:
         return None
-    xs = np.array(sorted(by_epoch))
-    ys = [np.array(by_epoch[x]) for x in xs]
+    xs = np.array(sorted(by_x))
+    ys = [np.array(by_x[x]) for x in xs]
     k = 100.0 if metric in _PCT_METRICS else 1.0
     return (xs, k * np.array([y.mean() for y in ys]), k * np.array([y.min() for y in ys]),
             k * np.array([y.max() for y in ys]))
 
 
-def plot_main(paths: Sequence[str | Path], out: str | Path | None = None,
-              metrics: Sequence[str] = ("consensus_acc", "train_loss", "consensus_distance")) -> int:
-    """Learning curves: one figure per setting, a subplot per metric, a colour per method.
+def _records(run: dict, metric: str) -> list[dict]:
+    """The run's records for one metric: per logged step for the training loss when it has them."""
+    if metric == "train_loss":
+        steps = load_steps(run)
+        if steps:
+            return steps
+    return load_metrics(run)
 
-    Seeds of a method are drawn as their mean with a shaded min–max band.  Only completed runs
-    are drawn; a method with no completed run is drawn dashed from its incomplete runs.
-    Saves ``curves_<setting-slug>.png`` and ``.svg``.  Returns 0, or 2 when nothing to plot.
+
+def _with_cost(recs: list[dict]) -> list[dict]:
+    """Records with mb_sent: megabytes each agent has sent so far, both rounds (bytes are per agent per step)."""
+    out = []
+    for rec in recs:
+        b1, b2, step = (number(rec.get(k)) for k in ("bytes_round1", "bytes_round2", "step"))
+        if None not in (b1, b2, step):
+            out.append({**rec, "mb_sent": (b1 + b2) * step / 1e6})
+    return out
+
+
+def _file_bases(settings: list[str]) -> dict[str, str]:
+    """A distinct file name per setting: settings whose readable slugs collide get a short hash each."""
+    import hashlib
+
+    slugs = {s: _slug(s) for s in settings}
+    clash = {v for v in slugs.values() if list(slugs.values()).count(v) > 1}
+    return {s: slug + (f"-{hashlib.sha1(s.encode()).hexdigest()[:6]}" if slug in clash else "")
+            for s, slug in slugs.items()}
+
+
+def _legend(fig, axes) -> None:
+    """One legend for the figure, below the panels, where it covers no curve."""
+    handles: dict = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=min(len(handles), 4), fontsize="small", frameon=False)
+
+
+def _finish_axis(ax, metric: str, xlabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(_YLABELS.get(metric, metric))
+    ax.grid(True, alpha=0.3)
+    ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+    if metric in _LOG_METRICS and ys and min(ys) > 0:
+        ax.set_yscale("log")
+        ax.set_ylabel(_YLABELS.get(metric, metric) + " (log scale)")
+    if not ax.get_lines():
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+
+
+def _draw_curves(plt, srows: list[Row], metrics: list[str], colour: dict, setting: str):
+    """The learning curves of one setting against epochs; None when no run has a record."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    axes, drawn = axes[0], False
+    for row in srows:
+        done = [r for r in row.runs if r["summary"].get("status") == "completed"]
+        use, style = (done, "-") if done else (row.runs, "--")
+        label = f"{row.method} (n={len(use)}{'' if done else ', not completed'})"
+        for ax, metric in zip(axes, metrics):
+            c = _curve([_records(r, metric) for r in use], metric)
+            if c is None:
+                continue
+            xs, mean, lo, hi = c
+            ax.plot(xs, mean, style, color=colour[row.method], label=label, lw=1.4)
+            if len(use) > 1:
+                ax.fill_between(xs, lo, hi, color=colour[row.method], alpha=0.2, lw=0)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, metric in zip(axes, metrics):
+        _finish_axis(ax, metric, "epoch")
+    fig.suptitle(setting)
+    fig.tight_layout()
+    _legend(fig, axes)
+    return fig
+
+
+def _draw_cost(plt, srows: list[Row], colour: dict, setting: str):
+    """Consensus accuracy against megabytes sent per agent and against wall time, one line per run;
+    None when no run recorded either. What compression buys (CompNGC) shows on the left."""
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4), squeeze=False)
+    axes, drawn = axes[0], False
+    for row in srows:
+        done = [r for r in row.runs if r["summary"].get("status") == "completed"]
+        for i, run in enumerate(done or row.runs):
+            recs = _with_cost(load_metrics(run))
+            for ax, x_key in zip(axes, ("mb_sent", "wall_time_s")):
+                c = _curve([recs], "consensus_acc", x_key)
+                if c is not None:
+                    ax.plot(c[0], c[1], "-" if done else "--", color=colour[row.method], lw=1.2,
+                            label=row.method if i == 0 else None)
+                    drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, xlabel in zip(axes, ("MB sent per agent (both rounds)", "wall time (s)")):
+        _finish_axis(ax, "consensus_acc", xlabel)
+    fig.suptitle(f"{setting}: accuracy for the communication and the time spent")
+    fig.tight_layout()
+    _legend(fig, axes)
+    return fig
+
+
+def plot_main(paths: Sequence[str | Path], out: str | Path | None = None,
+              metrics: Sequence[str] = DEFAULT_METRICS) -> int:
+    """Per setting, two figures: learning curves (a panel per metric, a colour per method) and cost
+    (consensus accuracy against megabytes sent and against wall time).
+
+    Seeds of a method are drawn as their mean with a shaded min–max band. Methods with no completed
+    run are drawn dashed from their other runs (interrupted, diverged), so a run that stopped in its
+    first epoch still shows its per-step training loss. Saves ``curves_<setting>.png``/``.svg`` and
+    ``cost_<setting>.png``/``.svg``, one distinct name per setting. Returns 0, or 2 when nothing to plot.
     """
     paths = as_list(paths)
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -94,50 +210,16 @@ def plot_main(paths: Sequence[str | Path], out: str | Path | None = None,
         palette = [cmap(i % 20) for i in range(len(methods))]
     colour = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     written: list[Path] = []
-    for setting in sorted({r.setting for r in rows}):
+    settings = sorted({r.setting for r in rows})
+    for setting, base in _file_bases(settings).items():
         srows = [r for r in rows if r.setting == setting]
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 3.8), squeeze=False)
-        axes = axes[0]
-        drawn = False
-        for row in srows:
-            done = [r for r in row.runs if r["summary"].get("status") == "completed"]
-            use, style = (done, "-") if done else (row.runs, "--")
-            recs = [load_metrics(r) for r in use]
-            label = f"{row.method} (n={len(use)}{'' if done else ', incomplete'})"
-            for ax, metric in zip(axes, metrics):
-                c = _curve(recs, metric)
-                if c is None:
-                    continue
-                xs, mean, lo, hi = c
-                ax.plot(xs, mean, style, color=colour[row.method], label=label, lw=1.6)
-                if len(use) > 1:
-                    ax.fill_between(xs, lo, hi, color=colour[row.method], alpha=0.2, lw=0)
-                drawn = True
-        if not drawn:
-            warn(f"no metrics.jsonl data for setting {setting!r}; no figure")
+        for kind, fig in (("curves", _draw_curves(plt, srows, metrics, colour, setting)),
+                          ("cost", _draw_cost(plt, srows, colour, setting))):
+            if fig is None:
+                warn(f"no records to draw for setting {setting!r}; no {kind} figure")
+                continue
+            written += _save(fig, out_dir / f"{kind}_{base}")
             plt.close(fig)
-            continue
-        for ax, metric in zip(axes, metrics):
-            ax.set_xlabel("epoch")
-            ax.set_ylabel(_YLABELS.get(metric, metric))
-            ax.grid(True, alpha=0.3)
-            ys = [y for line in ax.get_lines() for y in line.get_ydata()]
-            if metric == "consensus_distance" and ys and min(ys) > 0:
-                ax.set_yscale("log")
-                ax.set_ylabel(_YLABELS.get(metric, metric) + " (log scale)")
-            if not ax.get_lines():
-                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-        handles, labels = {}, []
-        for ax in axes:
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                if lab not in handles:
-                    handles[lab] = h
-                    labels.append(lab)
-        axes[0].legend([handles[lab] for lab in labels], labels, fontsize="small")
-        fig.suptitle(setting)
-        fig.tight_layout()
-        written += _save(fig, out_dir / f"curves_{_slug(setting)}")
-        plt.close(fig)
     if not written:
         print("error: no learning curves to plot (no metrics.jsonl records)", file=sys.stderr)
         return 2
@@ -181,7 +263,7 @@ def plot_alpha_sweep(rows_or_runs: Sequence[Row] | Sequence[dict], out: str | Pa
     ax.legend(fontsize="small")
     fig.tight_layout()
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
     written = _save(fig, out_dir / "alpha_sweep")
     plt.close(fig)
     for p in written:

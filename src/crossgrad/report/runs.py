@@ -60,13 +60,40 @@ def _load_run(run_dir: Path) -> dict | None:
     return {"path": str(run_dir), "summary": summary, "config": config}
 
 
+def _unfinished_run(run_dir: Path) -> dict | None:
+    """A run directory without a summary, described from its config.toml so that it is counted.
+
+    Its status is "running" (another process holds it), "interrupted" (a checkpoint to resume
+    from) or "crashed" (neither); None when the config cannot be read.
+    """
+    from crossgrad.run.config import config_from_dict, saved_config_data
+    from crossgrad.run.rundir import lock_holder
+
+    path = run_dir / CONFIG
+    if not path.is_file():
+        return None
+    try:
+        config = config_from_dict(saved_config_data(read_toml(path)), str(path))
+    except ConfigError as e:
+        warn(f"{e}; skipped")
+        return None
+    if lock_holder(run_dir) is not None:
+        status = "running"
+    else:
+        status = "interrupted" if (run_dir / CHECKPOINT).is_file() else "crashed"
+    summary = {"method": config.method, "setting": config.setting, "seed": config.training.seed,
+               "status": status}
+    return {"path": str(run_dir), "summary": summary, "config": config.to_dict()}
+
+
 def collect(paths: Iterable[str | Path]) -> list[dict]:
-    """Find run directories (those with a summary.json) recursively under each path.
+    """Find run directories recursively under each path: finished ones and unfinished ones.
 
     Returns ``[{"path": str, "summary": dict, "config": dict | None}, ...]`` sorted by path; the
-    config is the summary's "config", else the run's config.toml, else None.
-    Unreadable summaries and run-looking directories without a summary are skipped with a
-    warning on stderr.  Run directories are not searched further (their subfolders are not runs).
+    config is the summary's "config", else the run's config.toml, else None. A run directory
+    with a config.toml but no summary.json (still running, interrupted or crashed) gets a summary
+    that says so, so that tables count it. Unreadable summaries and run-looking directories
+    without either are skipped with a warning on stderr. Run directories are not searched further.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -92,7 +119,12 @@ def collect(paths: Iterable[str | Path]) -> list[dict]:
                     if run is not None:
                         found[key] = run
             elif any(m in files for m in _RUN_MARKERS):
-                warn(f"{root_p} has no {SUMMARY} (unfinished or crashed run?); skipped")
+                run = _unfinished_run(root_p)
+                if run is None:
+                    warn(f"{root_p} has no {SUMMARY} and no readable {CONFIG}; skipped")
+                    continue
+                dirs[:] = []
+                found.setdefault(str(root_p.resolve()), run)
     return sorted(found.values(), key=lambda r: r["path"])
 
 
@@ -119,6 +151,28 @@ def load_metrics(run: dict | str | Path) -> list[dict]:
     except (OSError, UnicodeDecodeError) as e:
         warn(f"cannot read {path}: {e}; skipped")
     return records
+
+
+def load_steps(run: dict | str | Path) -> list[dict]:
+    """The per-step rows of a run (``steps.csv``: step, epoch, lr, train_loss, wall_time_s) as numbers."""
+    import csv
+
+    from crossgrad.run.scalars import STEPS_CSV
+
+    path = Path(run["path"] if isinstance(run, dict) else run) / STEPS_CSV
+    if not path.is_file():
+        return []
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                try:
+                    rows.append({k: float(v) for k, v in row.items() if k is not None})
+                except (TypeError, ValueError):
+                    continue  # a torn last line of a killed run
+    except (OSError, UnicodeDecodeError) as e:
+        warn(f"cannot read {path}: {e}; skipped")
+    return rows
 
 
 def as_list(paths: Any) -> list:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crossgrad.files import atomic_write_text, make_dir
 from crossgrad.report.runs import as_list, collect, default_out, no_runs, number
 from crossgrad.run.rundir import comparable_config
 
@@ -72,11 +73,19 @@ def summary_label(s: dict, key: str) -> str:
     return str(v) if v not in (None, "") else "?"
 
 
+#: keys that do not change what a run learns: how often it saves or evaluates, where its data sits, how it
+#: runs (the backends are tested equal). Runs differing only in these are one method, not variants.
+BOOKKEEPING_KEYS = frozenset({
+    "training.seed", "data.data_dir", "backend", "training.checkpoint_every", "training.eval_every",
+    "training.eval_every_steps",
+})
+
+
 def _flat_config(run: dict) -> dict[str, Any]:
     """The run's configuration as section.key -> value, without what does not change the result
-    (seed, output, device, threads, ...) and without the data folder (the same files may sit anywhere)."""
+    (seed, output, device, threads, evaluation cadence, ...; see BOOKKEEPING_KEYS)."""
     flat = comparable_config(run.get("config")) or {}
-    return {k: v for k, v in flat.items() if k not in ("training.seed", "data.data_dir")}
+    return {k: v for k, v in flat.items() if k not in BOOKKEEPING_KEYS}
 
 
 def _sort_value(v: Any) -> tuple:
@@ -157,10 +166,10 @@ def _fmt_stat(st: Stat | None, kind: str, n_row: int) -> str:
     if st is None:
         return ""
     if kind == "pct":
+        if st.n == 1:  # one run has no spread to show
+            return f"{100 * st.mean:.2f} (n=1)"
         s = f"{100 * st.mean:.2f} ± {100 * st.std:.2f}"
-        if st.n == 1 or st.n != n_row:
-            s += f" (n={st.n})"
-        return s
+        return s + (f" (n={st.n})" if st.n != n_row else "")
     if kind == "bytes":
         return _human_bytes(st.mean)
     if kind == "time":
@@ -262,7 +271,7 @@ def report_main(paths: Sequence[str | Path], out: str | Path | None = None) -> i
         print(f"  not averaged: {r['path']} (status: {r['summary'].get('status')})")
     out_dir = default_out(paths, out)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(out_dir)
         md = ["# crossgrad results", "",
               f"Runs: {len(runs)} from {', '.join(f'`{p}`' for p in paths)}.", "",
               note[0].upper() + note[1:] + ".", "", format_table(rows, "markdown")]
@@ -270,7 +279,7 @@ def report_main(paths: Sequence[str | Path], out: str | Path | None = None) -> i
             md += ["## Runs not averaged", ""]
             md += [f"- `{r['path']}`: {r['summary'].get('status')}" for r in bad]
             md.append("")
-        (out_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
-        (out_dir / "report.csv").write_text(format_table(rows, "csv"), encoding="utf-8")
+        atomic_write_text(out_dir / "report.md", "\n".join(md))
+        atomic_write_text(out_dir / "report.csv", format_table(rows, "csv"))
         print(f"wrote {out_dir / 'report.md'} and {out_dir / 'report.csv'}")
     return 0

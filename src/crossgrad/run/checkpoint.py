@@ -3,21 +3,25 @@
 A checkpoint holds the run's progress (step, metrics, elapsed time, the resolved config) and one
 *part* per process: that process's engine, batch streams, random generators and running totals.
 A run on one process (the simulator) keeps its part at the top level; a run on several processes
-(torch.distributed, rank r = agent r) keeps them under "ranks", in rank order.
+(torch.distributed, a block of agents per rank) keeps them under "ranks", in rank order.
 """
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from crossgrad.comm.base import agent_blocks
+from crossgrad.files import atomic_write
 from crossgrad.run.config import saved_config_data
-from crossgrad.run.rundir import RunError, atomic_write_bytes, comparable_config, one_line
+from crossgrad.run.rundir import RunError, comparable_config, one_line
 
-CHECKPOINT_VERSION = 1
+#: 2: the engine's state is assembled from its pieces (transforms, codecs, algorithm state)
+CHECKPOINT_VERSION = 2
 #: what every process's part holds
 PART_KEYS = ("sim", "streams", "aug_gens", "torch_rng", "acc")
 
@@ -43,8 +47,20 @@ def split(state: dict[str, Any], n_processes: int) -> list[dict[str, Any]]:
     return [state] if n_processes == 1 else list(state["ranks"])
 
 
+def environment(device: torch.device) -> dict[str, Any]:
+    """What besides the state decides the last bits of the numbers: torch's version, its threads, the device."""
+    return {"torch": str(torch.__version__), "threads": torch.get_num_threads(), "device": str(device)}
+
+
+def environment_changes(saved: Any, now: dict[str, Any]) -> list[str]:
+    """How `now` differs from the environment a checkpoint was written in, as "threads 2 -> 1" items."""
+    if not isinstance(saved, dict):
+        return ["an unrecorded environment"]
+    return [f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v]
+
+
 def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(path, lambda p: torch.save(state, p))
+    atomic_write(path, lambda f: torch.save(state, f), what="checkpoint")
 
 
 def read_checkpoint(path: Path, cfg_dict: dict[str, Any], total_steps: int, n: int,
@@ -53,13 +69,17 @@ def read_checkpoint(path: Path, cfg_dict: dict[str, Any], total_steps: int, n: i
     if not path.is_file():
         raise RunError(f"nothing to resume in {path.parent} (no {path.name})")
     try:  # data only: a checkpoint whose pickle refers to any code is refused, never executed
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on pickle protocols is noise next to our verdict
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem means a bad file
         text = str(e)
         if "Weights only load failed" in text:
+            # torch's text ends by suggesting weights_only=False, i.e. running the file: never pass that on
             glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            name = glob.group(1) if glob else _first_global(path)
             m = re.search(r"WeightsUnpickler error:\s*([^\n]*)", text)
-            detail = f"it refers to {glob.group(1)}" if glob else (m.group(1) if m else text)
+            detail = f"it refers to {name}" if name else (m.group(1) if m else "unsupported pickle content")
             raise RunError(
                 f"cannot read {path}: it holds objects other than tensors and plain data "
                 f"({one_line(detail, 200)}); refusing to load it (nothing in it was run)"
@@ -72,6 +92,25 @@ def read_checkpoint(path: Path, cfg_dict: dict[str, Any], total_steps: int, n: i
     return state
 
 
+def _first_global(path: Path) -> str | None:
+    """The first function or class a plain pickle file names (what it would import and call), if any."""
+    import pickletools
+
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):  # reads opcodes only; nothing is imported or run
+                if op.name in ("GLOBAL", "INST"):
+                    return str(arg).replace(" ", ".")
+                if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    return ".".join(strings[-2:])
+                if isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # noqa: BLE001 - a malformed pickle just has no name to report
+        return None
+    return None
+
+
 def _check(state: dict[str, Any], path: Path, cfg_dict: dict[str, Any], total_steps: int, n: int,
            n_processes: int) -> None:
     """Refuse a checkpoint that is not this run's, before touching any state."""
@@ -80,7 +119,9 @@ def _check(state: dict[str, Any], path: Path, cfg_dict: dict[str, Any], total_st
             f"{path}: checkpoint version {state.get('version')} is not supported (expected {CHECKPOINT_VERSION})"
         )
     mine, theirs = comparable_config(cfg_dict), comparable_config(saved_config_data(state.get("config")))
-    if theirs is not None and mine != theirs:
+    if theirs is None:  # without it an edited config.toml would silently continue someone else's run
+        raise RunError(f"cannot resume from {path}: it holds no configuration to check against this run's")
+    if mine != theirs:
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise RunError(
             f"cannot resume from {path}: it was written by another configuration "
@@ -97,10 +138,9 @@ def _check(state: dict[str, Any], path: Path, cfg_dict: dict[str, Any], total_st
         ranks = state["ranks"]
         if not isinstance(ranks, (list, tuple)) or len(ranks) != n_processes:
             raise RunError(f"cannot resume from {path}: it does not hold one state per rank ({n_processes})")
-    per = n // n_processes
-    for part in split(state, n_processes):
+    for part, block in zip(split(state, n_processes), agent_blocks(n, n_processes)):
         if not isinstance(part, dict) or any(k not in part for k in PART_KEYS):
             raise RunError(f"cannot resume from {path}: not a complete checkpoint (a rank's state is incomplete)")
         for key in ("streams", "aug_gens"):
-            if not isinstance(part[key], (list, tuple)) or len(part[key]) != per:
+            if not isinstance(part[key], (list, tuple)) or len(part[key]) != len(block):
                 raise RunError(f"cannot resume from {path}: {key} is not one entry per agent ({n})")

@@ -162,6 +162,10 @@ class TrainingConfig:
     eval_every: int = 1  # epochs
     eval_every_steps: int | None = None  # evaluate every k steps instead (when set)
     eval_batch_size: int = 1024
+    #: evaluate on this many test samples (a seeded random subset, the same at every evaluation); None: all
+    eval_subset: int | None = None
+    eval_at_start: bool = True  # evaluate the initial model (step 0) before training
+    log_every: int = 10  # steps between two rows of steps.csv (taken at the next sync point)
     seed: int = 0
     checkpoint_every: int = 1  # epochs; 0 = only on Ctrl-C and at the end
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
@@ -176,6 +180,7 @@ class TrainingConfig:
 class OutputConfig:
     out_dir: str = "runs"
     name: str | None = None
+    tensorboard: bool = False  # also write TensorBoard event files (pip install 'crossgrad[tensorboard]')
 
 
 @dataclass
@@ -236,6 +241,10 @@ class Config:
             value = getattr(tr, key)
             if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
                 raise ConfigError(f"training.{key} must be a positive number of seconds, not {value!r}")
+        if tr.eval_subset is not None and tr.eval_subset < 1:
+            raise ConfigError(f"training.eval_subset must be >= 1 (test samples), not {tr.eval_subset}")
+        if tr.log_every < 1:
+            raise ConfigError(f"training.log_every must be >= 1 (steps), not {tr.log_every}")
         if tr.eval_batch_size < 1:
             raise ConfigError(f"training.eval_batch_size must be >= 1, not {tr.eval_batch_size}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", tr.device):
@@ -249,6 +258,10 @@ class Config:
             not self.output.name or "/" in self.output.name or self.output.name in (".", "..")
         ):
             raise ConfigError(f"output.name must be a plain directory name, not {self.output.name!r}")
+        if self.output.tensorboard:
+            from crossgrad.run.scalars import require_tensorboard
+
+            require_tensorboard()  # missing: say so now, not after the data has loaded
         self.algorithm.params = resolve_algorithm(self.algorithm.name, self.algorithm.params)
         self.make_algorithm()  # alpha outside [0, 1], gamma <= 0, ...
         return self
@@ -452,8 +465,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     key, raw = key.strip(), raw.strip()
     path = key.split(".")
-    if not key or any(not p for p in path) or len(path) > 2:
-        raise ConfigError(f"--set expects section.key=value (or a top-level key=value), got {text!r}")
+    if not key or any(not p for p in path) or len(path) > 3:
+        raise ConfigError(f"--set expects section.key=value, section.table.key=value (topology.options.p=0.05) "
+                          f"or a top-level key=value, got {text!r}")
     if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-]*", raw) and raw not in ("true", "false"):
         return path, raw  # a bare word such as data.name=mnist (also "nan", "inf": strings, not floats)
     try:
@@ -473,7 +487,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
                 raise ConfigError(f"--set {text!r}: {path[0]!r} is a section; use {path[0]}.KEY=VALUE")
             out[path[0]] = value
         else:
-            section, key = path
+            section, key = path[:2]
             if section not in _SECTIONS:
                 raise ConfigError(
                     f"--set {text!r}: unknown section {section!r}; known sections: {', '.join(_SECTIONS)}"
@@ -481,8 +495,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             out.setdefault(section, {})
             if not isinstance(out[section], dict):
                 raise ConfigError(f"[{section}] must be a table")
+            if len(path) == 3:
+                value = _into_table(text, section, key, out[section].get(key), path[2], value)
             out[section][key] = value
     return out
+
+
+def _into_table(text: str, section: str, key: str, table: Any, entry: str, value: Any) -> dict[str, Any]:
+    """`table` (section.key, a table such as topology.options) with `entry` set to `value`, as a new dict."""
+    hints = {} if section == "algorithm" else _hints(_SECTIONS[section].default_factory)  # flat hyperparameters
+    tables = [k for k, h in hints.items() if h is dict or typing.get_origin(h) is dict]
+    if key not in tables:
+        raise ConfigError(f"--set {text!r}: {section}.{key} is not a table"
+                          + (f"; [{section}] tables: {', '.join(tables)}" if tables else ""))
+    if table is not None and not isinstance(table, dict):
+        raise ConfigError(f"{section}.{key} must be a table")
+    return {**(table or {}), entry: value}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

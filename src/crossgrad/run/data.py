@@ -41,25 +41,30 @@ class Prepared:
     augment: Any = None
 
 
-def resolve_device(name: str) -> torch.device:
-    """training.device as a torch device; asking for CUDA where there is none is a ConfigError."""
+def resolve_device(name: str, option: str = "training.device") -> torch.device:
+    """The device named by `option` as a torch device; one this machine or torch build lacks is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{option}={name!r} is not a device torch knows "
+                          "(use auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"training.device={name!r} but CUDA is not available")
+        raise ConfigError(f"{option}={name!r} but CUDA is not available")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{option}={name!r} but this machine has {torch.cuda.device_count()} GPU(s)")
+    try:  # a backend this torch build or machine lacks (mps on Linux): its own error is a long blurb
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError):
+        raise ConfigError(f"{option}={name!r} is not available with this torch build on this machine "
+                          "(use auto, cpu, cuda or cuda:N)") from None
     return dev
 
 
-def _normalised(ds: Any, name: str) -> Tensor:
-    from crossgrad.data import augment as aug
-
-    return aug.normalize(ds.x, aug.dataset_stats(name)).float().contiguous()
-
-
-def prepare(cfg: Config, device: torch.device) -> Prepared:
+def prepare(cfg: Config, device: torch.device, quiet: bool = False) -> Prepared:
     """Load data, partition it, build model, topology and algorithm. Raises user errors only for bad input."""
-    from crossgrad.data import load_dataset, partition
+    from crossgrad.data import load_dataset, normalized, partition
     from crossgrad.models import make_model
     from crossgrad.topology import make_topology
 
@@ -69,7 +74,7 @@ def prepare(cfg: Config, device: torch.device) -> Prepared:
     )
     algorithm = cfg.make_algorithm()
     d = cfg.data
-    train, test = load_dataset(d.name, d.data_dir)
+    train, test = load_dataset(d.name, d.data_dir, progress=not quiet)
     shards = partition(
         train.y, topo.n, d.partition, cfg.training.seed, beta=d.beta, shards_per_agent=d.shards_per_agent
     )
@@ -97,6 +102,11 @@ def prepare(cfg: Config, device: torch.device) -> Prepared:
             f"model {cfg.model.name!r} does not fit {d.name} "
             f"(input {'x'.join(map(str, input_shape))}, {train.num_classes} classes): {e}"
         ) from None
+    if cfg.training.eval_subset is not None and cfg.training.eval_subset < len(test.y):
+        # seeded and fixed for the run: every evaluation scores the same samples, and a class-sorted
+        # test set (the CIFAR-10 JPEG copy) still gives every class its share
+        keep = torch.randperm(len(test.y), generator=torch.Generator().manual_seed(cfg.training.seed))
+        test = test.subset(keep[: cfg.training.eval_subset].sort().values)
     augment = None
     if d.augment:
         from crossgrad.data.augment import Augment
@@ -104,9 +114,9 @@ def prepare(cfg: Config, device: torch.device) -> Prepared:
         augment = Augment.for_dataset(d.name) if hasattr(Augment, "for_dataset") else Augment()
     return Prepared(
         cfg,
-        _normalised(train, d.name).to(device),
+        normalized(train).to(device),
         train.y.long().to(device),
-        _normalised(test, d.name).to(device),
+        normalized(test).to(device),
         test.y.long().to(device),
         shards,
         input_shape,
@@ -126,16 +136,21 @@ def agent_seeds(seed: int, n: int, stream: int) -> list[int]:
 
 
 class AgentStream:
-    """An endless, reshuffling stream of one agent's sample indices."""
+    """An endless, reshuffling stream of one agent's sample indices.
 
-    def __init__(self, indices: Tensor, seed: int):
-        self.indices = indices
+    The shuffling runs on the CPU (the same order on every device); each permutation is then moved to
+    `device` once, so drawing a batch is a slice there, with no host-to-device copy per step.
+    """
+
+    def __init__(self, indices: Tensor, seed: int, device: torch.device | str = "cpu"):
+        self.indices = indices.to("cpu")
+        self.device = torch.device(device)
         self.gen = torch.Generator().manual_seed(seed)
         self.perm = self._shuffle()
         self.pos = 0
 
     def _shuffle(self) -> Tensor:
-        return self.indices[torch.randperm(len(self.indices), generator=self.gen)]
+        return self.indices[torch.randperm(len(self.indices), generator=self.gen)].to(self.device)
 
     def next(self, size: int) -> Tensor:
         parts, need = [], size
@@ -149,33 +164,36 @@ class AgentStream:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"gen": self.gen.get_state(), "perm": self.perm.clone(), "pos": self.pos}
+        return {"gen": self.gen.get_state(), "perm": self.perm.to("cpu", copy=True), "pos": self.pos}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.gen.set_state(state["gen"])
-        self.perm = state["perm"].clone()
+        self.perm = state["perm"].to(self.device, copy=True)
         self.pos = int(state["pos"])
 
 
 class AgentBatches:
     """The minibatches of some agents (`local`, global indices): one stream and one augmentation generator each.
 
-    Batches are gathered from the device-resident training set, so nothing is copied per step but
-    the index vector.
+    Batches are gathered from the device-resident training set by device-resident index streams, so
+    nothing crosses from the host per step (the augmentation's random draws aside).
     """
 
     def __init__(self, p: Prepared, local: list[int], batch_size: int):
         seed, n = p.cfg.training.seed, len(p.shards)
         stream_seeds, aug_seeds = agent_seeds(seed, n, 1), agent_seeds(seed, n, 2)
         self.p, self.batch_size = p, batch_size
-        self.streams = [AgentStream(p.shards[i].to("cpu"), stream_seeds[i]) for i in local]
+        self.streams = [AgentStream(p.shards[i], stream_seeds[i], p.device) for i in local]
         self.aug_gens = [torch.Generator().manual_seed(aug_seeds[i]) for i in local]
 
     def next(self) -> list[tuple[Tensor, Tensor]]:
-        p, out = self.p, []
-        for stream, gen in zip(self.streams, self.aug_gens, strict=True):
-            idx = stream.next(self.batch_size).to(p.device)
-            xb, yb = p.x_train.index_select(0, idx), p.y_train.index_select(0, idx)
+        """Every local agent's minibatch, gathered from the device-resident data in one index_select."""
+        p, b = self.p, self.batch_size
+        idx = torch.cat([stream.next(b) for stream in self.streams])
+        xs, ys = p.x_train.index_select(0, idx), p.y_train.index_select(0, idx)
+        out = []
+        for k, gen in enumerate(self.aug_gens):
+            xb, yb = xs[k * b : (k + 1) * b], ys[k * b : (k + 1) * b]
             if p.augment is not None:
                 xb = p.augment(xb, generator=gen)
             out.append((xb, yb))

@@ -87,6 +87,21 @@ def score_rows(model: torch.nn.Module, layout: Any, rows: Tensor, buffers: list[
     return correct, loss_sum
 
 
+def identical(rows: Tensor, buffers: list[Tensor]) -> bool:
+    """Whether all k models are the same (every run's step 0: the agents start from one initialisation)."""
+    return rows.shape[0] > 1 and bool((rows == rows[:1]).all()) and all(bool((b == b[:1]).all()) for b in buffers)
+
+
+def score_models(model: torch.nn.Module, layout: Any, rows: Tensor, buffers: list[Tensor], x: Tensor, y: Tensor,
+                 batch_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """score_rows, scoring identical models once: at step 0 that divides the evaluation's cost by k."""
+    if identical(rows, buffers):
+        correct, loss = score_rows(model, layout, rows[:1], [b[:1] for b in buffers], x, y, batch_size)
+        k = rows.shape[0]
+        return correct.expand(k).clone(), loss.expand(k).clone()
+    return score_rows(model, layout, rows, buffers, x, y, batch_size)
+
+
 def consensus_buffers(buffers: list[Tensor]) -> list[Tensor]:
     """The consensus model's buffers, [1, *shape] each: the agents' mean (integer counters: agent 0's)."""
     return [b.mean(0, keepdim=True).to(b.dtype) if b.is_floating_point() else b[:1] for b in buffers]
@@ -129,9 +144,12 @@ class TrainTotals:
         self.steps = 0
         self.bias = [zero.clone(), 0, zero.clone(), 0]  # |mv - g| sum, count, |dv - g| sum, count
 
-    def add(self, losses: Tensor, engine: Any) -> None:
+    def add(self, losses: Tensor, engine: Any, bias: bool = True) -> None:
+        """A step's losses; with `bias`, also its cross-gradient bias (a mean over the steps sampled)."""
         self.loss += losses.detach().double()
         self.steps += 1
+        if not bias:
+            return
         last, plan = engine.last, engine.ctx.plan
         g, mv, dv = last.get("g_self"), last.get("mv"), last.get("dv")
         if g is not None and mv is not None and len(plan.in_dst):
@@ -194,7 +212,7 @@ def evaluate(engine: Any, p: Any, cluster: Any, totals: TrainTotals, batch_size:
     A collective: every process calls it at the same step.
     """
     e, x, y = engine, p.x_test, p.y_test
-    correct, _ = score_rows(p.model, e.layout, e.x, e.buffers, x, y, batch_size)
+    correct, loss = score_models(p.model, e.layout, e.x, e.buffers, x, y, batch_size)
     per_agent = cluster.gather(torch.stack([correct.double(), totals.mean_loss()], 1))
     b = totals.bias
     bias = cluster.gather(torch.tensor([[float(b[0]), b[1], float(b[2]), b[3]]], dtype=torch.float64,
@@ -205,7 +223,10 @@ def evaluate(engine: Any, p: Any, cluster: Any, totals: TrainTotals, batch_size:
     if stats is None:
         return None
     centre = xs.mean(0, keepdim=True)
-    c_correct, c_loss = score_rows(p.model, e.layout, centre, consensus_buffers(bufs), x, y, batch_size)
+    if identical(xs, bufs):  # the consensus model is every agent's model, already scored
+        c_correct, c_loss = correct[:1], loss[:1]
+    else:
+        c_correct, c_loss = score_rows(p.model, e.layout, centre, consensus_buffers(bufs), x, y, batch_size)
     per_agent, bias = per_agent.cpu(), bias.sum(0).tolist()
     ev = accuracy_record(torch.cat([per_agent[:, 0].round().long(), c_correct.cpu()]), float(c_loss[0]), len(y))
     losses = per_agent[:, 1].tolist() if totals.steps else None

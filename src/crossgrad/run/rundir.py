@@ -14,12 +14,13 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from crossgrad.algorithms import ConfigError
+from crossgrad.files import append_text, atomic_write_text, make_dir, open_nofollow
 from crossgrad.run.config import Config, config_from_dict, dump_toml, read_toml, saved_config_data
 
 CHECKPOINT = "checkpoint.pt"
@@ -39,24 +40,7 @@ class RunBusyError(RunError):
     exit_code = 75  # EX_TEMPFAIL: try again later; sweeps treat it as "running elsewhere"
 
 
-# ------------------------------------------------------------------------------ atomic writes
-def atomic_write_bytes(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)` then rename onto `path`: readers see the old file or the whole new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # on disk before it takes the name: a crash never leaves half a file
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
+# ------------------------------------------------------------------------------ writes (never through a link)
 def jsonable(v: Any) -> Any:
     """`v` with every non-finite float as None (JSON has no NaN)."""
     if isinstance(v, float) and not math.isfinite(v):
@@ -73,8 +57,7 @@ def write_metrics(path: Path, records: list[dict]) -> None:
 
 
 def append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(jsonable(record)) + "\n")
+    append_text(path, json.dumps(jsonable(record)) + "\n")
 
 
 def one_line(text: Any, limit: int) -> str:
@@ -86,18 +69,23 @@ def one_line(text: Any, limit: int) -> str:
 # ------------------------------------------------------------------------------ configuration
 #: config keys that may differ between a checkpoint and its resumption (where and how fast, not what)
 RESUMABLE_KEYS = {"output", "training.device", "training.threads", "training.eval_batch_size",
-                  "training.comm_timeout", "training.control_timeout"}
+                  "training.comm_timeout", "training.control_timeout", "training.eval_at_start",
+                  "training.log_every"}
 
 
 def comparable_config(d: Any) -> dict[str, Any] | None:
-    """A config's plain data flattened to "section.key" entries, without the keys a resumption may change."""
+    """A config's plain data flattened to "section.key" entries, without the keys a resumption may change.
+
+    Unset (None) entries are left out: a key added since a run was written is unset by default, so
+    the run's saved config, which lacks it, still compares equal (and its checkpoint still resumes).
+    """
     if not isinstance(d, dict):
         return None
     flat = {}
     for k, v in d.items():
         for kk, vv in (v.items() if isinstance(v, dict) and k != "backend" else [(None, v)]):
             key = k if kk is None else f"{k}.{kk}"
-            if k not in RESUMABLE_KEYS and key not in RESUMABLE_KEYS:
+            if k not in RESUMABLE_KEYS and key not in RESUMABLE_KEYS and vv is not None:
                 flat[key] = vv
     return flat
 
@@ -109,11 +97,35 @@ def load_run_config(run_dir: str | Path) -> Config:
     return config_from_dict(saved_config_data(read_toml(p)), str(p)).validate()
 
 
+def finished_status(run_dir: Path) -> str | None:
+    """The status in the run's summary ("completed", "diverged", ...; "unknown" if unreadable), None if none."""
+    try:
+        status = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8")).get("status")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+    return status if isinstance(status, str) else "unknown"
+
+
+def check_resumable(run_dir: Path) -> None:
+    """A finished run or one without a checkpoint cannot be resumed (checked again under the lock).
+
+    A diverged run can: its checkpoint is the last finite state (nothing non-finite is ever saved).
+    """
+    status = finished_status(run_dir)
+    if status not in (None, "diverged"):
+        raise RunError(f"{run_dir} is already finished ({SUMMARY} says {status}); nothing to resume")
+    if not (run_dir / CHECKPOINT).is_file():
+        raise RunError(f"nothing to resume in {run_dir} (no {CHECKPOINT}"
+                       + ("; it diverged before its first checkpoint)" if status else ")"))
+
+
 def open_run_dir(run_dir: Path, cfg: Config, *, resume: bool, overwrite: bool) -> None:
     """Check that `run_dir` may be trained in (the caller holds its lock); a new run also writes its config."""
     if resume:
-        if (run_dir / SUMMARY).exists():
-            raise RunError(f"{run_dir} is already finished ({SUMMARY} exists); nothing to resume")
+        check_resumable(run_dir)
+        (run_dir / SUMMARY).unlink(missing_ok=True)  # a diverged run's verdict no longer holds
         return
     if (run_dir / SUMMARY).exists() and not overwrite:
         raise RunError(f"{run_dir} already holds a finished run; pick another output.name or out_dir")
@@ -125,7 +137,7 @@ def open_run_dir(run_dir: Path, cfg: Config, *, resume: bool, overwrite: bool) -
 
 
 # ------------------------------------------------------------------------------ claiming
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -141,7 +153,7 @@ def lock_holder(run_dir: Path) -> int | None:
 
     path = Path(run_dir) / LOCK
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
@@ -155,7 +167,7 @@ def lock_holder(run_dir: Path) -> int | None:
             pid = int(os.read(fd, 32).decode().strip() or -1)
         except ValueError:
             pid = -1
-        return pid if pid == -1 or _pid_alive(pid) else -1
+        return pid if pid == -1 or pid_alive(pid) else -1
     finally:
         os.close(fd)  # also drops the probe
 
@@ -172,11 +184,11 @@ def claim_run_dir(run_dir: Path) -> Iterator[None]:
     """
     import fcntl
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir)
     path = run_dir / LOCK
     waits = [0.01, 0.05, 0.2]  # a `lock_holder` probe holds the lock for a moment: look again
     for _ in range(100):
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        fd = open_nofollow(path, os.O_CREAT | os.O_RDWR)  # a planted link is refused, never truncated
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -188,7 +200,7 @@ def claim_run_dir(run_dir: Path) -> Iterator[None]:
             who = f"process {holder}" if holder is not None and holder > 0 else "another process"
             raise RunBusyError(f"{run_dir} is in use by {who}; wait for it to finish or stop it") from None
         try:  # the previous holder may have removed the file between our open and flock: open it again
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            if os.fstat(fd).st_ino == os.lstat(path).st_ino:
                 break
         except FileNotFoundError:
             pass

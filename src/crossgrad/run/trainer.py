@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,15 @@ from typing import Any
 
 import torch
 
-from crossgrad.run.checkpoint import pack, read_checkpoint, split, write_checkpoint
+from crossgrad.files import OutputError
+from crossgrad.run.checkpoint import (
+    environment,
+    environment_changes,
+    pack,
+    read_checkpoint,
+    split,
+    write_checkpoint,
+)
 from crossgrad.run.cluster import Interrupt, open_cluster
 from crossgrad.run.config import Config
 from crossgrad.run.data import AgentBatches, Prepared, prepare
@@ -37,6 +47,7 @@ from crossgrad.run.rundir import (
     RunError,
     append_metrics,
     atomic_write_text,
+    check_resumable,
     claim_run_dir,
     jsonable,
     load_run_config,
@@ -44,6 +55,7 @@ from crossgrad.run.rundir import (
     open_run_dir,
     write_metrics,
 )
+from crossgrad.run.scalars import ScalarLog
 from crossgrad.run.schedule import lr_at
 
 
@@ -80,6 +92,7 @@ class Trainer:
         self.steps_per_epoch = max(1, math.ceil(max(len(s) for s in prepared.shards) / tr.batch_size))
         self.total_steps = tr.steps if tr.steps is not None else tr.epochs * self.steps_per_epoch
         self.step = 0
+        self.saved_step: int | None = None  # the step of the checkpoint on disk (only ever a finite state)
         self.metrics: list[dict] = []
         self.elapsed = 0.0
 
@@ -107,9 +120,11 @@ class Trainer:
         parts = self.cluster.gather_parts(self._part())
         if self.cluster.main:
             common = {"step": self.step, "epoch": self.step // self.steps_per_epoch, "total_steps": self.total_steps,
-                      "metrics": self.metrics, "elapsed": self.elapsed, "config": self.cfg.to_dict()}
+                      "metrics": self.metrics, "elapsed": self.elapsed, "config": self.cfg.to_dict(),
+                      "environment": environment(self.p.device)}
             write_checkpoint(self.run_dir / CHECKPOINT, pack(common, parts))
         self.cluster.barrier()
+        self.saved_step = self.step
 
     def load_checkpoint(self) -> None:
         """Resume from the run directory's checkpoint: the main process reads it and sends each process its part."""
@@ -119,6 +134,11 @@ class Trainer:
                 state = read_checkpoint(path, self.cfg.to_dict(), self.total_steps, self.cluster.n,
                                         self.cluster.n_processes)
                 progress = {k: state[k] for k in ("step", "metrics", "elapsed")}
+                changes = environment_changes(state.get("environment"), environment(self.p.device))
+                if changes:  # e.g. other thread counts sum in another order: close, but not bit-identical
+                    print(f"crossgrad: warning: resuming with {', '.join(changes)} (the checkpoint's "
+                          "environment); the result may differ in the last bits from an uninterrupted run",
+                          file=sys.stderr)
                 shares = [{"progress": progress, "part": part} for part in split(state, self.cluster.n_processes)]
             except (RunError, KeyError) as e:
                 error = e if isinstance(e, RunError) else RunError(f"cannot resume from {path}: missing {e}")
@@ -127,6 +147,7 @@ class Trainer:
         try:
             self._load_part(share["part"])
             self.step = int(share["progress"]["step"])
+            self.saved_step = self.step
             self.metrics = list(share["progress"]["metrics"])
             self.elapsed = float(share["progress"]["elapsed"])
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
@@ -234,17 +255,42 @@ class Trainer:
     def train(self, stop_after: int | None = None) -> RunResult:
         """Train to the end, or to `stop_after` total steps or Ctrl-C (then checkpoint and stop)."""
         cfg, tr, cluster = self.cfg, self.cfg.training, self.cluster
-        eval_steps = tr.eval_every_steps or tr.eval_every * self.steps_per_epoch
-        ckpt_steps = tr.checkpoint_every * self.steps_per_epoch if tr.checkpoint_every else 0
         metrics_path = self.run_dir / METRICS
         t0, steps_at_t0 = time.perf_counter(), self.step
-        if self.step == 0 and not self.metrics:
+        if self.step == 0 and not self.metrics and tr.eval_at_start:
+            self._say(f"[{self.run_dir.name}] step 0: evaluating the initial model on {len(self.p.y_test)} test "
+                      "samples (training.eval_at_start=false skips this, training.eval_subset=N uses N samples)")
             rec = self._evaluate(t0, steps_at_t0)
             if rec is not None:
                 self.metrics.append(rec)
             cluster.barrier()
         if cluster.main:
             write_metrics(metrics_path, self.metrics)
+        scalars = ScalarLog(self.run_dir, cfg.output.tensorboard, self.step) if cluster.main else None
+        with contextlib.closing(scalars) if scalars is not None else contextlib.nullcontext():
+            return self._loop(stop_after, scalars, t0, steps_at_t0)
+
+    def _say(self, text: str) -> None:
+        """A status line on the main process, so that a long silence is explained (not with --quiet)."""
+        if self.cluster.main and not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def _log_scalars(self, scalars: ScalarLog, t0: float) -> None:
+        """One steps.csv row: the mean training loss since the previous row, from sums the loop already has."""
+        loss_sum, steps = float(self.totals.loss.sum()), self.totals.steps
+        done = steps - self._logged[1]
+        if done:
+            mean = (loss_sum - self._logged[0]) / (done * self.totals.n_local)
+            scalars.step(self.step, self.step / self.steps_per_epoch, self.engine.lr, mean,
+                         self.elapsed + time.perf_counter() - t0)
+        self._logged = (loss_sum, steps)
+
+    def _loop(self, stop_after: int | None, scalars: ScalarLog | None, t0: float, steps_at_t0: int) -> RunResult:
+        cfg, tr, cluster = self.cfg, self.cfg.training, self.cluster
+        eval_steps = tr.eval_every_steps or tr.eval_every * self.steps_per_epoch
+        ckpt_steps = tr.checkpoint_every * self.steps_per_epoch if tr.checkpoint_every else 0
+        metrics_path = self.run_dir / METRICS
+        self._logged, last_log = (float(self.totals.loss.sum()), self.totals.steps), self.step
         bar = self._progress_bar()
         status, verdict = "completed", Verdict(None, False)
         with cluster.interrupt() as intr, (bar if bar is not None else contextlib.nullcontext()):
@@ -255,13 +301,19 @@ class Trainer:
                 self.engine.set_lr(lr_at(cfg, self.step, self.total_steps))
                 losses = self.engine.step(self.batches.next())
                 self.step += 1
-                self.totals.add(losses, self.engine)
                 evaluate_now = self.step % eval_steps == 0 or self.step == self.total_steps
+                # the bias diagnostic costs passes over every [E, P] gradient block: sampled every
+                # log_every steps and before each evaluation, never on the device every step
+                self.totals.add(losses, self.engine, bias=evaluate_now or self.step % tr.log_every == 0)
                 checkpoint_now = self.step == self.total_steps or (ckpt_steps and self.step % ckpt_steps == 0)
                 if evaluate_now or checkpoint_now or self.step % cluster.sync_every == 0:
                     verdict = self._agree(intr)
                     if verdict.failure is not None:
                         break
+                    # on crossing a multiple of log_every, so a resumed run logs the steps an uninterrupted one does
+                    if scalars is not None and (self.step // tr.log_every > last_log // tr.log_every or evaluate_now):
+                        self._log_scalars(scalars, t0)
+                        last_log = self.step
                 if bar is not None:
                     bar.update(1)
                     if self.step % 10 == 0 or self.step == self.total_steps:
@@ -269,9 +321,12 @@ class Trainer:
                                         loss=f"{float(losses.mean()):.4f}", refresh=False)
                 if evaluate_now:
                     rec = self._evaluate(t0, steps_at_t0)
+                    self._logged = (0.0, 0)  # the evaluation restarted the running totals
                     if rec is not None:
                         self.metrics.append(rec)
                         append_metrics(metrics_path, rec)
+                        if scalars is not None:
+                            scalars.evaluation(rec)
                         if self.quiet or bar is not None:
                             self._log(rec, bar)
                     cluster.barrier()  # rank 0's evaluation must not count against the next round's time-out
@@ -285,8 +340,11 @@ class Trainer:
         if verdict.failure is not None:
             step, agent, what = verdict.failure
             self.step = step
-            message = (f"training diverged: non-finite {what} at step {step + 1} on agent {agent}"
-                       f"; the last good checkpoint (if any) is kept in {self.run_dir / CHECKPOINT}")
+            kept = ("no checkpoint had been written yet" if self.saved_step is None else
+                    f"the last finite checkpoint (step {self.saved_step}) is kept in {self.run_dir / CHECKPOINT} "
+                    f"(crossgrad run --resume {self.run_dir} continues from it)")
+            message = (f"training diverged: non-finite {what} at step {step + 1} on agent {agent}; {kept}; "
+                       "a smaller algorithm.lr or algorithm.gamma usually helps")
             return self._finish("diverged", message)
         if (status == "stopped" or verdict.interrupted) and self.step < self.total_steps:
             self.save_checkpoint()
@@ -306,27 +364,78 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------ entry points
+#: set by `crossgrad sweep --jobs k` for its runs: k of them share each GPU
+GPU_SHARE_ENV = "CROSSGRAD_GPU_SHARE"
+
+
+def share_gpu(device: torch.device) -> None:
+    """Cap this process's CUDA memory at its share of the device when k sweep runs share it, so that one
+    run's growth fails that run with an out-of-memory error instead of starving the others."""
+    share = os.environ.get(GPU_SHARE_ENV)
+    if share and device.type == "cuda":
+        # a little under 1/k: each process also holds a CUDA context outside the allocator's count
+        torch.cuda.set_per_process_memory_fraction(0.95 / int(share), device)
+
+
+#: seconds of silence after which a start-up step says what it is doing
+SLOW_S = 1.0
+
+
+@contextlib.contextmanager
+def say_if_slow(text: str | None):
+    """Print `text` (on stderr) if the block is still running after SLOW_S: a slow data load is explained,
+    while a fast one, or a bad input's one-line error, comes without it."""
+    timer = threading.Timer(SLOW_S, lambda: print(text, file=sys.stderr, flush=True)) if text else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
 def _run(cfg: Config, run_dir: Path, *, quiet: bool, stop_after: int | None, resume: bool,
          overwrite: bool = False) -> RunResult:
     with open_cluster(cfg) as cluster:
-        prepared = prepare(cfg, cluster.device)  # validate everything before touching the run directory
-        with contextlib.ExitStack() as stack:
-            error = None
-            if cluster.main:  # only the main process touches the run directory; the others hear its verdict
-                try:
-                    stack.enter_context(claim_run_dir(run_dir))
-                    open_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
-                except RunError as e:
-                    error = e
-            cluster.broadcast_error(error)
-            trainer = Trainer(cfg, run_dir, cluster, prepared, quiet=quiet)
-            if resume:
-                trainer.load_checkpoint()
+        share_gpu(cluster.device)
+        try:
+            return _train(cfg, run_dir, cluster, quiet=quiet, stop_after=stop_after, resume=resume,
+                          overwrite=overwrite)
+        except KeyboardInterrupt:  # outside the training loop (loading data, the first evaluation, a 2nd Ctrl-C)
+            kept = (f"its last checkpoint is kept; resume with: crossgrad run --resume {run_dir}"
+                    if (run_dir / CHECKPOINT).is_file()
+                    else "no checkpoint had been written, so there is nothing to resume: run the same command again")
+            return RunResult("interrupted", run_dir, None, f"interrupted outside a training step; {kept}",
+                             cluster.main)
+
+
+def _train(cfg: Config, run_dir: Path, cluster: Any, *, quiet: bool, stop_after: int | None, resume: bool,
+           overwrite: bool) -> RunResult:
+    loading = f"[{run_dir.name}] loading {cfg.data.name} and building the run"
+    with say_if_slow(loading if cluster.main and not quiet else None):
+        prepared = prepare(cfg, cluster.device, quiet=quiet)  # validated before the run directory is touched
+    warning = prepared.topology.consensus_warning(prepared.algorithm.gamma)
+    if warning and cluster.main:
+        print(f"crossgrad: warning: {warning}", file=sys.stderr)
+    with contextlib.ExitStack() as stack:
+        error = None
+        if cluster.main:  # only the main process touches the run directory; the others hear its verdict
             try:
-                return trainer.train(stop_after=stop_after)
-            except cluster.failures as e:
-                return RunResult("failed", run_dir, None, f"{e}; the latest checkpoint (if any) is kept",
-                                 cluster.main)
+                stack.enter_context(claim_run_dir(run_dir))
+                open_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
+            except (RunError, OutputError) as e:
+                error = e
+        cluster.broadcast_error(error)
+        trainer = Trainer(cfg, run_dir, cluster, prepared, quiet=quiet)
+        if resume:
+            trainer.load_checkpoint()
+        try:
+            return trainer.train(stop_after=stop_after)
+        except cluster.failures as e:
+            return RunResult("failed", run_dir, None, f"{e}; the latest checkpoint (if any) is kept",
+                             cluster.main)
 
 
 def run_experiment(
@@ -344,4 +453,5 @@ def resume_experiment(run_dir: str | Path, *, quiet: bool = False, stop_after: i
     if not run_dir.is_dir():
         raise RunError(f"cannot resume: {run_dir} is not a directory")
     cfg = load_run_config(run_dir)
+    check_resumable(run_dir)  # before loading the data, which takes minutes for CIFAR-10
     return _run(cfg, run_dir, quiet=quiet, stop_after=stop_after, resume=True)

@@ -434,6 +434,19 @@ class Topology:
             object.__setattr__(self, "_gap", gap)
         return self._gap
 
+    def consensus_warning(self, gamma: float = 1.0) -> str | None:
+        """Why gossip with this W at gossip rate `gamma` never reaches consensus, or None.
+
+        A spectral gap of 0 means W has an eigenvalue of modulus 1 besides the 1 of consensus (W = [[0, 1],
+        [1, 0]] swaps two models forever). Gossip mixes with (1 - gamma) I + gamma W, which for gamma < 1
+        moves such an eigenvalue inside the unit circle, so only gamma = 1 is hopeless.
+        """
+        if self.spectral_gap > 1e-9 or gamma < 1:
+            return None
+        return (f"W of {self.name} (n={self.n}) has spectral gap 0: an eigenvalue of modulus 1 besides consensus, "
+                "so gossip with gamma=1 never averages the agents; use algorithm.gamma < 1 or weights with "
+                "self-loops")
+
     def summary(self) -> dict[str, Any]:
         """Plain-data description for logs and reports."""
         return {

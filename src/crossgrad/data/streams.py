@@ -1,0 +1,53 @@
+"""Minibatches for a simulator from Python: every agent draws from its own shard, as the runner does.
+
+    train, test = load_dataset("fashion_mnist", "../shared/data")
+    batches = BatchStreams(train, partition(train.y, 5, "label_sorted"), batch_size=32, seed=0)
+    sim.step(next(batches))          # one (inputs, targets) pair per agent
+
+The inputs are normalised with the dataset's per-channel statistics (crossgrad.data.normalized);
+evaluate on `normalized(test)` or with crossgrad.evaluate, which does it for you.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from crossgrad.data.augment import dataset_stats, normalize
+from crossgrad.data.datasets import Dataset
+
+
+def normalized(ds: Dataset) -> Tensor:
+    """A dataset's inputs as float32, scaled by its per-channel mean and std (what models are trained on)."""
+    x = normalize(ds.x, dataset_stats(ds.name)).float()
+    # row-major strides for certain: with one channel, channels-last strides also count as "contiguous",
+    # and GroupNorm under vmap (evaluation) refuses them
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
+class BatchStreams:
+    """Endless minibatches for n agents: `next(streams)` gives agent i its batch at position i.
+
+    Agent i walks `parts[i]` in its own seeded order and reshuffles when it runs out, so every
+    agent gets a full batch at every step (the runner's streams, with the same seeds).
+    """
+
+    def __init__(self, dataset: Dataset, parts: Sequence[Tensor], batch_size: int, seed: int = 0,
+                 device: torch.device | str = "cpu"):
+        from crossgrad.run.data import AgentStream, agent_seeds  # the runner's streams; imported late (no cycle)
+
+        self.x, self.y = normalized(dataset).to(device), dataset.y.long().to(device)
+        self.batch_size = batch_size
+        seeds = agent_seeds(seed, len(parts), 1)
+        self.streams = [AgentStream(torch.as_tensor(p, dtype=torch.long), s) for p, s in zip(parts, seeds, strict=True)]
+
+    def __iter__(self) -> BatchStreams:
+        return self
+
+    def __next__(self) -> list[tuple[Tensor, Tensor]]:
+        out = []
+        for stream in self.streams:
+            idx = stream.next(self.batch_size).to(self.x.device)
+            out.append((self.x.index_select(0, idx), self.y.index_select(0, idx)))
+        return out
