@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,13 +145,18 @@ def _equivalence_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         raise
 
 
-@pytest.fixture(scope="module")
-def dist_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    procs = _spawn(_equivalence_worker, WORLD, (free_port(), str(out)), join_timeout=150)
+def _run_workers(worker, world: int, out: Path) -> Path:
+    """Run `worker` on `world` gloo ranks writing into `out`; fail with the first rank's traceback."""
+    procs = _spawn(worker, world, (free_port(), str(out)), join_timeout=150)
     errors = [p.read_text() for p in out.glob("error*.txt")]
     assert not errors, errors[0]
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return out
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory):
+    out = _run_workers(_equivalence_worker, WORLD, tmp_path_factory.mktemp("dist"))
     return torch.load(out / "result.pt", weights_only=True)
 
 
@@ -277,11 +283,7 @@ def _blocks_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def block_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("blocks")
-    procs = _spawn(_blocks_worker, BLOCK_WORLD, (free_port(), str(out)), join_timeout=150)
-    errors = [p.read_text() for p in out.glob("error*.txt")]
-    assert not errors, errors[0]
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    out = _run_workers(_blocks_worker, BLOCK_WORLD, tmp_path_factory.mktemp("blocks"))
     return [torch.load(out / f"result{r}.pt", weights_only=True) for r in range(BLOCK_WORLD)]
 
 

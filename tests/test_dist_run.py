@@ -59,12 +59,16 @@ def assert_same_run(a: Path, b: Path) -> None:
     torch.testing.assert_close(final_params(b), final_params(a), rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def sim_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sim")
-    cfg = load_config(None, [*SETS, f'output.out_dir="{out}"', "output.name=run"])
+def _simulated(out: Path, sets: list[str]) -> Path:
+    """The simulator's run of `sets` in out/run (what the dist runs are compared with)."""
+    cfg = load_config(None, [*sets, f'output.out_dir="{out}"', "output.name=run"])
     assert run_experiment(cfg, quiet=True).status == "completed"
     return out / "run"
+
+
+@pytest.fixture(scope="module")
+def sim_run(tmp_path_factory) -> Path:
+    return _simulated(tmp_path_factory.mktemp("sim"), SETS)
 
 
 def test_dist_run_writes_the_simulators_results(tmp_path, sim_run):
@@ -112,10 +116,7 @@ BLOCKS = [s.replace(f"n_agents={N}", "n_agents=5") for s in SETS]  # 5 agents on
 
 @pytest.fixture(scope="module")
 def sim_blocks_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sim_blocks")
-    cfg = load_config(None, [*BLOCKS, f'output.out_dir="{out}"', "output.name=run"])
-    assert run_experiment(cfg, quiet=True).status == "completed"
-    return out / "run"
+    return _simulated(tmp_path_factory.mktemp("sim_blocks"), BLOCKS)
 
 
 @pytest.mark.slow
