@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from crossgrad.algorithms import Algorithm, CombineContext, combine_weights
+from crossgrad.algorithms.base import edges_per_agent
 from crossgrad.codecs import ErrorFeedback, make_codec
 from crossgrad.comm.base import Comm, SharedMemoryComm
 from crossgrad.flat import ParamLayout
@@ -290,6 +291,7 @@ class Engine:
             plan=type(plan)(plan.n, plan.local, *(t.to(dev) for t in (plan.in_src, plan.in_dst, plan.out_dst,
                                                                           plan.out_src))),
             layout=layout, self_w=self_w.to(dev), in_w=in_w.to(dev), out_w=out_w.to(dev),
+            in_k=edges_per_agent(plan.in_dst, plan.n_local), out_k=edges_per_agent(plan.out_src, plan.n_local),
         )
         gamma = algorithm.gamma
         self.gossip_self = (1 - gamma + gamma * gossip_self).to(self.dtype).to(dev)

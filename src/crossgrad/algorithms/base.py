@@ -24,7 +24,8 @@ class CombineContext:
     """Per-run constants the combine step needs, derived once from the topology and the layout.
 
     self_w[i]: weight of agent i's self-gradient; in_w[e]: weight of the model-variant gradient on
-    in-edge e; out_w[e]: weight of the data-variant gradient arriving on out-edge e.
+    in-edge e; out_w[e]: weight of the data-variant gradient arriving on out-edge e. in_k / out_k: the
+    number of in- / out-edges of every local agent when they all have the same (a regular graph), else None.
     """
 
     plan: EdgePlan
@@ -32,6 +33,28 @@ class CombineContext:
     self_w: Tensor
     in_w: Tensor
     out_w: Tensor
+    in_k: int | None = None
+    out_k: int | None = None
+
+
+def edges_per_agent(index: Tensor, n: int) -> int | None:
+    """k when each of the n local agents owns exactly k of the edges in `index`, else None."""
+    counts = torch.bincount(index.cpu(), minlength=n)
+    return int(counts[0]) if n and bool((counts == counts[0]).all()) else None
+
+
+def add_weighted_edges(out: Tensor, rows: Tensor, owner: Tensor, weights: Tensor, k: int | None,
+                       alpha: float) -> None:
+    """out[owner[e]] += alpha * weights[e] * rows[e] for every edge e, in place.
+
+    Edges are grouped by owner (the plan sorts them so); with k edges per owner this is one batched
+    product that reads each row once, instead of materialising the weighted [E, P] rows first.
+    """
+    w = weights.to(rows.dtype)
+    if k:
+        out.unsqueeze(1).baddbmm_(w.view(-1, 1, k), rows.reshape(-1, k, rows.shape[1]), alpha=alpha)
+    elif len(owner):
+        out.index_add_(0, owner, rows * w.unsqueeze(1), alpha=alpha)
 
 
 def combine_weights(W: Tensor, plan: EdgePlan, mode: str, directed: bool) -> tuple[Tensor, Tensor, Tensor]:

@@ -6,7 +6,13 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from crossgrad.algorithms.base import AlgorithmState, CombineContext, ConfigError, CrossGradientAlgorithm
+from crossgrad.algorithms.base import (
+    AlgorithmState,
+    CombineContext,
+    ConfigError,
+    CrossGradientAlgorithm,
+    add_weighted_edges,
+)
 
 
 @dataclass
@@ -37,9 +43,9 @@ class NGC(CrossGradientAlgorithm):
         plan, a = ctx.plan, self.alpha
         out = g_self * ctx.self_w.to(g_self.dtype).unsqueeze(1)
         if a < 1:
-            out.index_add_(0, plan.in_dst, mv * ctx.in_w.to(mv.dtype).unsqueeze(1), alpha=1 - a)
+            add_weighted_edges(out, mv, plan.in_dst, ctx.in_w, ctx.in_k, alpha=1 - a)
         if a > 0:
-            out.index_add_(0, plan.out_src, dv * ctx.out_w.to(dv.dtype).unsqueeze(1), alpha=a)
+            add_weighted_edges(out, dv, plan.out_src, ctx.out_w, ctx.out_k, alpha=a)
         return out
 
 
