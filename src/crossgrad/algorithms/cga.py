@@ -84,19 +84,23 @@ class CGA(CrossGradientAlgorithm):
         g = g_self * ctx.self_w.to(g_self.dtype).unsqueeze(1)
         if kmax == 0:
             return g
-        weighted = dv * ctx.out_w.to(dv.dtype).unsqueeze(1)
+        # M = diag(w) D with D the received rows: the weights are folded into the k x k systems and into
+        # v instead of being multiplied into a weighted copy of all [E, P] rows
+        w = torch.zeros(plan.n_local, kmax, dtype=g.dtype, device=g.device)
+        w[plan.out_src, state.slot] = ctx.out_w.to(g.dtype)
         if state.regular:  # out-edges are sorted by sender, kmax each: already [n, k, P]
-            rows = weighted.view(plan.n_local, kmax, -1)
+            rows = dv.view(plan.n_local, kmax, -1)
         else:
             rows = torch.zeros(plan.n_local, kmax, g.shape[1], dtype=g.dtype, device=g.device)
-            rows[plan.out_src, state.slot] = weighted
+            rows[plan.out_src, state.slot] = dv
+        ww = (w.unsqueeze(2) * w.unsqueeze(1)).to(torch.float64)
         slices = ctx.layout.slices()
         Q, c = [], []
         for s in slices:
             # Gram matrices in the compute dtype (float32 is ample for a k x k system); the QP is float64
             m = rows[:, :, s]
-            Q.append((m @ m.transpose(1, 2)).to(torch.float64))
-            c.append((m @ g[:, s].unsqueeze(-1)).squeeze(-1).to(torch.float64))
+            Q.append((m @ m.transpose(1, 2)).to(torch.float64) * ww)
+            c.append((m @ g[:, s].unsqueeze(-1)).squeeze(-1).to(torch.float64) * w.to(torch.float64))
         Q = torch.stack(Q)  # [L, n_local, k, k]
         c = torch.stack(c)
         diag = Q.diagonal(dim1=-2, dim2=-1)
@@ -111,11 +115,10 @@ class CGA(CrossGradientAlgorithm):
             state.qp_failures += int(failed.sum())
             v = torch.where(failed.unsqueeze(-1), state.v, v)
         state.v = v
-        v = torch.where(active, v, torch.zeros_like(v)).to(g.dtype)
-        out = g.clone()
+        v = (torch.where(active, v, torch.zeros_like(v)) * w.to(torch.float64)).to(g.dtype)  # M^T v = D^T (w v)
         for l, s in enumerate(slices):
-            out[:, s] += torch.bmm(v[l].unsqueeze(1), rows[:, :, s]).squeeze(1)
-        return out
+            g[:, s] += torch.bmm(v[l].unsqueeze(1), rows[:, :, s]).squeeze(1)
+        return g
 
 
 @dataclass
