@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from crossgrad.algorithms import Algorithm, CombineContext, combine_weights
-from crossgrad.algorithms.base import edges_per_agent
+from crossgrad.algorithms.base import add_weighted_edges, edges_per_agent
 from crossgrad.codecs import ErrorFeedback, make_codec
 from crossgrad.comm.base import Comm, SharedMemoryComm
 from crossgrad.flat import ParamLayout
@@ -354,7 +354,7 @@ class Engine:
             received = self.comm.exchange(x)  # round 1: x_j^t for every in-edge
             clock.tick("exchange")
             torch.mul(x, self.gossip_self.unsqueeze(1), out=x_half)
-            x_half.index_add_(0, plan.in_dst, received * self.gossip_in.unsqueeze(1))
+            add_weighted_edges(x_half, received, plan.in_dst, self.gossip_in, self.ctx.in_k, alpha=1.0)
             index = self._edges
         rows = PairRows(x_half, received, index) if algo.cross_gradients else PairRows(x_half)
         clock.tick("gossip")

@@ -21,13 +21,12 @@ from crossgrad.qp import solve_box_qp
 class CGAState:
     """The QP solution of the last step per (layer, agent), reused where a solve fails, and the failures.
 
-    slot, kmax and regular describe where each out-edge's message sits in its sender's padded
-    [kmax] row; they follow from the edge plan and are not saved.
+    slot and kmax describe where each out-edge's message sits in its sender's padded [kmax] row; they
+    follow from the edge plan and are not saved.
     """
 
     slot: Tensor
     kmax: int
-    regular: bool
     v: Tensor
     qp_failures: int = 0
 
@@ -72,7 +71,7 @@ class CGA(CrossGradientAlgorithm):
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(len(out_src), device=device) - starts[out_src]
         return CGAState(
-            slot=slot, kmax=kmax, regular=bool(len(counts)) and bool((counts == kmax).all()),
+            slot=slot, kmax=kmax,
             v=torch.full((ctx.layout.num_tensors, plan.n_local, kmax), self.margin, dtype=torch.float64,
                          device=device),
         )
@@ -88,7 +87,7 @@ class CGA(CrossGradientAlgorithm):
         # v instead of being multiplied into a weighted copy of all [E, P] rows
         w = torch.zeros(plan.n_local, kmax, dtype=g.dtype, device=g.device)
         w[plan.out_src, state.slot] = ctx.out_w.to(g.dtype)
-        if state.regular:  # out-edges are sorted by sender, kmax each: already [n, k, P]
+        if ctx.out_k:  # out-edges are sorted by sender, kmax each: already [n, k, P]
             rows = dv.view(plan.n_local, kmax, -1)
         else:
             rows = torch.zeros(plan.n_local, kmax, g.shape[1], dtype=g.dtype, device=g.device)
