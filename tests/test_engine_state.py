@@ -217,7 +217,7 @@ class CountingDSGD(DSGD):
     def init_state(self, ctx, device):
         return CountingState()
 
-    def combine(self, ctx, g_self, mv, dv, state):
+    def combine(self, ctx, g_self, mv, dv, state, view=None):
         state.events += 2
         return g_self
 

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from crossgrad.algorithms import Algorithm, CombineContext, combine_weights
-from crossgrad.algorithms.base import add_weighted_edges, edges_per_agent
+from crossgrad.algorithms.base import StepView, add_weighted_edges, edges_per_agent
 from crossgrad.codecs import ErrorFeedback, make_codec
-from crossgrad.comm.base import Comm, SharedMemoryComm
+from crossgrad.comm.base import Comm, EdgePlan, SharedMemoryComm
 from crossgrad.flat import ParamLayout
 from crossgrad.topology import Topology
 from crossgrad.transforms import transforms_for
@@ -224,6 +224,67 @@ class SharedGossip:
         return torch.addmm(out, self.G, x, beta=0, out=out)
 
 
+#: a time-varying topology with no period (e.g. random matchings) keeps this many graphs' wirings
+WIRING_CACHE = 16
+
+CommFactory = Callable[[list[tuple[int, int]]], Comm]
+
+
+class Wiring:
+    """Everything about one step that follows from its graph: the backend's comm and edge plan, the
+    combine context, the gossip weights and which model and data each gradient pair uses.
+
+    A static topology has one for the whole run; a time-varying one has one per distinct graph.
+    """
+
+    def __init__(self, topology: Topology, comm: Comm, algorithm: Algorithm, layout: ParamLayout,
+                 dev: torch.device, dtype: torch.dtype):
+        self.comm = comm
+        plan = comm.plan
+        directed = topology.is_directed
+        # gossip (step 2) always mixes with W; only the combine (step 6) may use other weights
+        gossip_self, gossip_in, _ = combine_weights(topology.W, plan, "mixing", directed)
+        self_w, in_w, out_w = combine_weights(topology.W, plan, algorithm.weights, directed)
+        self.ctx = CombineContext(
+            plan=EdgePlan(plan.n, plan.local, *(t.to(dev) for t in (plan.in_src, plan.in_dst, plan.out_dst,
+                                                                     plan.out_src))),
+            layout=layout, self_w=self_w.to(dev), in_w=in_w.to(dev), out_w=out_w.to(dev),
+            in_k=edges_per_agent(plan.in_dst, plan.n_local), out_k=edges_per_agent(plan.out_src, plan.n_local),
+        )
+        gamma = algorithm.gamma
+        self.gossip_self = (1 - gamma + gamma * gossip_self).to(dtype).to(dev)
+        self.gossip_in = (gamma * gossip_in).to(dtype).to(dev)
+        #: in-process backends: neighbours' rows are read in place (see SharedMemoryComm)
+        self.shared = isinstance(comm, SharedMemoryComm)
+        self.shared_gossip = (SharedGossip(plan.n_local, self.gossip_self, self.gossip_in, self.ctx.plan.in_dst,
+                                           comm.sources) if self.shared else None)
+        n = plan.n_local
+        self.pair_data = list(range(n)) + (plan.in_dst.tolist() if algorithm.cross_gradients else [])
+        self.edges = torch.arange(len(plan.in_src), device=dev)  # received row e is in-edge e's
+
+    @property
+    def plan(self) -> EdgePlan:
+        return self.ctx.plan
+
+    def round1(self, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        """Exchange rows x [n_local, P] and gossip them into `out`; returns (received rows, index): in-edge
+        e's row is received[index[e]]."""
+        if self.shared:
+            models = self.comm.share(x)  # every agent reads its neighbours' rows of x in place
+            self.shared_gossip(models, out=out)
+            return models, self.comm.sources
+        received = self.comm.exchange(x)
+        torch.mul(x, self.gossip_self.unsqueeze(1), out=out)
+        add_weighted_edges(out, received, self.plan.in_dst, self.gossip_in, self.ctx.in_k, alpha=1.0)
+        return received, self.edges
+
+    def mix(self, rows: Tensor) -> Tensor:
+        """Gossip another block of rows [n_local, P] with this step's matrix (one more round-1 message)."""
+        out = torch.empty_like(rows)
+        self.round1(rows, out)
+        return out
+
+
 @dataclass
 class StepStats:
     """Counters since the start of the run (restored with the engine's state).
@@ -244,6 +305,11 @@ class StepStats:
 class Engine:
     """One synchronous iteration of `algorithm` for the agents `comm` holds.
 
+    `comm` is the backend's Comm for a static topology. A time-varying topology (one with an
+    `at(step)` method returning the step's Topology) needs `comm` to be a factory instead: a callable
+    that builds the Comm of an edge list, called once per distinct graph; every Comm it builds shares
+    the first one's byte counters.
+
     on_nonfinite: "raise" raises NonFiniteError as soon as a loss or update is NaN or infinite;
     "record" never raises mid-step: it keeps the first such error in `nonfinite` and completes the
     step, every communication round included, so that peers on another process are never left
@@ -255,7 +321,7 @@ class Engine:
         model: nn.Module,
         topology: Topology,
         algorithm: Algorithm,
-        comm: Comm,
+        comm: Comm | CommFactory,
         loss_fn: LossFn,
         device: torch.device | str | None = None,
         evaluator: str = "auto",
@@ -267,8 +333,6 @@ class Engine:
             raise ValueError(f"on_nonfinite must be 'raise' or 'record', not {on_nonfinite!r}")
         self.algorithm = algorithm
         self.topology = topology
-        self.comm = comm
-        self.plan = plan = comm.plan
         self.layout = layout = ParamLayout.of(model)
         first = next(model.parameters())
         self.device = dev = torch.device(device) if device is not None else first.device
@@ -276,30 +340,21 @@ class Engine:
         self.on_nonfinite = on_nonfinite
         #: the first NonFiniteError of the run with on_nonfinite="record" (never checkpointed)
         self.nonfinite: NonFiniteError | None = None
+        algorithm.check_topology(topology)
+        self.time_varying = callable(getattr(topology, "at", None))
+        if self.time_varying == hasattr(comm, "plan"):
+            raise TypeError("a time-varying topology needs a comm factory (edges -> Comm), a static one a Comm")
+        self._make_comm: CommFactory | None = comm if self.time_varying else None
+        self._wirings: dict[Any, Wiring] = {}
+        self.wiring = self._wiring_at(0) if self.time_varying else \
+            Wiring(topology, comm, algorithm, layout, dev, self.dtype)
+        n = self.plan.n_local
         model = model.to(dev)
-        n = plan.n_local
         self.x = layout.flatten(model).to(dev).repeat(n, 1)
         self.buffer_names = [name for name, _ in model.named_buffers()]
         self.buffers = [b.detach().unsqueeze(0).repeat(n, *([1] * b.dim())).clone() for b in model.buffers()]
         self.lr = algorithm.lr
         self.transforms = transforms_for(algorithm, self.x, self.lr)
-        directed = topology.is_directed
-        # gossip (step 2) always mixes with W; only the combine (step 6) may use other weights
-        gossip_self, gossip_in, _ = combine_weights(topology.W, plan, "mixing", directed)
-        self_w, in_w, out_w = combine_weights(topology.W, plan, algorithm.weights, directed)
-        self.ctx = CombineContext(
-            plan=type(plan)(plan.n, plan.local, *(t.to(dev) for t in (plan.in_src, plan.in_dst, plan.out_dst,
-                                                                          plan.out_src))),
-            layout=layout, self_w=self_w.to(dev), in_w=in_w.to(dev), out_w=out_w.to(dev),
-            in_k=edges_per_agent(plan.in_dst, plan.n_local), out_k=edges_per_agent(plan.out_src, plan.n_local),
-        )
-        gamma = algorithm.gamma
-        self.gossip_self = (1 - gamma + gamma * gossip_self).to(self.dtype).to(dev)
-        self.gossip_in = (gamma * gossip_in).to(self.dtype).to(dev)
-        #: in-process backends: neighbours' rows are read in place (see SharedMemoryComm)
-        self.shared = isinstance(comm, SharedMemoryComm)
-        if self.shared:
-            self.shared_gossip = SharedGossip(n, self.gossip_self, self.gossip_in, self.ctx.plan.in_dst, comm.sources)
         # x and the next step's x_half alternate between two buffers, so no [n, P] block is allocated per step
         self._spare = torch.empty_like(self.x)
         self.algo_state = algorithm.init_state(self.ctx, dev)
@@ -309,7 +364,7 @@ class Engine:
         self.self_codec: ErrorFeedback | None = None
         if algorithm.codec is not None:
             self.edge_codec = ErrorFeedback(make_codec(algorithm.codec, layout))
-            self.edge_codec.init((len(plan.in_src), layout.size), self.dtype, dev)
+            self.edge_codec.init((len(self.plan.in_src), layout.size), self.dtype, dev)
             if algorithm.compress_self:
                 self.self_codec = ErrorFeedback(make_codec(algorithm.codec, layout))
                 self.self_codec.init(self.x.shape, self.dtype, dev)
@@ -320,16 +375,48 @@ class Engine:
             raise ValueError("evaluator='vmap' needs a model without buffers (use norm 'evonorm', 'group' or 'none')")
         if evaluator == "vmap" or (evaluator == "auto" and dev.type == "cuda" and not has_buffers):
             self.evaluate_batched = VmapEvaluator(model, layout, loss_fn)
-        n_pairs = n + (len(plan.in_src) if algorithm.cross_gradients else 0)
-        self.grads = torch.empty(n_pairs, layout.size, dtype=self.dtype, device=dev)
-        self._pair_data = list(range(n)) + (plan.in_dst.tolist() if algorithm.cross_gradients else [])
-        self._edges = torch.arange(len(plan.in_src), device=dev)  # received row e is in-edge e's
-        decoded_rows = len(plan.out_dst) if algorithm.codec is not None and algorithm.round2 else 0
+        self.grads = torch.empty(len(self.wiring.pair_data), layout.size, dtype=self.dtype, device=dev)
+        decoded_rows = len(self.plan.out_dst) if algorithm.codec is not None and algorithm.round2 else 0
         self._decoded = torch.empty(decoded_rows, layout.size, dtype=self.dtype, device=dev)
         self.stats = StepStats()
         self.clock = PhaseClock(dev)
         #: the last step's self, model-variant and data-variant gradients (for diagnostics)
         self.last: dict[str, Tensor | None] = {}
+
+    # the current step's graph: fixed for a static topology
+    @property
+    def comm(self) -> Comm:
+        return self.wiring.comm
+
+    @property
+    def plan(self) -> EdgePlan:
+        return self.wiring.comm.plan
+
+    @property
+    def ctx(self) -> CombineContext:
+        return self.wiring.ctx
+
+    @property
+    def shared(self) -> bool:
+        return self.wiring.shared
+
+    def _wiring_at(self, step: int) -> Wiring:
+        """The wiring of a time-varying topology's graph at `step`, built the first time that graph occurs."""
+        topology = self.topology.at(step)
+        key = topology.W.numpy().tobytes()
+        wiring = self._wirings.get(key)
+        if wiring is None:
+            comm = self._make_comm(topology.edges)
+            if self._wirings:  # one set of counters for the whole run
+                first = next(iter(self._wirings.values())).comm
+                comm.bytes_sent = first.bytes_sent
+                if hasattr(first, "wire_bytes"):
+                    comm.wire_bytes = first.wire_bytes
+            wiring = Wiring(topology, comm, self.algorithm, self.layout, self.device, self.dtype)
+            if len(self._wirings) >= WIRING_CACHE:
+                self._wirings.pop(next(k for k in self._wirings if self._wirings[k] is not self.wiring))
+            self._wirings[key] = wiring
+        return wiring
 
     def set_lr(self, lr: float) -> None:
         if not (lr > 0 and lr < float("inf")):
@@ -338,31 +425,27 @@ class Engine:
 
     def step(self, batches: Sequence[Batch]) -> Tensor:
         """One synchronous iteration on every local agent; batches[k] is local agent k's minibatch."""
-        algo, plan = self.algorithm, self.ctx.plan
+        algo = self.algorithm
+        if self.time_varying:
+            self.wiring = self._wiring_at(self.stats.steps)
+        wiring = self.wiring
+        plan = wiring.plan
         n = plan.n_local
         if len(batches) != n:
             raise ValueError(f"step() needs one minibatch per agent: got {len(batches)}, expected {n}")
+        if len(self.grads) != len(wiring.pair_data):
+            self.grads = self.grads.new_empty(len(wiring.pair_data), self.layout.size)
         clock = self.clock
         clock.start()
         x, x_half = self.x, self._spare
-        if self.shared:
-            models = self.comm.share(x)  # round 1: every agent reads its neighbours' rows of x in place
-            clock.tick("exchange")
-            self.shared_gossip(models, out=x_half)
-            received, index = models, self.comm.sources
-        else:
-            received = self.comm.exchange(x)  # round 1: x_j^t for every in-edge
-            clock.tick("exchange")
-            torch.mul(x, self.gossip_self.unsqueeze(1), out=x_half)
-            add_weighted_edges(x_half, received, plan.in_dst, self.gossip_in, self.ctx.in_k, alpha=1.0)
-            index = self._edges
+        received, index = wiring.round1(x, out=x_half)  # round 1 and gossip (steps 1-2)
         rows = PairRows(x_half, received, index) if algo.cross_gradients else PairRows(x_half)
         clock.tick("gossip")
         evaluate = self.evaluate
         if self.evaluate_batched is not None and VmapEvaluator.supports(self.evaluate.worker, batches):
             evaluate = self.evaluate_batched
-        losses = evaluate(rows, self._pair_data, batches, self.grads, self.buffers,
-                          owners=self._pair_data, keep_buffers=n)
+        losses = evaluate(rows, wiring.pair_data, batches, self.grads, self.buffers,
+                          owners=wiring.pair_data, keep_buffers=n)
         clock.tick("gradients")
         g_self, mv = self.grads[:n], (self.grads[n:] if algo.cross_gradients else None)
         dv = None
@@ -382,9 +465,11 @@ class Engine:
             dv = self.comm.exchange_edges((mv,))[0]
             clock.tick("exchange")
         self.last = {"g_self": g_self, "mv": mv, "dv": dv}
-        d = algo.combine(self.ctx, g_self, mv, dv, self.algo_state)
+        view = StepView(x_half=x_half, lr=self.lr, step=self.stats.steps, mix=wiring.mix)
+        d = algo.combine(self.ctx, g_self, mv, dv, self.algo_state, view)
         clock.tick("combine")
         self.transforms.apply(d, x_half, self.lr)
+        algo.after_update(self.ctx, view, self.algo_state)
         # one host sync per step: a NaN or Inf anywhere in a loss or a row makes its sum non-finite
         bad_loss = ~torch.isfinite(losses[:n])
         bad_row = ~torch.isfinite(x_half.sum(1))
@@ -398,7 +483,7 @@ class Engine:
         self.x, self._spare = x_half, x
         clock.tick("update")
         self.stats.steps += 1
-        self.stats.grad_evals += len(self._pair_data)
+        self.stats.grad_evals += len(wiring.pair_data)
         self.stats.counters = self.algo_state.counters()
         return losses[:n]
 

@@ -11,6 +11,7 @@ from crossgrad.algorithms.base import (
     ConfigError,
     CrossGradientAlgorithm,
     NoState,
+    StepView,
     combine_weights,
 )
 from crossgrad.algorithms.cga import CGA, CGAState, CompCGA
@@ -54,6 +55,6 @@ def make_algorithm(name: str, **kwargs: Any) -> Algorithm:
 
 __all__ = [
     "ALGORITHMS", "Algorithm", "AlgorithmState", "CGA", "CGAState", "CombineContext", "CompCGA", "CompNGC",
-    "ConfigError", "CrossGradientAlgorithm", "DSGD", "NGC", "NoState", "algorithm_options", "combine_weights",
+    "ConfigError", "CrossGradientAlgorithm", "DSGD", "NGC", "NoState", "StepView", "algorithm_options", "combine_weights",
     "make_algorithm", "register_algorithm",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol, get_type_hints
 
 import torch
@@ -35,6 +36,21 @@ class CombineContext:
     out_w: Tensor
     in_k: int | None = None
     out_k: int | None = None
+
+
+@dataclass(frozen=True)
+class StepView:
+    """What an algorithm may use of the current step beyond its gradients (see Algorithm.combine).
+
+    x_half: the gossiped rows [n_local, P] (step 2's output); the update (step 9) lands in them in
+    place. mix(rows): gossips another block of rows [n_local, P] with the step's mixing matrix, as
+    step 2 does x (one more round-1 message per edge, counted), and returns the mixed rows.
+    """
+
+    x_half: Tensor
+    lr: float
+    step: int
+    mix: Callable[[Tensor], Tensor]
 
 
 def edges_per_agent(index: Tensor, n: int) -> int | None:
@@ -172,15 +188,28 @@ class Algorithm:
         """Whether cross-gradients are sent back to their models' owners (the second round)."""
         return False
 
+    def check_topology(self, topology: Any) -> None:
+        """Raise ConfigError if the method cannot run on `topology` (a Topology, or a time-varying one
+        with an `at(step)` method); called once when the engine is built."""
+
     def init_state(self, ctx: CombineContext, device: torch.device) -> AlgorithmState:
         """The state at the first step; every tensor of it on `device`."""
         return NoState()
 
     def combine(
-        self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: AlgorithmState
+        self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: AlgorithmState,
+        view: StepView | None = None,
     ) -> Tensor:
-        """Contract step 6: the combined gradient per local agent, [n_local, P]."""
+        """Contract step 6: the combined gradient per local agent, [n_local, P].
+
+        `view` gives the step's gossiped rows, lr and a way to gossip more rows, for algorithms whose
+        direction needs them (gradient tracking); the engine always passes it.
+        """
         return g_self
+
+    def after_update(self, ctx: CombineContext, view: StepView, state: AlgorithmState) -> None:
+        """Runs after step 9, when view.x_half holds the updated rows: algorithms that correct the
+        update (D²) do it here, in place."""
 
     def hyperparameters(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from crossgrad.algorithms.base import CombineContext, ConfigError, CrossGradientAlgorithm
+from crossgrad.algorithms.base import CombineContext, ConfigError, CrossGradientAlgorithm, StepView
 from crossgrad.qp import solve_box_qp
 
 
@@ -77,7 +77,8 @@ class CGA(CrossGradientAlgorithm):
         )
 
     def combine(
-        self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: CGAState
+        self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: CGAState,
+        view: StepView | None = None,
     ) -> Tensor:
         plan, kmax = ctx.plan, state.kmax
         g = g_self * ctx.self_w.to(g_self.dtype).unsqueeze(1)

@@ -11,6 +11,7 @@ from crossgrad.algorithms.base import (
     CombineContext,
     ConfigError,
     CrossGradientAlgorithm,
+    StepView,
     add_weighted_edges,
 )
 
@@ -38,7 +39,8 @@ class NGC(CrossGradientAlgorithm):
         return self.alpha > 0
 
     def combine(
-        self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: AlgorithmState
+        self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: AlgorithmState,
+        view: StepView | None = None,
     ) -> Tensor:
         plan, a = ctx.plan, self.alpha
         out = g_self * ctx.self_w.to(g_self.dtype).unsqueeze(1)
