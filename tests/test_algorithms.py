@@ -322,20 +322,34 @@ def test_vmap_evaluator_matches_loop(name):
     torch.testing.assert_close(vmap.params, loop.params, rtol=0, atol=1e-12)
 
 
-def test_nonfinite_received_message_is_named_with_its_round():
-    topo = Topology.ring(4)
-    sim = cg.Simulator(tiny_model(), topo, cg.make_algorithm("ngc", lr=0.1))
-    batches = make_batches(4, 2)
-    sim.step(batches[0])
-    comm = sim.engine.comm
-    real = comm.exchange_edges
+class PoisonedRound2:
+    """A LocalComm seen as a plain Comm (messages copied, as on torch.distributed) that, once armed,
+    delivers an infinite first round-2 message: agent 0 hears it from its first out-neighbour."""
 
-    def poisoned(payload):
-        out = real(payload)
-        out[0][0].fill_(float("inf"))  # the first out-edge: agent 0 hears from its first out-neighbour
+    def __init__(self, comm):
+        self.inner, self.plan, self.bytes_sent = comm, comm.plan, comm.bytes_sent
+        self.armed = False
+
+    def exchange(self, x):
+        return self.inner.exchange(x)
+
+    def exchange_edges(self, payload):
+        out = self.inner.exchange_edges(payload)
+        if self.armed:
+            out[0][0].fill_(float("inf"))
         return out
 
-    comm.exchange_edges = poisoned
+
+def test_nonfinite_received_message_is_named_with_its_round():
+    from crossgrad.comm.local import LocalComm
+    from crossgrad.engine import Engine
+
+    topo = Topology.ring(4)
+    comm = PoisonedRound2(LocalComm(topo.edges, topo.n))
+    sim = Engine(tiny_model(), topo, cg.make_algorithm("ngc", lr=0.1), comm, nn.functional.cross_entropy)
+    batches = make_batches(4, 2)
+    sim.step(batches[0])
+    comm.armed = True
     expected = r"non-finite cross-gradient received from agent 1 in round 2 at step 1, agent 0"
     with pytest.raises(cg.NonFiniteError, match=expected):
         sim.step(batches[1])

@@ -13,10 +13,17 @@ from torch import nn
 
 import crossgrad as cg
 from crossgrad.algorithms import ALGORITHMS
+from crossgrad.topology import OnePeerExponential, RandomMatching
 from device_guard import no_implicit_device
 
 TOPOLOGIES = {"ring": lambda: cg.Topology.ring(4), "star": lambda: cg.Topology.star(4),
-              "directed_ring": lambda: cg.Topology.directed_ring(4)}
+              "directed_ring": lambda: cg.Topology.directed_ring(4),
+              # column-stochastic (push-sum, sgp only): the hub splits its mass 4 ways, the leaves 2 ways
+              "star_out": lambda: cg.Topology.star(4, weights="out_uniform"),
+              # symmetric and doubly stochastic on an irregular graph (gt and d2 need one)
+              "star_metropolis": lambda: cg.Topology.star(4, weights="metropolis"),
+              # time-varying: every step's graph and wiring is built while the run steps
+              "one_peer_exponential": lambda: OnePeerExponential(4), "random_matching": lambda: RandomMatching(4)}
 
 
 def _problem(device: str = "cpu", dtype=torch.float32):
@@ -52,6 +59,10 @@ def test_the_guard_catches_a_tensor_made_without_a_device():
 # directed data-variant weights) with the algorithms that have them
 CASES = [(name, "ring", ev) for name in sorted(ALGORITHMS) for ev in ("loop", "vmap")]
 CASES += [(name, topo, "loop") for name in ("ngc", "cga", "compcga") for topo in ("star", "directed_ring")]
+CASES += [("sgp", "star_out", "loop")]  # push-sum weights that move off 1
+CASES += [(name, topo, "loop") for name in ("dsgd", "ngc", "gt")
+          for topo in ("one_peer_exponential", "random_matching")]
+CASES += [(name, "star_metropolis", "loop") for name in ("gt", "d2")]
 
 
 @pytest.mark.parametrize("name,topo,evaluator", CASES)
@@ -69,8 +80,21 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @cuda
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_cuda_matches_cpu(name):
+    # push-sum needs a column-stochastic W, gt and d2 a doubly stochastic one
+    star = TOPOLOGIES[{"sgp": "star_out", "gt": "star_metropolis", "d2": "star_metropolis"}.get(name, "star")]
     for evaluator in ("loop", "vmap"):
-        on_gpu, bytes_gpu = _train(name, cg.Topology.star(4), evaluator, device="cuda")
-        on_cpu, bytes_cpu = _train(name, cg.Topology.star(4), evaluator)
+        on_gpu, bytes_gpu = _train(name, star(), evaluator, device="cuda")
+        on_cpu, bytes_cpu = _train(name, star(), evaluator)
+        torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-4, atol=1e-5)
+        assert torch.equal(bytes_gpu, bytes_cpu)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("topo", ["one_peer_exponential", "random_matching"])
+def test_cuda_matches_cpu_on_time_varying_graphs(topo):
+    for name in ("dsgd", "ngc"):
+        on_gpu, bytes_gpu = _train(name, TOPOLOGIES[topo](), "loop", device="cuda")
+        on_cpu, bytes_cpu = _train(name, TOPOLOGIES[topo](), "loop")
         torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-4, atol=1e-5)
         assert torch.equal(bytes_gpu, bytes_cpu)

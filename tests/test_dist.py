@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import crossgrad as cg
-from crossgrad.topology import Topology
+from crossgrad.topology import OnePeerExponential, RandomMatching, Topology
 
 WORLD = 4
 STEPS = 3
@@ -33,6 +33,10 @@ CASES = [
     ("compngc", dict(alpha=1.0, momentum=0.9, nesterov=True)),
     ("cga", dict(momentum=0.9)),
     ("compcga", dict()),
+    ("choco", dict(codec="sign", momentum=0.9)),
+    ("choco", dict(codec="top-k", ratio=0.3, public_init="zero")),
+    ("choco", dict(codec="random-k", ratio=0.3)),
+    ("ngc", dict(alpha=0.5, codec="random-k")),  # random-k draws per edge, named alike on every backend
 ]
 GRAPHS = {
     "ring": lambda: Topology.ring(WORLD),
@@ -41,6 +45,22 @@ GRAPHS = {
     "chain": lambda: Topology.chain(WORLD),
 }
 WIDE = 512  # hidden width of the float32 model of the compression byte check
+#: push-sum (sgp) on column-stochastic graphs (each agent splits its mass over its out-neighbours), irregular so
+#: that the weights move off 1; one agent per rank here, uneven blocks in BLOCK_PUSH_GRAPHS
+PUSH_CASES = [("sgp", dict(momentum=0.9, nesterov=True)), ("sgp", dict(qgm=True, weight_decay=1e-3))]
+PUSH_GRAPHS = {
+    "push_directed": lambda: Topology.from_edges(WORLD, [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2)], directed=True,
+                                                 weights="out_uniform"),
+}
+#: gradient tracking and D² on graphs they accept (gt: doubly stochastic W, also directed or time-varying;
+#: d2: symmetric W): (label, topology, algorithm, options), one agent per rank
+TRACKING_RUNS = [
+    ("gt_ring", lambda: Topology.ring(WORLD), "gt", dict(momentum=0.9, nesterov=True)),
+    ("gt_directed_ring", lambda: Topology.directed_ring(WORLD), "gt", dict(qgm=True, weight_decay=1e-3)),
+    ("gt_one_peer_exponential", lambda: OnePeerExponential(WORLD), "gt", dict(momentum=0.9, nesterov=False)),
+    ("d2_ring", lambda: Topology.ring(WORLD), "d2", dict(weight_decay=1e-3)),
+    ("d2_chain_metropolis", lambda: Topology.chain(WORLD, weights="metropolis"), "d2", dict()),
+]
 
 
 def free_port() -> int:
@@ -116,6 +136,8 @@ def _equivalence_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 state = gather_state(engine)
                 if rank == 0:
                     results[graph, k] = (state["x"], state["bytes_sent"])
+        _push_sum_runs(rank, PUSH_GRAPHS, results)
+        _tracking_runs(rank, TRACKING_RUNS, results)
         # float32 payloads for the compression ratio
         batches = batches_for(world, 2, torch.float32)
         for name in ("ngc", "compngc"):
@@ -230,6 +252,16 @@ BLOCK_GRAPHS = {  # uneven blocks over 3 ranks: 7 agents -> 3, 2, 2; 8 -> 3, 3, 
 }
 FLOAT32_CASES = [("ngc", dict(alpha=1.0, momentum=0.9, nesterov=True)), ("compngc", dict(alpha=1.0)),
                  ("compcga", dict())]
+BLOCK_PUSH_GRAPHS = {  # 7 agents -> 3, 2, 2 per rank; out-degrees 1 to 4
+    "push_erdos_renyi": lambda: Topology.erdos_renyi(7, 0.3, seed=2, directed=True, weights="out_uniform"),
+}
+BLOCK_TRACKING_RUNS = [  # as TRACKING_RUNS, 7 or 8 agents over 3 ranks
+    ("gt_ring", lambda: Topology.ring(7), "gt", dict(momentum=0.9, nesterov=True)),
+    ("gt_directed_exponential", lambda: Topology.exponential(7, directed=True), "gt", dict(qgm=True)),
+    ("gt_random_matching", lambda: RandomMatching(8), "gt", dict()),
+    ("d2_torus", lambda: Topology.torus(2, 4), "d2", dict(weight_decay=1e-3)),
+    ("d2_star_metropolis", lambda: Topology.star(7, weights="metropolis"), "d2", dict(gamma=0.9)),
+]
 
 
 def _blocks_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -251,6 +283,8 @@ def _blocks_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 if rank == 0:
                     results[graph, k] = (state["x"], state["bytes_sent"])
                 results["wire", graph, k] = (len(engine.comm.peers), engine.comm.wire_bytes.clone())
+        _push_sum_runs(rank, BLOCK_PUSH_GRAPHS, results)
+        _tracking_runs(rank, BLOCK_TRACKING_RUNS, results)
         topo = Topology.ring(7)
         batches = batches_for(topo.n, STEPS, torch.float32)
         for k, (name, kw) in enumerate(FLOAT32_CASES):
@@ -332,11 +366,118 @@ def test_one_message_per_peer_rank_and_round(block_results):
 
 
 @pytest.mark.timeout(200)
+def test_choco_sends_its_compressed_payload_once_per_peer_rank(block_results):
+    """Choco's round 1 between ranks is the codec's payload: a 7-agent ring over 3 ranks sends one
+    boundary agent's message to each of its 2 neighbouring ranks per step, and no round 2. (Between
+    ranks each tensor of a message starts on an 8-byte boundary.)"""
+    from crossgrad.codecs import kept_per_tensor
+
+    def aligned(size: int) -> int:
+        return -(-size // 8) * 8
+
+    numels = tuple(p.numel() for p in tiny_model().parameters())
+    kept = sum(kept_per_tensor(numels, 0.3))
+    messages = {"sign": aligned(sum((k + 7) // 8 for k in numels)) + aligned(4 * len(numels)),  # bits, scales
+                "top-k": aligned(4 * kept) + aligned(8 * kept)}  # int32 positions, float64 values
+    for k, (name, kw) in enumerate(CASES):
+        if name != "choco" or kw["codec"] not in messages:
+            continue
+        for rank in range(BLOCK_WORLD):
+            peers, wire = block_results[rank]["wire", "ring", k]
+            assert peers == 2
+            assert wire.tolist() == [STEPS * 2 * messages[kw["codec"]], 0], (kw, rank)
+
+
+@pytest.mark.timeout(200)
 def test_blocks_misuse_and_hangs_name_ranks_and_agents(block_results):
     assert "rank 2 (agents 5-6) start from other weights than rank 0 (agents 0-2)" in block_results[0]["seed_error"]
     for rank in (0, 1):
         error = block_results[rank]["hang_error"]
         assert "round 1 (models) with peer(s)" in error and "rank 2 (agents 5-6) is silent" in error, error
+
+
+# -- push-sum on column-stochastic graphs ------------------------------------------------------
+
+
+def _push_sum_runs(rank: int, graphs: dict, results: dict) -> None:
+    """sgp on each graph: the rows x, the models x / w, the weights and the bytes, gathered on rank 0."""
+    from crossgrad.distributed import gather_rows, gather_state, make_engine
+
+    for graph, make_topology in graphs.items():
+        topo = make_topology()
+        batches = batches_for(topo.n, STEPS)
+        for k, (name, kw) in enumerate(PUSH_CASES):
+            engine = make_engine(tiny_model(), topo, cg.make_algorithm(name, lr=0.1, gamma=0.5, **kw), timeout=20)
+            for t in range(STEPS):
+                engine.step([batches[t][a] for a in engine.plan.local])
+            state = gather_state(engine)
+            w = gather_rows(engine.algo_state.w)
+            if rank == 0:
+                results["push", graph, k] = (state["x"], state["models"], w, state["bytes_sent"])
+
+
+def _check_push_sum(topo: Topology, result: tuple, case: tuple) -> None:
+    name, kw = case
+    sim = simulate(tiny_model(), topo, cg.make_algorithm(name, lr=0.1, gamma=0.5, **kw),
+                   batches_for(topo.n, STEPS))
+    x, models, w, sent = result
+    assert (w - 1).abs().max() > 0.05  # the weights moved: the de-biasing is exercised
+    torch.testing.assert_close(w, sim.engine.algo_state.w, rtol=1e-12, atol=1e-12, msg=f"{name} {kw}")
+    torch.testing.assert_close(x, sim.engine.x, rtol=1e-12, atol=1e-12, msg=f"{name} {kw}")
+    torch.testing.assert_close(models, sim.params, rtol=1e-12, atol=1e-12, msg=f"{name} {kw}")
+    assert torch.equal(sent, sim.stats["bytes_sent"]), (name, kw)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("graph", list(PUSH_GRAPHS))
+def test_push_sum_distributed_equals_simulator(graph, dist_results):
+    for k, case in enumerate(PUSH_CASES):
+        _check_push_sum(PUSH_GRAPHS[graph](), dist_results["push", graph, k], case)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("graph", list(BLOCK_PUSH_GRAPHS))
+def test_push_sum_in_blocks_of_agents_equals_simulator(graph, block_results):
+    for k, case in enumerate(PUSH_CASES):
+        _check_push_sum(BLOCK_PUSH_GRAPHS[graph](), block_results[0]["push", graph, k], case)
+
+
+# -- gradient tracking and D² ------------------------------------------------------------------
+
+
+def _tracking_runs(rank: int, runs: list, results: dict) -> None:
+    """Each of `runs` for STEPS steps; rank 0 keeps the gathered rows and bytes under ("tracking", label)."""
+    from crossgrad.distributed import gather_state, make_engine
+
+    for label, make_topology, name, kw in runs:
+        topo = make_topology()
+        batches = batches_for(topo.n, STEPS)
+        engine = make_engine(tiny_model(), topo, cg.make_algorithm(name, lr=0.1, **kw), timeout=20)
+        for t in range(STEPS):
+            engine.step([batches[t][a] for a in engine.plan.local])
+        state = gather_state(engine)
+        if rank == 0:
+            results["tracking", label] = (state["x"], state["bytes_sent"])
+
+
+def _check_tracking_runs(runs: list, results: dict) -> None:
+    for label, make_topology, name, kw in runs:
+        topo = make_topology()
+        sim = simulate(tiny_model(), topo, cg.make_algorithm(name, lr=0.1, **kw), batches_for(topo.n, STEPS))
+        params, sent = results["tracking", label]
+        torch.testing.assert_close(params, sim.params, rtol=1e-12, atol=1e-12, msg=label)
+        assert torch.equal(sent, sim.stats["bytes_sent"]), label
+
+
+@pytest.mark.timeout(200)
+def test_gt_and_d2_distributed_equal_the_simulator(dist_results):
+    """gt's extra round-1 message (y) and d2's correction, one agent per rank, static and time-varying graphs."""
+    _check_tracking_runs(TRACKING_RUNS, dist_results)
+
+
+@pytest.mark.timeout(200)
+def test_gt_and_d2_in_blocks_of_agents_equal_the_simulator(block_results):
+    _check_tracking_runs(BLOCK_TRACKING_RUNS, block_results[0])
 
 
 # -- a dead or hung peer -----------------------------------------------------------------------

@@ -20,6 +20,8 @@ ALGOS = {
     "compngc": ["algorithm.name=compngc"],
     "cga": ["algorithm.name=cga"],
     "compcga": ["algorithm.name=compcga"],
+    "gt": ["algorithm.name=gt"],
+    "d2": ["algorithm.name=d2", "algorithm.momentum=0", "algorithm.lr=0.1"],  # D² takes no momentum
 }
 
 

@@ -400,7 +400,7 @@ def test_pickle_and_copy_roundtrip():
 
 def test_make_topology(tmp_path):
     assert set(TOPOLOGIES) == {"ring", "directed_ring", "torus", "full", "chain", "star", "exponential",
-                               "erdos_renyi", "edges", "file"}
+                               "erdos_renyi", "edges", "file", "one_peer_exponential", "random_matching"}
     assert make_topology("ring", 5) == Topology.ring(5)
     assert make_topology("Directed-Ring", 4) == Topology.directed_ring(4)
     assert make_topology("torus", 12) == Topology.torus(3, 4)

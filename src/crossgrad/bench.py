@@ -31,6 +31,16 @@ BENCH_ALGORITHMS: dict[str, tuple[str, dict]] = {
     "compngc": ("compngc", dict(momentum=0.9, nesterov=True)),
     "cga": ("cga", dict(momentum=0.9, nesterov=True)),
     "compcga": ("compcga", dict(momentum=0.9, nesterov=True)),
+    # on the bench's ring (doubly stochastic) the push-sum weights stay 1, but every step still pays
+    # for them: the weights' gossip and the de-biasing pass x / w
+    "sgp": ("sgp", dict(momentum=0.9, nesterov=True)),
+    "gt": ("gt", dict(momentum=0.9, nesterov=True)),  # a second round-1 message per edge: the tracked y
+    # its own defaults (no momentum, gamma=0.5), which pass D²'s condition on every symmetric W
+    "d2": ("d2", dict()),
+    # round 1 carries compressed differences: the codec's cost (per-tensor top-k / random-k selection) shows
+    "choco": ("choco", dict(momentum=0.9, nesterov=True)),
+    "choco(top-k)": ("choco", dict(codec="top-k", gamma=0.05, momentum=0.9, nesterov=True)),
+    "choco(random-k)": ("choco", dict(codec="random-k", gamma=0.05, momentum=0.9, nesterov=True)),
 }
 
 

@@ -190,8 +190,18 @@ def cmd_topology(args: argparse.Namespace) -> int:
     print(f"out-degree        {degrees(s['out_degrees'])}")
     print(f"regular           {'yes' if s['regular'] else 'no'}")
     print(f"symmetric W       {'yes' if s['symmetric'] else 'no'}")
+    if not s["doubly_stochastic"]:  # which sums are 1 decides the algorithms (columns: sgp only)
+        print(f"stochastic W      {'rows' if s.get('row_stochastic', True) else 'columns (push-sum: algorithm sgp)'}")
     print(f"doubly stochastic {'yes' if s['doubly_stochastic'] else 'no'}")
-    print(f"spectral gap      {s['spectral_gap']:.6g}")
+    time_varying = s.get("time_varying", False)
+    if time_varying:  # the graph changes every step: the lines above describe step 0's
+        period = s["period"]
+        print(f"time-varying      a new graph every step, {f'period {period}' if period else 'random'}; "
+              "edges and degrees: step 0's")
+        over = "one period's product of W_t" if period else "the expected W_t"
+        print(f"spectral gap      {s['spectral_gap']:.6g} (of {over})")
+    else:
+        print(f"spectral gap      {s['spectral_gap']:.6g}")
     warning = topo.consensus_warning()
     if warning:
         print(f"crossgrad: warning: {warning}", file=sys.stderr)
@@ -199,8 +209,9 @@ def cmd_topology(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_printoptions(precision=4, linewidth=160, sci_mode=False)
-        print("W =")
-        print(topo.W)
+        for t in range(min(s["period"] or 1, 4)) if time_varying else (None,):
+            print("W =" if t is None else f"W_{t} =")
+            print(topo.W if t is None else topo.at(t).W)
     return 0
 
 

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from crossgrad.algorithms import Algorithm
 from crossgrad.comm.dist import CommTimeoutError, DistComm, label
-from crossgrad.engine import Engine, LossFn
-from crossgrad.topology import Topology
+from crossgrad.engine import Engine, LossFn, comm_for
+from crossgrad.topology import TimeVaryingTopology, Topology
 
 __all__ = ["CommTimeoutError", "DistComm", "gather_rows", "gather_state", "init_from_env", "is_main",
            "make_engine", "shutdown"]
@@ -63,7 +63,7 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def make_engine(model: nn.Module, topology: Topology, algorithm: Algorithm,
+def make_engine(model: nn.Module, topology: Topology | TimeVaryingTopology, algorithm: Algorithm,
                 loss_fn: LossFn = nn.functional.cross_entropy, timeout: float = 60.0,
                 device: torch.device | str | None = None, evaluator: str = "auto",
                 check_init: bool = True, on_nonfinite: str = "raise") -> Engine:
@@ -80,11 +80,11 @@ def make_engine(model: nn.Module, topology: Topology, algorithm: Algorithm,
     and raises ValueError on every rank if they differ.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    comm = DistComm(topology.edges, topology.n, timeout=timeout, device=device)
+    comm = comm_for(topology, lambda edges: DistComm(edges, topology.n, timeout=timeout, device=device))
     engine = Engine(model, topology, algorithm, comm, loss_fn, device=device, evaluator=evaluator,
                     on_nonfinite=on_nonfinite)
     if check_init:
-        _check_same_init(engine.x[0], comm.spans)  # the local rows start equal: one per rank says it all
+        _check_same_init(engine.x[0], engine.comm.spans)  # the local rows start equal: one per rank says it all
     return engine
 
 
@@ -126,12 +126,16 @@ def gather_rows(rows: Tensor, dst: int = 0) -> Tensor | None:
 def gather_state(engine: Engine, dst: int = 0) -> dict[str, Tensor | list[Tensor]] | None:
     """Every agent's parameters, buffers and byte counters (all ranks' blocks), stacked on `dst` as in the simulator.
 
-    Returns {"x": [n, P], "buffers": [[n, *shape] per buffer], "bytes_sent": [n, 2]} on `dst`, None
-    elsewhere; the consensus model is x.mean(0). A collective outside training; all ranks must call it.
+    Returns {"x": [n, P], "models": [n, P], "buffers": [[n, *shape] per buffer], "bytes_sent": [n, 2]}
+    on `dst`, None elsewhere: x the engine's rows, models the agents' models (`Engine.models`: push-sum's
+    de-biased x / w, else x itself); the consensus model is models.mean(0). A collective outside
+    training; all ranks must call it.
     """
     x = gather_rows(engine.x, dst)
+    own = engine.models()
+    models = x if own is engine.x else gather_rows(own, dst)
     buffers = [gather_rows(b, dst) for b in engine.buffers]
     sent = gather_rows(engine.comm.bytes_sent.to(engine.x.device), dst)
     if x is None:
         return None
-    return {"x": x, "buffers": buffers, "bytes_sent": sent.cpu()}
+    return {"x": x, "models": models, "buffers": buffers, "bytes_sent": sent.cpu()}

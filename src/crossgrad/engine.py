@@ -27,10 +27,10 @@ from torch import Tensor, nn
 
 from crossgrad.algorithms import Algorithm, CombineContext, combine_weights
 from crossgrad.algorithms.base import StepView, add_weighted_edges, edges_per_agent
-from crossgrad.codecs import ErrorFeedback, make_codec
+from crossgrad.codecs import Codec, ErrorFeedback, Payload, make_codec
 from crossgrad.comm.base import Comm, EdgePlan, SharedMemoryComm
 from crossgrad.flat import ParamLayout
-from crossgrad.topology import Topology
+from crossgrad.topology import Topology, is_time_varying
 from crossgrad.transforms import transforms_for
 
 Batch = tuple[Tensor, Tensor]
@@ -228,6 +228,15 @@ class SharedGossip:
 WIRING_CACHE = 16
 
 CommFactory = Callable[[list[tuple[int, int]]], Comm]
+#: what the comms of one run's graphs share: the byte counters, and a failed round (after it the peers'
+#: message streams are out of step, whichever graph the next step uses)
+RUN_WIDE = ("bytes_sent", "wire_bytes", "failed")
+
+
+def comm_for(topology: Any, make: CommFactory) -> Comm | CommFactory:
+    """What `Engine` takes for `topology`: the Comm of its edges, or for a time-varying topology the
+    factory itself, which the engine calls with each distinct graph's edges."""
+    return make if is_time_varying(topology) else make(topology.edges)
 
 
 class Wiring:
@@ -239,6 +248,7 @@ class Wiring:
 
     def __init__(self, topology: Topology, comm: Comm, algorithm: Algorithm, layout: ParamLayout,
                  dev: torch.device, dtype: torch.dtype):
+        algorithm.check_mixing(topology)  # each graph's W, a time-varying topology's included
         self.comm = comm
         plan = comm.plan
         directed = topology.is_directed
@@ -250,6 +260,7 @@ class Wiring:
                                                                      plan.out_src))),
             layout=layout, self_w=self_w.to(dev), in_w=in_w.to(dev), out_w=out_w.to(dev),
             in_k=edges_per_agent(plan.in_dst, plan.n_local), out_k=edges_per_agent(plan.out_src, plan.n_local),
+            dtype=dtype,
         )
         gamma = algorithm.gamma
         self.gossip_self = (1 - gamma + gamma * gossip_self).to(dtype).to(dev)
@@ -277,6 +288,18 @@ class Wiring:
         torch.mul(x, self.gossip_self.unsqueeze(1), out=out)
         add_weighted_edges(out, received, self.plan.in_dst, self.gossip_in, self.ctx.in_k, alpha=1.0)
         return received, self.edges
+
+    def round2(self, payload: Payload, sent: Tensor, codec: Codec | None, out: Tensor) -> Tensor:
+        """Send payload row e back along in-edge e; returns the arriving rows per out-edge, decoded, in `out`.
+
+        sent[e] is payload row e's decoded value as its sender knows it. In-process the receiver reads
+        that row in place: the payload is still built and counted, and a codec's roundtrip is its
+        decode(encode()) bit for bit, so decoding it again would give the same rows.
+        """
+        if self.shared:
+            return torch.index_select(sent, 0, self.comm.share_edges(payload), out=out)
+        arrived = self.comm.exchange_edges(payload)
+        return arrived[0] if codec is None else codec.decode(arrived, out.dtype, out=out)
 
     def mix(self, rows: Tensor) -> Tensor:
         """Gossip another block of rows [n_local, P] with this step's matrix (one more round-1 message)."""
@@ -362,11 +385,16 @@ class Engine:
         #: the self-gradient (one per agent); None where the algorithm compresses nothing there
         self.edge_codec: ErrorFeedback | None = None
         self.self_codec: ErrorFeedback | None = None
-        if algorithm.codec is not None:
-            self.edge_codec = ErrorFeedback(make_codec(algorithm.codec, layout))
+        if algorithm.codec is not None and algorithm.cross_gradients:  # (Choco's codec compresses models)
+            # random-k draws per message stream, named alike on every backend: agent a's own is a, edge j -> i's
+            # n + j n + i
+            plan = self.ctx.plan
+            agents = torch.tensor(plan.local, dtype=torch.long, device=dev)
+            edge_streams = plan.n * (1 + plan.in_src) + agents[plan.in_dst]
+            self.edge_codec = ErrorFeedback(make_codec(algorithm.codec, layout, streams=edge_streams))
             self.edge_codec.init((len(self.plan.in_src), layout.size), self.dtype, dev)
             if algorithm.compress_self:
-                self.self_codec = ErrorFeedback(make_codec(algorithm.codec, layout))
+                self.self_codec = ErrorFeedback(make_codec(algorithm.codec, layout, streams=agents))
                 self.self_codec.init(self.x.shape, self.dtype, dev)
         self.evaluate = LoopEvaluator(model, layout, loss_fn)
         self.evaluate_batched: VmapEvaluator | None = None
@@ -376,8 +404,8 @@ class Engine:
         if evaluator == "vmap" or (evaluator == "auto" and dev.type == "cuda" and not has_buffers):
             self.evaluate_batched = VmapEvaluator(model, layout, loss_fn)
         self.grads = torch.empty(len(self.wiring.pair_data), layout.size, dtype=self.dtype, device=dev)
-        decoded_rows = len(self.plan.out_dst) if algorithm.codec is not None and algorithm.round2 else 0
-        self._decoded = torch.empty(decoded_rows, layout.size, dtype=self.dtype, device=dev)
+        # round 2's arriving rows, decoded or read in place (allocated at the first step that needs them)
+        self._decoded = torch.empty(0, layout.size, dtype=self.dtype, device=dev)
         self.stats = StepStats()
         self.clock = PhaseClock(dev)
         #: the last step's self, model-variant and data-variant gradients (for diagnostics)
@@ -400,6 +428,12 @@ class Engine:
     def shared(self) -> bool:
         return self.wiring.shared
 
+    def models(self) -> Tensor:
+        """The local agents' models [n_local, P], what evaluation, the consensus model and the simulator's
+        params mean by an agent's model: the rows x themselves (no copy) for every method that keeps its
+        models in them; push-sum keeps numerators in x and returns the de-biased x / w."""
+        return self.algorithm.models(self.x, self.algo_state)
+
     def _wiring_at(self, step: int) -> Wiring:
         """The wiring of a time-varying topology's graph at `step`, built the first time that graph occurs."""
         topology = self.topology.at(step)
@@ -407,11 +441,11 @@ class Engine:
         wiring = self._wirings.get(key)
         if wiring is None:
             comm = self._make_comm(topology.edges)
-            if self._wirings:  # one set of counters for the whole run
+            if self._wirings:  # one set of counters, and one failure state (DistComm), for the whole run
                 first = next(iter(self._wirings.values())).comm
-                comm.bytes_sent = first.bytes_sent
-                if hasattr(first, "wire_bytes"):
-                    comm.wire_bytes = first.wire_bytes
+                for name in RUN_WIDE:
+                    if hasattr(first, name):
+                        setattr(comm, name, getattr(first, name))
             wiring = Wiring(topology, comm, self.algorithm, self.layout, self.device, self.dtype)
             if len(self._wirings) >= WIRING_CACHE:
                 self._wirings.pop(next(k for k in self._wirings if self._wirings[k] is not self.wiring))
@@ -438,8 +472,11 @@ class Engine:
         clock = self.clock
         clock.start()
         x, x_half = self.x, self._spare
-        received, index = wiring.round1(x, out=x_half)  # round 1 and gossip (steps 1-2)
-        rows = PairRows(x_half, received, index) if algo.cross_gradients else PairRows(x_half)
+        own = algo.gossip(self.ctx, wiring.comm, x, x_half, self.algo_state)  # Choco: its compressed round 1
+        received, index = own if own is not None else wiring.round1(x, out=x_half)  # round 1 and gossip (steps 1-2)
+        view = StepView(x_half=x_half, lr=self.lr, step=self.stats.steps, mix=wiring.mix)
+        at = algo.gradient_rows(self.ctx, view, self.algo_state)  # x_half itself, but push-sum's x_half / w
+        rows = PairRows(at, received, index) if algo.cross_gradients else PairRows(at)
         clock.tick("gossip")
         evaluate = self.evaluate
         if self.evaluate_batched is not None and VmapEvaluator.supports(self.evaluate.worker, batches):
@@ -449,23 +486,22 @@ class Engine:
         clock.tick("gradients")
         g_self, mv = self.grads[:n], (self.grads[n:] if algo.cross_gradients else None)
         dv = None
+        codec = None
+        payload: Payload = (mv,)
         if self.edge_codec is not None:
+            codec = self.edge_codec.codec
             # the raw gradients are dead once corrected: their compressed values overwrite them
             payload, mv = self.edge_codec.encode(mv, out=mv)
             if self.self_codec is not None:
                 g_self = self.self_codec.roundtrip(g_self, out=g_self)
             clock.tick("compress")
-            if algo.round2:
-                arrived = self.comm.exchange_edges(payload)
-                clock.tick("exchange")
-                # decoded into the cross-gradient rows' twin buffer, reused every step
-                dv = self.edge_codec.codec.decode(arrived, self.dtype, out=self._decoded)
-                clock.tick("compress")
-        elif algo.round2:
-            dv = self.comm.exchange_edges((mv,))[0]
+        if algo.round2:
+            if (wiring.shared or codec is not None) and len(self._decoded) != len(plan.out_dst):
+                self._decoded = self._decoded.new_empty(len(plan.out_dst), self.layout.size)
+            # into a buffer reused every step
+            dv = wiring.round2(payload, mv, codec, out=self._decoded)
             clock.tick("exchange")
         self.last = {"g_self": g_self, "mv": mv, "dv": dv}
-        view = StepView(x_half=x_half, lr=self.lr, step=self.stats.steps, mix=wiring.mix)
         d = algo.combine(self.ctx, g_self, mv, dv, self.algo_state, view)
         clock.tick("combine")
         self.transforms.apply(d, x_half, self.lr)

@@ -19,9 +19,10 @@ def evaluate(sim: Any, test: Dataset, batch_size: int = 1024) -> dict[str, Any]:
     from crossgrad.run.evaluate import accuracy_record, consensus_buffers, score_models, score_rows
 
     e = sim.engine
+    models = e.models()  # push-sum's de-biased x / w, else the rows x themselves
     x, y = normalized(test).to(e.x.device), test.y.long().to(e.x.device)
-    correct, _ = score_models(sim.model, e.layout, e.x, e.buffers, x, y, batch_size)
-    centre = e.x.mean(0, keepdim=True)
+    correct, _ = score_models(sim.model, e.layout, models, e.buffers, x, y, batch_size)
+    centre = models.mean(0, keepdim=True)
     c_correct, c_loss = score_rows(sim.model, e.layout, centre, consensus_buffers(e.buffers), x, y, batch_size)
     out = accuracy_record(torch.cat([correct, c_correct]).cpu(), float(c_loss[0]), len(y))
     out["consensus_distance"] = sim.consensus_distance()

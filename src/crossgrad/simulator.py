@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from crossgrad.algorithms import Algorithm
 from crossgrad.comm.local import LocalComm
-from crossgrad.engine import Batch, Engine, LossFn
-from crossgrad.topology import Topology
+from crossgrad.engine import Batch, Engine, LossFn, comm_for
+from crossgrad.topology import TimeVaryingTopology, Topology
 
 
 def run_stats(steps: int, grad_evals: int, bytes_sent: Tensor, qp_failures: int) -> dict[str, Any]:
@@ -29,8 +29,11 @@ def run_stats(steps: int, grad_evals: int, bytes_sent: Tensor, qp_failures: int)
 class Simulator:
     """Runs one algorithm on every agent of `topology`, all starting from `model`'s weights.
 
+    `topology` may be time-varying (crossgrad.topology.timevarying): each step then uses its own graph.
+
     Computation happens in the model's dtype and on its device (or `device`). `params` is the
-    [n, P] parameter matrix, row i = agent i, flattened in `model.parameters()` order.
+    [n, P] parameter matrix, row i = agent i, flattened in `model.parameters()` order (for push-sum,
+    `sgp`, the de-biased models x / w; `engine.x` holds its numerators).
     `evaluator`: "loop" evaluates (model, minibatch) pairs one by one (best on CPU), "vmap" all at
     once with torch.func (best on GPU; buffer-free models), "auto" picks by device.
     """
@@ -38,14 +41,15 @@ class Simulator:
     def __init__(
         self,
         model: nn.Module,
-        topology: Topology,
+        topology: Topology | TimeVaryingTopology,
         algorithm: Algorithm,
         loss_fn: LossFn = torch.nn.functional.cross_entropy,
         device: torch.device | str | None = None,
         evaluator: str = "auto",
     ):
         self.topology = topology
-        comm = LocalComm(topology.edges, topology.n, device=device or next(model.parameters()).device)
+        dev = device or next(model.parameters()).device
+        comm = comm_for(topology, lambda edges: LocalComm(edges, topology.n, device=dev))
         self.engine = Engine(model, topology, algorithm, comm, loss_fn, device=device, evaluator=evaluator)
         self.model = model
 
@@ -55,7 +59,8 @@ class Simulator:
 
     @property
     def params(self) -> Tensor:
-        return self.engine.x
+        """The agents' models [n, P] (`Engine.models`: push-sum's de-biased x / w, else the rows x themselves)."""
+        return self.engine.models()
 
     @property
     def lr(self) -> float:
@@ -69,12 +74,12 @@ class Simulator:
         return self.engine.step(batches)
 
     def consensus(self) -> Tensor:
-        """The exact average of all agents' parameters, [P]."""
-        return self.engine.x.mean(0)
+        """The exact average of all agents' models, [P]."""
+        return self.engine.models().mean(0)
 
     def consensus_distance(self) -> float:
-        """(1/n) sum_i ||x_i - x_bar||^2."""
-        x = self.engine.x
+        """(1/n) sum_i ||x_i - x_bar||^2 over the agents' models x_i."""
+        x = self.engine.models()
         return float(((x - x.mean(0)) ** 2).sum(1).mean())
 
     @property

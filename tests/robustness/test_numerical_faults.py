@@ -8,6 +8,7 @@ import torch
 
 from crossgrad.cli import main
 from crossgrad.comm.local import LocalComm
+from crossgrad.engine import Wiring
 from crossgrad.run.data import AgentBatches
 from crossgrad.run.rundir import CHECKPOINT, SUMMARY
 
@@ -26,8 +27,8 @@ def poison_nth_call(monkeypatch, cls, name, n, value=float("nan")):
     original = getattr(cls, name)
     calls = {"n": 0}
 
-    def poisoned(self, payload):
-        out = original(self, payload)
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == n:
             if isinstance(out, tuple):
@@ -52,7 +53,8 @@ def assert_stopped_cleanly(tmp_path, rc, err):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nonfinite_cross_gradient_received_in_round_2(tmp_path, capsys, monkeypatch, value):
-    poison_nth_call(monkeypatch, LocalComm, "exchange_edges", POISON_AT, value)
+    # in-process, round 2's receivers read the senders' decoded rows in place (Wiring.round2): poison them there
+    poison_nth_call(monkeypatch, Wiring, "round2", POISON_AT, value)
     rc, err = run_cli(capsys, tmp_path)
     assert_stopped_cleanly(tmp_path, rc, err)
     assert "cross-gradient received from agent" in err and "round 2" in err
@@ -86,7 +88,7 @@ def test_nonfinite_input_batch_names_the_loss(tmp_path, capsys, monkeypatch):
 def test_diverged_run_resumes_from_its_last_finite_checkpoint(tmp_path, capsys, monkeypatch):
     from crossgrad.sweep import SweepRun, _status
 
-    poison_nth_call(monkeypatch, LocalComm, "exchange_edges", POISON_AT)  # a one-off fault (a flipped bit)
+    poison_nth_call(monkeypatch, Wiring, "round2", POISON_AT)  # a one-off fault (a flipped bit)
     rc, err = run_cli(capsys, tmp_path)
     assert rc == 1 and "the last finite checkpoint (step 9)" in err and f"--resume {tmp_path / 'r'}" in err
     assert _status(SweepRun(None, tmp_path / "r")) == "done"  # a sweep never resumes it into a loop by itself

@@ -15,8 +15,12 @@ from crossgrad.algorithms.base import (
     combine_weights,
 )
 from crossgrad.algorithms.cga import CGA, CGAState, CompCGA
+from crossgrad.algorithms.choco import Choco, ChocoState
+from crossgrad.algorithms.d2 import D2, D2State
 from crossgrad.algorithms.dsgd import DSGD
 from crossgrad.algorithms.ngc import NGC, CompNGC
+from crossgrad.algorithms.sgp import SGP, PushSumState
+from crossgrad.algorithms.tracking import GT, TrackingState
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
 
@@ -26,7 +30,7 @@ def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
     return cls
 
 
-for _cls in (DSGD, NGC, CompNGC, CGA, CompCGA):
+for _cls in (DSGD, NGC, CompNGC, CGA, CompCGA, GT, D2, Choco, SGP):
     register_algorithm(_cls)
 
 
@@ -54,7 +58,8 @@ def make_algorithm(name: str, **kwargs: Any) -> Algorithm:
 
 
 __all__ = [
-    "ALGORITHMS", "Algorithm", "AlgorithmState", "CGA", "CGAState", "CombineContext", "CompCGA", "CompNGC",
-    "ConfigError", "CrossGradientAlgorithm", "DSGD", "NGC", "NoState", "StepView", "algorithm_options", "combine_weights",
-    "make_algorithm", "register_algorithm",
+    "ALGORITHMS", "Algorithm", "AlgorithmState", "CGA", "CGAState", "Choco", "ChocoState", "CombineContext",
+    "CompCGA", "CompNGC", "ConfigError", "CrossGradientAlgorithm", "D2", "D2State", "DSGD", "GT", "NGC", "NoState",
+    "PushSumState", "SGP", "StepView", "TrackingState", "algorithm_options", "combine_weights", "make_algorithm",
+    "register_algorithm",
 ]

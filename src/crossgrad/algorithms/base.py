@@ -7,8 +7,8 @@ algorithm dataclass is the one source of its hyperparameters and their defaults.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Protocol, get_type_hints
 
 import torch
@@ -18,6 +18,7 @@ from crossgrad.codecs import CODECS
 from crossgrad.comm.base import EdgePlan
 from crossgrad.errors import ConfigError
 from crossgrad.flat import ParamLayout
+from crossgrad.topology.checks import ROW_TOL
 
 
 @dataclass
@@ -27,6 +28,7 @@ class CombineContext:
     self_w[i]: weight of agent i's self-gradient; in_w[e]: weight of the model-variant gradient on
     in-edge e; out_w[e]: weight of the data-variant gradient arriving on out-edge e. in_k / out_k: the
     number of in- / out-edges of every local agent when they all have the same (a regular graph), else None.
+    dtype: the dtype of the parameter rows, for algorithm state kept in rows (init_state).
     """
 
     plan: EdgePlan
@@ -36,6 +38,7 @@ class CombineContext:
     out_w: Tensor
     in_k: int | None = None
     out_k: int | None = None
+    dtype: torch.dtype = torch.float32
 
 
 @dataclass(frozen=True)
@@ -192,9 +195,44 @@ class Algorithm:
         """Raise ConfigError if the method cannot run on `topology` (a Topology, or a time-varying one
         with an `at(step)` method); called once when the engine is built."""
 
+    def check_mixing(self, topology: Any) -> None:
+        """Raise ConfigError if the method cannot gossip with this graph's W (one Topology); the engine
+        calls it for every graph it wires, each graph of a time-varying topology included.
+
+        Every method but push-sum averages what an agent receives, which keeps the network's mean
+        model only when each agent's weights over itself and its in-neighbours sum to 1.
+        """
+        if not topology.is_row_stochastic:
+            sums = topology.W.sum(1)
+            i = int(((sums - 1).abs() > ROW_TOL).nonzero()[0])  # the first offending row, as Topology names it
+            raise ConfigError(
+                f"{self.name} needs a row-stochastic W (each agent's weights over itself and its in-neighbours "
+                f"sum to 1), but row {i} of the {topology.name} topology's W sums to {sums[i].item():.6g} (a "
+                "column-stochastic, push-sum W); use algorithm 'sgp' (push-sum undoes the bias of such a W) or "
+                "row-stochastic weights (topology.weights = 'uniform' or 'metropolis')")
+
+    def gradient_rows(self, ctx: CombineContext, view: StepView, state: AlgorithmState) -> Tensor:
+        """The rows [n_local, P] the self-gradients are taken at (step 3), after the gossip: view.x_half
+        itself by default. Push-sum keeps numerators in the rows and de-biases them here (x_half / w)."""
+        return view.x_half
+
+    def models(self, x: Tensor, state: AlgorithmState) -> Tensor:
+        """The agents' models given the engine's rows x [n_local, P] (see Engine.models): x itself by
+        default, push-sum's de-biased x / w."""
+        return x
+
     def init_state(self, ctx: CombineContext, device: torch.device) -> AlgorithmState:
         """The state at the first step; every tensor of it on `device`."""
         return NoState()
+
+    def gossip(self, ctx: CombineContext, comm: Any, x: Tensor, out: Tensor,
+               state: AlgorithmState) -> tuple[Tensor, Tensor] | None:
+        """Steps 1-2 done by the algorithm itself, for methods that send something other than their
+        models in round 1 (Choco sends compressed differences through comm.exchange_payload): write
+        the rows the gradients are taken at into `out` and return (rows, index) as the engine's round
+        1 does: in-edge e's sender as this agent knows it is rows[index[e]] (read to blame a
+        non-finite step on a sender). None, the default: the engine exchanges and gossips x itself."""
+        return None
 
     def combine(
         self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: AlgorithmState,
@@ -243,3 +281,11 @@ class CrossGradientAlgorithm(Algorithm):
                               "(or none for uncompressed)")
         if self.codec is None and not self.compress_self:
             raise ConfigError("compress_self=false only applies with a codec (this algorithm compresses nothing)")
+
+    def check_topology(self, topology: Any) -> None:
+        super().check_topology(topology)
+        if self.codec is not None and callable(getattr(topology, "at", None)):
+            raise ConfigError(
+                f"{self.name} with codec={self.codec!r} needs one fixed graph: the sender keeps an error memory per "
+                "edge, and on a time-varying topology an edge comes back only every few steps (or at random), so "
+                "its memory would carry a stale residual; use ngc without a codec, or a static graph")

@@ -62,6 +62,14 @@ class CGA(CrossGradientAlgorithm):
     def round2(self) -> bool:
         return True
 
+    def check_topology(self, topology: Any) -> None:
+        super().check_topology(topology)
+        if callable(getattr(topology, "at", None)):
+            raise ConfigError(
+                f"{self.name} needs one fixed graph: where a QP solve fails it reuses the previous step's "
+                "multipliers v, one per neighbour, and on a time-varying topology the neighbours change every "
+                "step; use ngc or dsgd on it")
+
     def init_state(self, ctx: CombineContext, device: torch.device) -> CGAState:
         plan = ctx.plan
         out_src = plan.out_src.to(device)

@@ -66,6 +66,13 @@ class Comm(Protocol):
         """Round 2: send payload row e back along in-edge e; return what arrives, indexed by out-edge."""
         ...
 
+    def exchange_payload(self, payload: Payload) -> tuple[Payload, Tensor]:
+        """Round 1 with a message per local agent that is not its model (Choco's compressed difference):
+        payload row k goes along local agent k's out-edges. Returns (pool, index): the pool holds one
+        row per distinct sender, the local agents' own rows first (as given, in order), then those of the
+        other agents the local ones receive from, ascending; in-edge e's message is pool row index[e]."""
+        ...
+
 
 @runtime_checkable
 class SharedMemoryComm(Comm, Protocol):
@@ -81,9 +88,22 @@ class SharedMemoryComm(Comm, Protocol):
         """Round 1 without copies: counts what `exchange` would send; returns the rows every agent reads."""
         ...
 
+    def share_edges(self, payload: Payload) -> Tensor:
+        """Round 2 without copies: counts what `exchange_edges` would send; returns [E_out], the in-edge
+        whose message each out-edge receives (the receiver reads the sender's row in place)."""
+        ...
+
 
 def count_round1(comm: Comm, x: Tensor) -> None:
     _count(comm.bytes_sent[:, 0], comm.plan.out_src, x.shape[1] * x.element_size())
+
+
+def count_round1_payload(comm: Comm, payload: Payload) -> None:
+    _count(comm.bytes_sent[:, 0], comm.plan.out_src, sum(_row_bytes(t) for t in payload))
+
+
+def _row_bytes(t: Tensor) -> int:
+    return t[0].numel() * t.element_size() if len(t) else 0
 
 
 def count_round2(comm: Comm, payload: Payload) -> None:

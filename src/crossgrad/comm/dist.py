@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from crossgrad.codecs import Payload
-from crossgrad.comm.base import EdgePlan, agent_blocks, count_round1, count_round2
+from crossgrad.comm.base import EdgePlan, agent_blocks, count_round1, count_round1_payload, count_round2
 
 ROUND1 = "round 1 (models)"
 ROUND2 = "round 2 (cross-gradients)"
@@ -230,7 +230,8 @@ class DistComm:
         self.timeout = float(timeout)
         self.device = torch.device(device)
         self._poll = dist.get_backend() == "nccl"
-        self._failed: CommTimeoutError | None = None
+        #: the failed round, if any (a list: the comms of a time-varying topology's graphs share it)
+        self.failed: list[CommTimeoutError] = []
         self._plan_routes(blocks)
 
     def _plan_routes(self, blocks: list[range]) -> None:
@@ -290,6 +291,23 @@ class DistComm:
         self._run(ops, ROUND1, 0)
         return pool.index_select(0, self._pool1)
 
+    def exchange_payload(self, payload: Payload) -> tuple[Payload, Tensor]:
+        """Round 1 with a payload row per local agent instead of its model: the same messages as
+        `exchange` (one per peer rank, several tensors packed as in round 2). The pool is round 1's:
+        the local rows, then each peer's rows in rank order (peers hold ascending blocks of agents)."""
+        count_round1_payload(self, payload)
+        ops, received = [], []
+        for q, rows in self._send1.items():
+            if len(rows):
+                ops.append((dist.isend, _pack([t.index_select(0, rows) for t in payload]), q))
+            if self._recv1[q]:
+                buffer = _receive_buffer(payload, self._recv1[q])
+                ops.append((dist.irecv, buffer, q))
+                received.append((buffer, self._recv1[q]))
+        self._run(ops, ROUND1, 0)
+        parts = [_unpack(buffer, payload, rows) for buffer, rows in received]
+        return tuple(torch.cat([t, *(p[k] for p in parts)]) for k, t in enumerate(payload)), self._pool1
+
     def exchange_edges(self, payload: Payload) -> Payload:
         """Round 2: row e of every payload tensor goes back to in-edge e's source; one row per out-edge returns.
 
@@ -314,9 +332,10 @@ class DistComm:
     # -- posting and waiting -------------------------------------------------------------------
 
     def _run(self, ops: list[tuple], round_name: str, round_index: int) -> None:
-        if self._failed is not None:
-            raise CommTimeoutError(self.rank, self._failed.peers, round_name,
-                                   f"an earlier round failed ({self._failed})", self.spans)
+        if self.failed:
+            earlier = self.failed[0]
+            raise CommTimeoutError(self.rank, earlier.peers, round_name, f"an earlier round failed ({earlier})",
+                                   self.spans)
         if not ops:
             return
         self.wire_bytes[round_index] += sum(t.numel() * t.element_size() for op, t, _ in ops if op is dist.isend)
@@ -380,7 +399,7 @@ class DistComm:
         grace = min(0.25 * self.timeout, 2.0) if detail.startswith("no answer") else 0.2
         detail = _blame(self.rank, peers, detail, _reports(peers, grace), self.spans)
         error = CommTimeoutError(self.rank, peers, round_name, detail, self.spans)
-        self._failed = error
+        self.failed.append(error)
         if self._poll:  # NCCL: pending kernels would block the process at exit; abort the communicator
             abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
             if abort is not None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from crossgrad.codecs import Payload
-from crossgrad.comm.base import EdgePlan, count_round1, count_round2
+from crossgrad.comm.base import EdgePlan, count_round1, count_round1_payload, count_round2
 
 
 class LocalComm:
@@ -35,6 +35,15 @@ class LocalComm:
     def share(self, x: Tensor) -> Tensor:
         count_round1(self, x)
         return x
+
+    def exchange_payload(self, payload: Payload) -> tuple[Payload, Tensor]:
+        """Round 1 of a per-agent payload: every agent is local, so the pool is the payload itself."""
+        count_round1_payload(self, payload)
+        return payload, self.sources
+
+    def share_edges(self, payload: Payload) -> Tensor:
+        count_round2(self, payload)
+        return self._back
 
     def exchange_edges(self, payload: Payload) -> Payload:
         """Round 2 by indexing, into buffers kept from the previous step (valid until the next call)."""

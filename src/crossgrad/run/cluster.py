@@ -74,9 +74,9 @@ class LocalCluster:
 
     def build_engine(self, p: Prepared) -> Any:
         from crossgrad.comm.local import LocalComm
-        from crossgrad.engine import Engine
+        from crossgrad.engine import Engine, comm_for
 
-        comm = LocalComm(p.topology.edges, p.topology.n, device=p.device)
+        comm = comm_for(p.topology, lambda edges: LocalComm(edges, p.topology.n, device=p.device))
         return Engine(p.model, p.topology, p.algorithm, comm, torch.nn.functional.cross_entropy,
                       device=p.device, on_nonfinite="record")
 

@@ -19,9 +19,12 @@ A config file has the sections below (every key optional; defaults shown by `Con
     [topology]
     name = "ring"
     n_agents = 5
-    weights = "uniform"             # mixing matrix: uniform | metropolis (see crossgrad.topology)
+    weights = "uniform"             # mixing matrix: uniform | metropolis (see crossgrad.topology), or
+                                    # out_uniform: column-stochastic, for push-sum (algorithm sgp)
     options = {}                    # builder options: {edges = [[0, 1], ...]} for name = "edges",
-                                    # {path = "W.txt"} for name = "file" (relative to this file)
+                                    # {path = "W.txt"} for name = "file" (relative to this file),
+                                    # {seed = 0} for name = "random_matching" (a new graph every step,
+                                    # as "one_peer_exponential"; see docs/algorithms.md)
 
     [algorithm]
     name = "ngc"                    # dsgd | ngc | compngc | cga | compcga
@@ -278,7 +281,7 @@ class Config:
     def run_name(self) -> str:
         if self.output.name:
             return self.output.name
-        slug = re.sub(r"[^a-z0-9.]+", "-", self.method.lower().replace("α", "a")).strip("-")
+        slug = re.sub(r"[^a-z0-9.]+", "-", self.method.lower().replace("α", "a").replace("²", "2")).strip("-")
         return f"{slug}_{self.setting.replace('/', '_')}_s{self.training.seed}"
 
 
@@ -330,6 +333,16 @@ def method_label(cfg: Config) -> str:
         return f"NGC (α={_fmt_num(a['alpha'])})"
     if name in ("cga", "compcga"):
         return "CompCGA" if compressed else "CGA"
+    if name == "sgp":
+        return "SGP"
+    if name == "gt":  # the momentum form shows, as DSGD's does
+        if a["qgm"]:
+            return "GT (QGM)"
+        if a["momentum"] > 0:
+            return "GTm-N" if a["nesterov"] else "GTm"
+        return "GT"
+    if name == "d2":
+        return "D²"
     return cfg.algorithm.name
 
 

@@ -212,12 +212,13 @@ def evaluate(engine: Any, p: Any, cluster: Any, totals: TrainTotals, batch_size:
     A collective: every process calls it at the same step.
     """
     e, x, y = engine, p.x_test, p.y_test
-    correct, loss = score_models(p.model, e.layout, e.x, e.buffers, x, y, batch_size)
+    models = e.models()  # the agents' models: push-sum's de-biased x / w, else the rows x themselves
+    correct, loss = score_models(p.model, e.layout, models, e.buffers, x, y, batch_size)
     per_agent = cluster.gather(torch.stack([correct.double(), totals.mean_loss()], 1))
     b = totals.bias
     bias = cluster.gather(torch.tensor([[float(b[0]), b[1], float(b[2]), b[3]]], dtype=torch.float64,
                                        device=e.x.device))
-    xs = cluster.gather(e.x)
+    xs = cluster.gather(models)
     bufs = [cluster.gather(buf) for buf in e.buffers]
     stats = gather_stats(e, cluster)
     if stats is None:

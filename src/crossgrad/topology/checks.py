@@ -5,9 +5,12 @@ import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-ROW_TOL = 1e-9     # |row sum - 1| allowed (relative to 1)
+ROW_TOL = 1e-9     # |row sum - 1| (or |column sum - 1| for a column-stochastic W) allowed
 SYM_TOL = 1e-12    # |W - W^T| allowed for is_symmetric
-WEIGHT_SCHEMES = ("uniform", "metropolis")
+WEIGHT_SCHEMES = ("uniform", "metropolis", "out_uniform")
+#: which sums of W are 1: "row" (each agent averages what it receives) or "column" (each agent splits
+#: what it sends, as push-sum needs)
+STOCHASTIC = ("row", "column")
 
 #: the most agents a topology may have: W is a dense n x n matrix (4096 agents: 128 MiB)
 MAX_AGENTS = 4096
@@ -46,8 +49,16 @@ def check_int(value: Any, what: str, minimum: int | None = None, maximum: int | 
 
 def check_scheme(weights: str) -> str:
     if weights not in WEIGHT_SCHEMES:
-        raise TopologyError(f"weights must be 'uniform' or 'metropolis', got {weights!r}")
+        raise TopologyError(f"weights must be 'uniform' or 'metropolis' (row-stochastic W), or 'out_uniform' "
+                            f"(column-stochastic W, for push-sum: algorithm 'sgp'), got {weights!r}")
     return weights
+
+
+def check_stochastic(stochastic: str) -> str:
+    if stochastic not in STOCHASTIC:
+        raise TopologyError(f"stochastic must be 'row' (rows of W sum to 1) or 'column' (columns sum to 1), "
+                            f"got {stochastic!r}")
+    return stochastic
 
 
 def reach(adj_out: Sequence[Sequence[int]], start: int) -> set[int]:

@@ -1,11 +1,14 @@
-"""The :class:`Topology` class: an immutable graph of agents with a validated row-stochastic mixing matrix.
+"""The :class:`Topology` class: an immutable graph of agents with a validated stochastic mixing matrix.
 
 ``W[i, j] > 0`` with ``j != i`` means agent ``i`` *receives* from agent ``j``: ``j`` is an
-in-neighbour of ``i`` and the edge is written ``(src, dst) = (j, i)``. Each row of ``W`` is the
-averaging rule of one receiver, so rows sum to 1; columns need not (directed graphs).
+in-neighbour of ``i`` and the edge is written ``(src, dst) = (j, i)``. By default each row of ``W``
+is the averaging rule of one receiver, so rows sum to 1; columns need not (directed graphs). A
+*column-stochastic* topology (``stochastic="column"``) is the other way round: column ``j`` is how
+agent ``j`` splits what it sends over itself and its out-neighbours, so columns sum to 1 and rows
+need not. Only push-sum (algorithm ``sgp``) mixes with such a W without bias; the others refuse it.
 
-Every constructor validates what it builds (square, finite, non-negative, rows summing to 1,
-strongly connected), so an algorithm handed a ``Topology`` never has to re-check it.
+Every constructor validates what it builds (square, finite, non-negative, rows (or columns) summing
+to 1, strongly connected), so an algorithm handed a ``Topology`` never has to re-check it.
 
 Mixing weights (``weights=``) for graphs built from edges:
 
@@ -15,6 +18,9 @@ Mixing weights (``weights=``) for graphs built from edges:
 * ``"metropolis"``: Metropolis–Hastings, ``w_ij = 1 / (1 + max(deg_i, deg_j))`` and
   ``w_ii = 1 - sum_j w_ij``. Symmetric and doubly stochastic on any undirected graph; not defined
   for directed graphs.
+* ``"out_uniform"``: ``w_ij = 1 / (outdeg_j + 1)`` for ``i`` in ``N_out(j) ∪ {j}``: every agent
+  splits its mass uniformly over itself and its out-neighbours, knowing only its out-degree. A
+  column-stochastic W (``stochastic="column"``), for push-sum; doubly stochastic on regular graphs.
 
 Note on ``torus``: the reference NGC code's "torus" was really the circulant graph ``C_n(1, 5)``
 (agent i linked to i ± 1 and i ± 5), which is not a torus and breaks for ``n = 10`` (i + 5 and
@@ -37,39 +43,45 @@ from crossgrad.topology.checks import (
     TopologyError,
     check_int,
     check_scheme,
+    check_stochastic,
     connectivity_problem,
-    reach,
 )
 
 
-def _rebuild(W: Tensor, name: str, params: dict[str, Any]) -> Topology:
+def _rebuild(W: Tensor, name: str, params: dict[str, Any], connected: bool = True,
+             stochastic: str = "row") -> Topology:
     """Pickle/copy support: the object is immutable, so state is restored through the constructor."""
-    return Topology(W, name=name, _params=params)
+    return Topology(W, name=name, stochastic=stochastic, _params=params, _connected=connected)
 
 
 # ----------------------------------------------------------------------------- the class
 
 
 class Topology:
-    """An immutable communication graph of ``n`` agents with a row-stochastic mixing matrix.
+    """An immutable communication graph of ``n`` agents with a row-stochastic mixing matrix (or, with
+    ``stochastic="column"``, a column-stochastic one, for push-sum).
 
     Build one with :meth:`from_weights`, :meth:`from_edges`, a named constructor (:meth:`ring`,
     :meth:`torus`, ...) or :func:`make_topology`. ``Topology(W, name)`` is the same as
     :meth:`from_weights`.
     """
 
-    __slots__ = ("_W", "_name", "_params", "_in", "_out", "_gap")
+    __slots__ = ("_W", "_name", "_params", "_in", "_out", "_gap", "_connected", "_stochastic")
 
     # -------------------------------------------------------------- construction / validation
 
     def __init__(self, W: Tensor | np.ndarray | Sequence[Sequence[float]], name: str = "custom",
-                 *, _params: dict[str, Any] | None = None) -> None:
-        Wt = self._validate(W)
+                 *, stochastic: str = "row", _params: dict[str, Any] | None = None,
+                 _connected: bool = True) -> None:
+        # _connected=False skips the connectivity check, for one step of a time-varying graph (see
+        # crossgrad.topology.timevarying), which connects the agents only over several steps
+        stochastic = check_stochastic(stochastic)
+        Wt = self._validate(W, stochastic)
         n = Wt.shape[0]
         pos = (Wt > 0).numpy()
         ins = tuple(tuple(int(j) for j in np.flatnonzero(pos[i]) if j != i) for i in range(n))
         outs = tuple(tuple(int(i) for i in np.flatnonzero(pos[:, j]) if i != j) for j in range(n))
-        problem = connectivity_problem(ins, outs)
+        problem = connectivity_problem(ins, outs) if _connected else None
         if problem is not None:
             raise TopologyError(problem)
         Wt.requires_grad_(False)
@@ -80,10 +92,12 @@ class Topology:
         set_(self, "_in", ins)
         set_(self, "_out", outs)
         set_(self, "_gap", None)
+        set_(self, "_connected", bool(_connected))
+        set_(self, "_stochastic", stochastic)
 
     @staticmethod
-    def _validate(W: Any) -> Tensor:
-        """Convert to a fresh float64 CPU tensor and check shape, finiteness, signs and row sums."""
+    def _validate(W: Any, stochastic: str = "row") -> Tensor:
+        """Convert to a fresh float64 CPU tensor and check shape, finiteness, signs and row (or column) sums."""
         try:
             src = W.detach() if isinstance(W, Tensor) else torch.as_tensor(np.asarray(W))
         except (TypeError, ValueError, RuntimeError) as err:
@@ -104,6 +118,16 @@ class Topology:
         if len(neg):
             i, j = (int(v) for v in neg[0])
             raise TopologyError(f"W[{i}, {j}] = {Wt[i, j].item():.12g} is negative; mixing weights must be >= 0")
+        if stochastic == "column":
+            sums = Wt.sum(0)
+            off = ((sums - 1).abs() > ROW_TOL).nonzero()
+            if len(off):
+                j = int(off[0])
+                raise TopologyError(
+                    f"column {j} of W sums to {sums[j].item():.12g}, not 1 (a column-stochastic W: each "
+                    "agent's weights over itself and its out-neighbours sum to 1)"
+                )
+            return Wt
         sums = Wt.sum(1)
         off = ((sums - 1).abs() > ROW_TOL).nonzero()
         if len(off):
@@ -115,9 +139,11 @@ class Topology:
         return Wt
 
     @classmethod
-    def from_weights(cls, W: Tensor | np.ndarray | Sequence[Sequence[float]], name: str = "custom") -> Topology:
-        """Wrap a given mixing matrix after validating it (w_ii = 0 is allowed)."""
-        return cls(W, name=name)
+    def from_weights(cls, W: Tensor | np.ndarray | Sequence[Sequence[float]], name: str = "custom",
+                     stochastic: str = "row") -> Topology:
+        """Wrap a given mixing matrix after validating it (w_ii = 0 is allowed); `stochastic` says whether
+        its rows (the default) or its columns (push-sum) must sum to 1."""
+        return cls(W, name=name, stochastic=stochastic)
 
     @classmethod
     def from_edges(cls, n: int, edges: Iterable[Sequence[int]], directed: bool = False,
@@ -174,16 +200,19 @@ class Topology:
         problem = connectivity_problem(ins, outs)
         if problem is not None:
             raise TopologyError(problem)
-        return cls(cls._weights_from_adjacency(adj, weights), name=name, _params=params)
+        stochastic = "column" if weights == "out_uniform" else "row"
+        return cls(cls._weights_from_adjacency(adj, weights), name=name, stochastic=stochastic, _params=params)
 
     @staticmethod
     def _weights_from_adjacency(adj: np.ndarray, weights: str) -> Tensor:
         """Mixing matrix for a boolean adjacency ``adj[dst, src]`` (no diagonal)."""
         n = adj.shape[0]
         A = torch.as_tensor(adj, dtype=torch.float64)
-        if weights == "uniform":
+        if weights in ("uniform", "out_uniform"):
             M = A + torch.eye(n, dtype=torch.float64)
-            return M / M.sum(1, keepdim=True)
+            # uniform: each receiver averages over its in-neighbours (rows sum to 1); out_uniform: each
+            # sender splits over its out-neighbours (columns sum to 1)
+            return M / M.sum(1, keepdim=True) if weights == "uniform" else M / M.sum(0, keepdim=True)
         asym = np.argwhere(adj & ~adj.T)
         if len(asym):
             d, s = (int(v) for v in asym[0])
@@ -204,7 +233,7 @@ class Topology:
         raise AttributeError(f"Topology is immutable (cannot delete {key!r})")
 
     def __reduce__(self) -> tuple[Callable[..., Topology], tuple[Any, ...]]:
-        return _rebuild, (self._W.clone(), self._name, dict(self._params))
+        return _rebuild, (self._W.clone(), self._name, dict(self._params), self._connected, self._stochastic)
 
     # -------------------------------------------------------------- named constructors
 
@@ -308,11 +337,16 @@ class Topology:
 
     @classmethod
     def erdos_renyi(cls, n: int, p: float, seed: int | None = 0, max_tries: int = 100,
-                    weights: str = "uniform") -> Topology:
+                    weights: str = "uniform", directed: bool = False) -> Topology:
         """Random undirected G(n, p), redrawn until connected; the same seed gives the same graph.
 
         Uses ``numpy.random.default_rng(seed)``; raises after ``max_tries`` disconnected draws.
+        ``directed=True``: every ordered pair is an edge ``i -> j`` with probability p, redrawn until
+        strongly connected; in- and out-degrees then differ from agent to agent, the graph push-sum
+        (``weights="out_uniform"``, algorithm ``sgp``) is made for.
         """
+        if not isinstance(directed, bool):
+            raise TopologyError(f"directed must be true or false, got {directed!r}")
         n = check_int(n, "n (number of agents)", 1, MAX_AGENTS)
         max_tries = check_int(max_tries, "max_tries", 1, 10_000)
         if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)):
@@ -324,19 +358,25 @@ class Topology:
             seed = check_int(seed, "seed", 0)
         check_scheme(weights)
         rng = np.random.default_rng(seed)
-        iu, ju = np.triu_indices(n, k=1)
+        # candidate edges (src, dst): the pairs i < j undirected, every ordered pair i != j directed
+        iu, ju = np.nonzero(~np.eye(n, dtype=bool)) if directed else np.triu_indices(n, k=1)
         params = {"p": p, "seed": seed}
         for attempt in range(1, max_tries + 1):
             keep = rng.random(len(iu)) < p
-            adj = [[] for _ in range(n)]
-            for a, b in zip(iu[keep].tolist(), ju[keep].tolist()):
-                adj[a].append(b)
-                adj[b].append(a)
-            if len(reach(adj, 0)) == n:
-                pairs = list(zip(iu[keep].tolist(), ju[keep].tolist()))
-                return cls._from_edges(n, pairs, False, weights, "erdos_renyi", {**params, "tries": attempt})
+            pairs = list(zip(iu[keep].tolist(), ju[keep].tolist()))
+            outs: list[list[int]] = [[] for _ in range(n)]
+            ins: list[list[int]] = [[] for _ in range(n)]
+            for a, b in pairs:
+                outs[a].append(b)
+                ins[b].append(a)
+                if not directed:
+                    outs[b].append(a)
+                    ins[a].append(b)
+            if connectivity_problem(ins, outs) is None:
+                return cls._from_edges(n, pairs, directed, weights, "erdos_renyi", {**params, "tries": attempt})
         raise TopologyError(
-            f"no connected Erdos-Renyi graph G(n={n}, p={p}) in {max_tries} draws (seed={seed}); "
+            f"no {'strongly ' if directed else ''}connected Erdos-Renyi graph G(n={n}, p={p}) in {max_tries} draws "
+            f"(seed={seed}); "
             f"raise p (connectivity needs roughly p > ln(n)/n = {math.log(max(n, 2)) / n:.3g}) or max_tries"
         )
 
@@ -409,9 +449,24 @@ class Topology:
         return bool(((self._W - self._W.T).abs() <= SYM_TOL).all())
 
     @property
-    def is_doubly_stochastic(self) -> bool:
-        """Columns also sum to 1 (within 1e-9): plain averaging then preserves the network mean."""
+    def stochastic(self) -> str:
+        """Which sums of W the topology was validated for: "row" (the default) or "column" (push-sum)."""
+        return self._stochastic
+
+    @property
+    def is_row_stochastic(self) -> bool:
+        """Rows sum to 1 (within 1e-9): each agent averages what it receives, as every method but push-sum needs."""
+        return bool(((self._W.sum(1) - 1).abs() <= ROW_TOL).all())
+
+    @property
+    def is_column_stochastic(self) -> bool:
+        """Columns sum to 1 (within 1e-9): each agent splits what it sends, so gossip preserves the network's sum."""
         return bool(((self._W.sum(0) - 1).abs() <= ROW_TOL).all())
+
+    @property
+    def is_doubly_stochastic(self) -> bool:
+        """Rows and columns sum to 1 (within 1e-9): plain averaging then preserves the network mean."""
+        return self.is_row_stochastic and self.is_column_stochastic
 
     @property
     def is_regular(self) -> bool:
@@ -456,6 +511,8 @@ class Topology:
             "n_edges": len(self.edges),
             "directed": self.is_directed,
             "symmetric": self.is_symmetric,
+            "row_stochastic": self.is_row_stochastic,
+            "column_stochastic": self.is_column_stochastic,
             "doubly_stochastic": self.is_doubly_stochastic,
             "regular": self.is_regular,
             "spectral_gap": self.spectral_gap,

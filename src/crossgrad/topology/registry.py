@@ -6,7 +6,12 @@ Besides the named graphs, two builders take the graph from the user:
   edge list of ``[src, dst]`` pairs (``dst`` receives from ``src``) with uniform or Metropolis weights.
 * ``"file"``: ``make_topology("file", 4, path="W.txt")``, a mixing matrix read from a text file
   (one row per line, entries separated by commas and/or whitespace, ``#`` starts a comment line)
-  or a NumPy ``.npy`` file. A relative path is relative to the working directory.
+  or a NumPy ``.npy`` file. A relative path is relative to the working directory. Its rows must sum
+  to 1, or its columns with ``stochastic="column"`` (a push-sum W, for algorithm ``sgp``).
+
+Every graph built from edges also takes ``weights="out_uniform"``: each agent splits its mass
+uniformly over itself and its out-neighbours, a column-stochastic W for push-sum
+(``make_topology("exponential", 6, directed=True, weights="out_uniform")``).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import numpy as np
 
 from crossgrad.topology.checks import MAX_AGENTS, TopologyError, check_int
 from crossgrad.topology.graph import Topology
+from crossgrad.topology.timevarying import OnePeerExponential, RandomMatching, TimeVaryingTopology
 
 
 def _make_ring(n: int, weights: str = "uniform") -> Topology:
@@ -63,10 +69,10 @@ def _make_exponential(n: int, directed: bool = False, weights: str = "uniform") 
 
 
 def _make_erdos_renyi(n: int, p: float | None = None, seed: int | None = 0, max_tries: int = 100,
-                      weights: str = "uniform") -> Topology:
+                      weights: str = "uniform", directed: bool = False) -> Topology:
     if p is None:
         raise TopologyError("erdos_renyi needs an edge probability p in (0, 1], e.g. p=0.3")
-    return Topology.erdos_renyi(n, p, seed=seed, max_tries=max_tries, weights=weights)
+    return Topology.erdos_renyi(n, p, seed=seed, max_tries=max_tries, weights=weights, directed=directed)
 
 
 
@@ -132,7 +138,8 @@ def load_mixing_matrix(path: str | os.PathLike[str]) -> np.ndarray:
     return _parse_text_matrix(text, where)
 
 
-def _make_file(n: int, path: str | os.PathLike[str] | None = None, weights: str = "uniform") -> Topology:
+def _make_file(n: int, path: str | os.PathLike[str] | None = None, weights: str = "uniform",
+               stochastic: str = "row") -> Topology:
     # configs always pass their weights scheme; only a non-default one is a mistake here
     if weights != "uniform":
         raise TopologyError(f"weights={weights!r} does not apply to topology 'file': the file gives W itself")
@@ -144,13 +151,13 @@ def _make_file(n: int, path: str | os.PathLike[str] | None = None, weights: str 
     if W.ndim == 2 and W.shape[0] == W.shape[1] and W.shape[0] != n:
         raise TopologyError(f"{where} holds a {W.shape[0]} x {W.shape[1]} matrix, but n={n} agents")
     try:
-        return Topology(np.array(W), name="file", _params={"path": str(path)})
+        return Topology(np.array(W), name="file", stochastic=stochastic, _params={"path": str(path)})
     except TopologyError as err:
         raise TopologyError(f"{where}: {err}") from None
 
 
 #: name -> builder(n, **options); used by configs through :func:`make_topology`.
-TOPOLOGIES: dict[str, Callable[..., Topology]] = {
+TOPOLOGIES: dict[str, Callable[..., Topology | TimeVaryingTopology]] = {
     "ring": _make_ring,
     "directed_ring": _make_directed_ring,
     "torus": _make_torus,
@@ -161,10 +168,13 @@ TOPOLOGIES: dict[str, Callable[..., Topology]] = {
     "erdos_renyi": _make_erdos_renyi,
     "edges": _make_edges,
     "file": _make_file,
+    # time-varying: a graph per step (crossgrad.topology.timevarying)
+    "one_peer_exponential": OnePeerExponential,
+    "random_matching": RandomMatching,
 }
 
 
-def make_topology(name: str, n: int, **kw: Any) -> Topology:
+def make_topology(name: str, n: int, **kw: Any) -> Topology | TimeVaryingTopology:
     """Build a named topology of n agents, e.g. ``make_topology("erdos_renyi", 8, p=0.4, seed=1)``.
 
     Names are case-insensitive and ``-`` may stand for ``_``. Unknown names or options raise

@@ -1,0 +1,147 @@
+"""Choco-SGD (Koloskova, Stich, Jaggi, ICML 2019): gossip of compressed model differences.
+
+Every agent keeps public copies x̂: its own and its in-neighbours'. The copies of one agent are the
+same everywhere, since all are updated with the same compressed messages. The engine stores x after
+the local step (the paper's x^{t+1/2}), so in its order a step of agent i is
+
+    q_i  = C(x_i - x̂_i)                              round 1: q_i goes to the out-neighbours
+    x̂_j += q_j                                       for i itself and every in-neighbour j
+    m_i  = x_i + gamma * sum_j w_ij (x̂_j - x̂_i)      the consensus step (the gossiped rows)
+    x_i  = m_i - lr * T(grad f_i(m_i))               the engine's steps 3-9, momentum included
+
+Round 1 carries the codec's payload instead of the model, and is what its bytes count. The copies start
+at the initial model (every agent starts from the same weights, so all know it and nothing is sent for
+it); public_init="zero" starts them at 0 as the paper does, which costs the first steps re-sending the
+model itself.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from crossgrad.algorithms.base import Algorithm, CombineContext, ConfigError
+from crossgrad.codecs import CODECS, SPARSE_CODECS, Codec, RandomK, make_codec
+from crossgrad.comm.base import Comm
+from crossgrad.transforms import _load_rows
+
+#: up to this many public copies the consensus step is one dense [n_local, R] x [R, P] product (as the
+#: engine's gossip); beyond, a sparse one whose cost grows with the edges instead
+DENSE_MAX_COPIES = 64
+
+
+@dataclass
+class ChocoState:
+    """The public copies x̂ [R, P] this block of agents keeps: the local agents' own first, in order, then
+    those of the other agents they receive from, ascending (the pool order of Comm.exchange_payload).
+
+    codec: the compressor; steps: the steps made (random-k's draw); mixing: gamma (W - I) on the
+    copies' rows, [n_local, R], built at the first step from the comm's pool index and not saved (it
+    follows from the graph).
+    """
+
+    x_hat: Tensor
+    codec: Codec
+    steps: int = 0
+    mixing: Tensor | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"x_hat": self.x_hat.clone(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _load_rows(self.x_hat, state["x_hat"], "Choco public copies")
+        self.steps = int(state["steps"])
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+
+def copy_count(ctx: CombineContext) -> int:
+    """R: the local agents plus the other agents they receive from."""
+    return len(set(ctx.plan.local) | set(ctx.plan.in_src.tolist()))
+
+
+def consensus_matrix(ctx: CombineContext, index: Tensor, rows: int, gamma: float, dtype: torch.dtype) -> Tensor:
+    """M [n_local, rows] with M x̂ = gamma * sum_j w_ij (x̂_j - x̂_i) for every local agent i.
+
+    In-edge e's sender is copy index[e]; local agent k's own copy is row k.
+    """
+    plan, dev = ctx.plan, index.device
+    n = plan.n_local
+    w = ctx.in_w.to(device=dev, dtype=torch.float64) * gamma
+    M = torch.zeros(n, rows, dtype=torch.float64, device=dev)
+    M.index_put_((plan.in_dst, index), w, accumulate=True)
+    own = torch.arange(n, device=dev)
+    M.index_put_((own, own), -M.sum(1), accumulate=True)
+    M = M.to(dtype)
+    if rows <= DENSE_MAX_COPIES:
+        return M
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": used for plain products only
+        warnings.simplefilter("ignore", UserWarning)
+        return M.to_sparse_csr()
+
+
+@dataclass
+class Choco(Algorithm):
+    """Choco-SGD: compressed gossip of x - x̂ with consensus step size gamma (0 < gamma <= 1).
+
+    codec: the compressor C ("sign": scaled sign, "top-k", "random-k", "identity": no compression,
+    which makes Choco DSGD); ratio: the fraction of each parameter tensor's entries top-k and random-k
+    keep (unused by the others); public_init: where the public copies start, "model" (the initial
+    weights) or "zero" (the paper's). Compression needs gamma well below 1 (the paper's theory: of the
+    order of the codec's contraction times the spectral gap); the default 0.5 suits the sign codec.
+    """
+
+    gamma: float = 0.5
+    codec: str = "sign"
+    ratio: float = 0.01
+    public_init: str = "model"
+
+    name: ClassVar[str] = "choco"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.codec not in CODECS:
+            raise ConfigError(f"choco's codec must be one of {', '.join(sorted(CODECS))}, not {self.codec!r}")
+        if not 0 < self.ratio <= 1:
+            raise ConfigError(f"ratio (the fraction of entries top-k and random-k keep) must be in (0, 1], "
+                              f"not {self.ratio}")
+        if self.public_init not in ("model", "zero"):
+            raise ConfigError(f"public_init must be 'model' (the initial weights) or 'zero' (the paper's), "
+                              f"not {self.public_init!r}")
+
+    def check_topology(self, topology: Any) -> None:
+        if callable(getattr(topology, "at", None)):
+            raise ConfigError(
+                "choco needs one fixed graph: an agent's public copy of a neighbour is built up from every "
+                "compressed difference that neighbour has sent, so a neighbour that appears mid-run has no copy "
+                "to start from (and one that leaves stops being tracked); use dsgd or gt on time-varying graphs")
+
+    def init_state(self, ctx: CombineContext, device: torch.device) -> ChocoState:
+        agents = torch.tensor(ctx.plan.local, dtype=torch.long, device=device)  # random-k draws per sender
+        codec = make_codec(self.codec, ctx.layout, ratio=self.ratio if self.codec in SPARSE_CODECS else None,
+                           streams=agents)
+        x_hat = torch.zeros(copy_count(ctx), ctx.layout.size, dtype=ctx.dtype, device=device)
+        return ChocoState(x_hat=x_hat, codec=codec)
+
+    def gossip(self, ctx: CombineContext, comm: Comm, x: Tensor, out: Tensor,
+               state: ChocoState) -> tuple[Tensor, Tensor]:
+        n, x_hat = len(x), state.x_hat
+        if state.steps == 0 and self.public_init == "model":  # every agent starts from the same weights: row 0's
+            x_hat.copy_(x[:1].expand_as(x_hat))
+        diff = torch.sub(x, x_hat[:n], out=out)  # `out` is scratch until it receives m
+        if isinstance(state.codec, RandomK):
+            state.codec.draw = state.steps
+        state.steps += 1
+        payload, own = state.codec.encode_roundtrip(diff, out=diff)
+        pool, index = comm.exchange_payload(payload)
+        x_hat[:n] += own  # the sender's roundtrip is what its receivers decode, bit for bit
+        if len(x_hat) > n:
+            x_hat[n:] += state.codec.decode(tuple(t[n:] for t in pool), x.dtype)
+        if state.mixing is None:
+            state.mixing = consensus_matrix(ctx, index, len(x_hat), self.gamma, x.dtype)
+        torch.addmm(x, state.mixing, x_hat, out=out)
+        return x_hat, index

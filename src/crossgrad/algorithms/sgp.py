@@ -1,0 +1,90 @@
+"""Stochastic Gradient Push (SGP): push-sum gossip, for directed graphs whose W is only column-stochastic.
+
+Assran, Loizou, Ballas & Rabbat, "Stochastic Gradient Push for Distributed Deep Learning", ICML 2019;
+push-sum is Kempe, Dobra & Gehrke, "Gossip-based computation of aggregate information", FOCS 2003.
+
+A column-stochastic W (each agent splits what it sends over itself and its out-neighbours, knowing
+only its out-degree) keeps the network's *sum* of what it mixes but not the mean of it: gossiping
+the models alone pulls them towards a weighted average, weighted by W's Perron vector. Push-sum
+gossips one scalar per agent with the same matrix, a weight w_i that starts at 1, and reads agent
+i's model as the ratio z_i = x_i / w_i, which is the unbiased one: x and w are mixed alike, so their
+ratio reaches the plain average of the x_i when the sum of the w_i is n.
+
+One step, in the engine's order (P = (1 - gamma) I + gamma W):
+
+    x_half = P x              round 1: the numerators
+    w_new  = P w              round 1 too: one more message of one scalar per edge (counted)
+    z      = x_half / w_new   the de-biased models: gradients are taken there, evaluation reads x / w
+    x_new  = x_half - lr * T(g(z))
+
+T is the engine's direction transforms (weight decay, momentum, Nesterov, QGM), which act on the
+numerators. On a doubly stochastic W every w stays 1 (up to the rounding of W's column sums) and
+SGP is DSGD step for step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from crossgrad.algorithms.base import Algorithm, CombineContext, StepView
+from crossgrad.errors import ConfigError
+from crossgrad.topology.checks import ROW_TOL
+
+
+class PushSumState:
+    """The push-sum weights w [n_local, 1] (in the rows' dtype), saved with the run; and the
+    de-biased rows of the current step, a work buffer reused every step (not saved)."""
+
+    def __init__(self, w: Tensor):
+        self.w = w
+        self.z: Tensor | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"w": self.w.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        w = state["w"]
+        if tuple(w.shape) != tuple(self.w.shape):
+            raise ValueError(f"push-sum weights of shape {tuple(w.shape)} do not fit this run's {tuple(self.w.shape)}")
+        self.w = w.to(device=self.w.device, dtype=self.w.dtype, copy=True)
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+
+@dataclass
+class SGP(Algorithm):
+    """Stochastic Gradient Push: push-sum for a column-stochastic W, gradients at the de-biased x / w.
+
+    Every agent gossips its model and a weight with the same matrix (topology.weights = out_uniform
+    builds such a W); evaluation reads the de-biased models too (Engine.models).
+    """
+
+    name: ClassVar[str] = "sgp"
+
+    def check_mixing(self, topology: Any) -> None:
+        """Push-sum needs the columns of W to sum to 1 (each agent hands out all it has, keeping the
+        network's sum); a doubly stochastic W qualifies, a W that is only row-stochastic does not."""
+        if not topology.is_column_stochastic:
+            sums = topology.W.sum(0)
+            j = int(((sums - 1).abs() > ROW_TOL).nonzero()[0])  # the first offending column
+            raise ConfigError(
+                f"sgp (push-sum) needs a column-stochastic W (each agent's weights over itself and its "
+                f"out-neighbours sum to 1), but column {j} of the {topology.name} topology's W sums to "
+                f"{sums[j].item():.6g}; use topology.weights = 'out_uniform' (each agent splits its mass "
+                "uniformly over itself and its out-neighbours) or a doubly stochastic W ('metropolis')")
+
+    def init_state(self, ctx: CombineContext, device: torch.device) -> PushSumState:
+        return PushSumState(torch.ones(ctx.plan.n_local, 1, dtype=ctx.dtype, device=device))
+
+    def gradient_rows(self, ctx: CombineContext, view: StepView, state: PushSumState) -> Tensor:
+        state.w = view.mix(state.w)  # the weights travel with the models, mixed by the same matrix
+        if state.z is None or state.z.shape != view.x_half.shape:
+            state.z = torch.empty_like(view.x_half)
+        return torch.div(view.x_half, state.w, out=state.z)
+
+    def models(self, x: Tensor, state: PushSumState) -> Tensor:
+        return x / state.w

@@ -1,0 +1,83 @@
+"""Gradient tracking (DSGT): each agent steps along a tracked estimate of the network's mean gradient.
+
+In the engine's order (gossip, gradient at the gossiped model, update), at step t:
+
+    x_half = W_gamma x                                  (step 2, the engine's gossip)
+    g_t    = grad f_i(x_half)                           (step 3)
+    y_t    = W_gamma y_{t-1} + g_t - g_{t-1}            (one more round-1 message per edge: y)
+    x      = x_half - lr * T(y_t)                       (steps 7-9, T the direction transforms)
+
+with y_{-1} = g_{-1} = 0, so that mean(y_t) = mean(g_t) at every step when W_gamma is doubly
+stochastic. Written for z = x_half this is the adapt-then-combine form z <- W (z - lr y),
+y <- W y + g(z_new) - g(z_old), whose fixed points are exact: consensus on a stationary point
+of the mean objective, at a constant lr, however different the agents' objectives are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from crossgrad.algorithms.base import Algorithm, AlgorithmState, CombineContext, ConfigError, StepView
+from crossgrad.transforms import _load_rows
+
+
+@dataclass
+class TrackingState:
+    """The tracked direction y and the previous self-gradient, one row per local agent."""
+
+    y: Tensor
+    g_prev: Tensor
+
+    @classmethod
+    def zeros(cls, ctx: CombineContext, device: torch.device) -> TrackingState:
+        shape = (ctx.plan.n_local, ctx.layout.size)
+        return cls(y=torch.zeros(shape, dtype=ctx.dtype, device=device),
+                   g_prev=torch.zeros(shape, dtype=ctx.dtype, device=device))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"y": self.y.clone(), "g_prev": self.g_prev.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _load_rows(self.y, state["y"], "tracked direction y")
+        _load_rows(self.g_prev, state["g_prev"], "previous gradient")
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+
+@dataclass
+class GT(Algorithm):
+    """Gradient tracking (DSGT): steps along y, which gossips and tracks the mean gradient.
+
+    Every momentum form acts on the tracked direction y (Nesterov 0.9 by default); at a fixed point
+    y = 0 and the buffers vanish, so the fixed points stay exact. W must be doubly stochastic.
+    """
+
+    name: ClassVar[str] = "gt"
+
+    def check_mixing(self, topology: Any) -> None:
+        super().check_mixing(topology)
+        if not topology.is_column_stochastic:
+            sums = topology.W.sum(0)
+            raise ConfigError(
+                f"gt needs a doubly stochastic W (columns summing to 1 too), so that the tracked direction's mean "
+                f"stays the agents' mean gradient; the columns of the {topology.name} topology's W (n={topology.n}) "
+                f"sum to {sums.min().item():.4g} to {sums.max().item():.4g}. Use topology.weights = 'metropolis' "
+                "on an undirected graph, or a regular graph")
+
+    def init_state(self, ctx: CombineContext, device: torch.device) -> TrackingState:
+        return TrackingState.zeros(ctx, device)
+
+    def combine(
+        self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: AlgorithmState,
+        view: StepView | None = None,
+    ) -> Tensor:
+        assert isinstance(state, TrackingState) and view is not None
+        y = view.mix(state.y)  # a fresh block: the direction the transforms may overwrite
+        y.add_(g_self).sub_(state.g_prev)
+        state.y.copy_(y)
+        state.g_prev.copy_(g_self)
+        return y
