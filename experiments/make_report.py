@@ -18,7 +18,7 @@ from pathlib import Path
 
 import alpha0_stability
 
-from crossgrad.report import aggregate, collect, format_table, plot_alpha_sweep, plot_main
+from crossgrad.report import aggregate, collect, format_table, load_metrics, plot_alpha_sweep, plot_main
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs"
@@ -26,13 +26,24 @@ TABLES = HERE / "tables"
 FIGURES = HERE / "figures"
 
 #: the run directories under runs/ that get an accuracy table and curves
-ACCURACY_SETS = ("fmnist_ring5", "fmnist_iid", "fmnist_alpha", "fmnist_scale", "cifar_ring5", "cifar_lowlr")
+ACCURACY_SETS = ("fmnist_ring5", "fmnist_tuned", "fmnist_new_tuned", "fmnist_iid", "fmnist_alpha", "fmnist_scale", "cifar_ring5",
+                 "cifar_lowlr", "gpu_cifar_ring5", "gpu_cifar_ring5_tuned", "gpu_cifar_tune", "gpu_cifar_scale",
+                 "gpu_cifar_models")
+#: the 2-epoch tuning runs (fmnist_lr.toml, fmnist_lr_wide.toml, fmnist_gamma*.toml, fmnist_alpha_gamma.toml)
+TUNING = "fmnist_lr"
+#: the 10-epoch runs a tuned (gamma, lr) may already have (fmnist_ring5.toml) or gets (fmnist_tuned.toml)
+TUNED_SETS = ("fmnist_ring5", "fmnist_tuned")
 #: the method order of the paper's comparison
 ORDER = ["DSGDm-N", "QGM", "NGC (α=0)", "NGC (α=1)", "CompNGC", "CGA", "CompCGA"]
+#: the methods added in issue 19, tuned on the same budget in their own directory (fmnist_new_lr.toml,
+#: fmnist_d2_lr.toml), and their 10-epoch runs (fmnist_new_tuned.toml)
+NEW_TUNING = "fmnist_new_lr"
+NEW_ORDER = ["GTm-N", "D²", "choco", "SGP"]
 
 
 def _order(method: str) -> tuple:
-    return (ORDER.index(method) if method in ORDER else len(ORDER), method)
+    order = ORDER + NEW_ORDER
+    return (order.index(method) if method in order else len(order), method)
 
 
 def mean_std(values: list[float]) -> str:
@@ -49,12 +60,39 @@ def completed(runs: list[dict]) -> list[dict]:
     return [r for r in runs if r["summary"].get("status") == "completed"]
 
 
+def hp(run: dict, key: str, default: float | None = None) -> float | None:
+    """A hyperparameter of the run's algorithm (gamma, lr, alpha), from its saved config."""
+    cfg = run.get("config") or run["summary"].get("config") or {}
+    return cfg.get("algorithm", {}).get(key, default)
+
+
+def acc_cell(run: dict | None) -> str:
+    """'consensus / mean local' accuracy (%) of one run; 'diverged' / its status otherwise."""
+    if run is None:
+        return "–"
+    s = run["summary"]
+    if s.get("status") != "completed":
+        return str(s.get("status") or "unfinished")
+    if s["consensus_acc"] <= 0.1001 and s["local_acc_mean"] <= 0.1001:
+        return "10.00 / 10.00 (chance)"
+    return f"{100 * s['consensus_acc']:.2f} / {100 * s['local_acc_mean']:.2f}"
+
+
+def score(run: dict | None) -> float:
+    """What the tuning maximises: final consensus accuracy of a completed run (-1 otherwise)."""
+    if run is None or run["summary"].get("status") != "completed":
+        return -1.0
+    return run["summary"]["consensus_acc"]
+
+
 def lr_table(runs: list[dict]) -> str:
-    """Method × learning rate: final consensus / mean local accuracy of the tuning runs; the pick in bold."""
+    """Method × lr at γ 0.1: final consensus / mean local accuracy of the tuning runs; the pick in bold."""
     cells: dict[str, dict[float, tuple[float, float]]] = defaultdict(dict)
     for r in runs:
         s = r["summary"]
-        cells[s["method"]][s["config"]["algorithm"]["lr"]] = (
+        if hp(r, "gamma") != 0.1 or s["method"] not in ORDER or s.get("status") not in ("completed", "diverged"):
+            continue
+        cells[s["method"]][hp(r, "lr")] = (
             (s["consensus_acc"], s["local_acc_mean"]) if s.get("status") == "completed" else (math.nan, math.nan))
     lrs = sorted({lr for c in cells.values() for lr in c})
     lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | picked |",
@@ -75,28 +113,146 @@ def lr_table(runs: list[dict]) -> str:
 
 def accuracy_table(runs: list[dict]) -> str:
     """Setting × method × lr: consensus and mean local accuracy, mean ± std over completed seeds."""
-    groups: dict[tuple[str, str, float], list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, str, float, float], list[dict]] = defaultdict(list)
     for r in runs:
         s = r["summary"]
-        groups[(s["setting"], s["method"], s["config"]["algorithm"]["lr"])].append(r)
-    lines = ["| setting | method | lr | seeds | consensus acc (%) | mean local acc (%) | min local acc (%) |",
-             "|:---|:---|---:|---:|---:|---:|---:|"]
+        groups[(s["setting"], s["method"], hp(r, "gamma"), hp(r, "lr"))].append(r)
+    lines = ["| setting | method | γ | lr | seeds | consensus acc (%) | mean local acc (%) | min local acc (%) |",
+             "|:---|:---|---:|---:|---:|---:|---:|---:|"]
 
-    def key(k: tuple[str, str, float]) -> tuple:
-        alpha = groups[k][0]["summary"]["config"]["algorithm"].get("alpha", 0.0)
+    def key(k: tuple[str, str, float, float]) -> tuple:
+        alpha = hp(groups[k][0], "alpha", 0.0)
         family = k[1].split(" (α=")[0] if k[1].startswith("NGC (α=") else k[1]
-        return (k[0], _order("NGC (α=0)" if family == "NGC" else family), alpha, -k[2])
+        return (k[0], _order("NGC (α=0)" if family == "NGC" else family), alpha, k[2], -k[3])
 
-    for (setting, method, lr) in sorted(groups, key=key):
-        group = groups[(setting, method, lr)]
+    for (setting, method, gamma, lr) in sorted(groups, key=key):
+        group = groups[(setting, method, gamma, lr)]
         done = completed(group)
         failed = len(group) - len(done)
         seeds = ",".join(str(r["summary"]["seed"]) for r in done) + (f" (+{failed} failed)" if failed else "")
         lines.append(
-            f"| {setting} | {method} | {lr:g} | {seeds} | "
+            f"| {setting} | {method} | {gamma:g} | {lr:g} | {seeds} | "
             f"{mean_std([r['summary']['consensus_acc'] for r in done])} | "
             f"{mean_std([r['summary']['local_acc_mean'] for r in done])} | "
             f"{mean_std([r['summary']['final']['local_acc_min'] for r in done])} |")
+    return "\n".join(lines) + "\n"
+
+
+def gamma_table(runs: list[dict], methods: list[str] = ORDER) -> str:
+    """(Method, γ) × lr: consensus / mean local accuracy of the 2-epoch tuning runs. Bold: the method's best
+    over every (γ, lr); the last column is the best lr at that γ."""
+    cells: dict[tuple[str, float], dict[float, dict]] = defaultdict(dict)
+    for r in runs:
+        if r["summary"]["method"] in methods:
+            cells[(r["summary"]["method"], hp(r, "gamma"))][hp(r, "lr")] = r
+    lrs = sorted({lr for c in cells.values() for lr in c})
+    best = {m: max((r for (mm, _), c in cells.items() if mm == m for r in c.values()), key=score)
+            for m in {m for m, _ in cells}}
+    lines = ["| method | γ | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr at this γ |",
+             "|:---|---:|" + "---:|" * (len(lrs) + 1)]
+    for (method, gamma) in sorted(cells, key=lambda k: (_order(k[0]), k[1])):
+        row = []
+        for lr in lrs:
+            r = cells[(method, gamma)].get(lr)
+            text = acc_cell(r)
+            row.append(f"**{text}**" if r is not None and r is best[method] else text)
+        at = max(cells[(method, gamma)].values(), key=score)
+        edge = " (edge)" if hp(at, "lr") in (min(cells[(method, gamma)]), max(cells[(method, gamma)])) else ""
+        lines.append(f"| {method} | {gamma:g} | " + " | ".join(row) + f" | {hp(at, 'lr'):g}{edge} |")
+    return "\n".join(lines) + "\n"
+
+
+def picks(runs: list[dict], methods: list[str] = ORDER) -> dict[str, dict]:
+    """Each method's best 2-epoch tuning run over every (γ, lr), and its best at the reference γ = 0.1."""
+    out: dict[str, dict] = {}
+    for r in runs:
+        m = r["summary"]["method"]
+        if m not in methods:
+            continue
+        o = out.setdefault(m, {"all": None, "g01": None})
+        if score(r) > score(o["all"]):
+            o["all"] = r
+        if hp(r, "gamma") == 0.1 and score(r) > score(o["g01"]):
+            o["g01"] = r
+    return out
+
+
+def picks_table(runs: list[dict], methods: list[str] = ORDER) -> str:
+    lines = ["| method | best at γ 0.1: lr | consensus / local (%) | tuned γ | tuned lr | consensus / local (%) "
+             "| gain (pp) |",
+             "|:---|---:|---:|---:|---:|---:|---:|"]
+    for m, o in sorted(picks(runs, methods).items(), key=lambda kv: _order(kv[0])):
+        a, g = o["all"], o["g01"]
+        gain = 100 * (score(a) - score(g)) if g is not None else float("nan")
+        lines.append(f"| {m} | {hp(g, 'lr'):g} | {acc_cell(g)} | {hp(a, 'gamma'):g} | {hp(a, 'lr'):g} | "
+                     f"{acc_cell(a)} | {gain:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def tuned_runs(tuning: list[dict], found: dict[str, list[dict]]) -> tuple[list[dict], list[str]]:
+    """The 10-epoch runs (fmnist_ring5 or fmnist_tuned) at each method's tuned (γ, lr); methods with none."""
+    chosen, missing = [], []
+    for m, o in sorted(picks(tuning).items(), key=lambda kv: _order(kv[0])):
+        g, lr = hp(o["all"], "gamma"), hp(o["all"], "lr")
+        got = [r for k in TUNED_SETS for r in found.get(k, [])
+               if r["summary"]["method"] == m and hp(r, "gamma") == g and hp(r, "lr") == lr]
+        chosen += got
+        if not got:
+            missing.append(f"{m} (γ {g:g}, lr {lr:g})")
+    return chosen, missing
+
+
+def tuned_table(chosen: list[dict], missing: list[str]) -> str:
+    body = accuracy_table(chosen) if chosen else ""
+    src = sorted({Path(r["path"]).parent.name for r in chosen})
+    note = f"\nRuns from: {', '.join(f'`runs/{s}/`' for s in src)}.\n" if src else ""
+    if missing:
+        note += f"\nNot run yet at the tuned setting: {'; '.join(missing)}.\n"
+    return body + note
+
+
+def alpha_gamma_table(runs: list[dict]) -> str:
+    """NGC α × γ at lr 0.01, 2 epochs: consensus / mean local accuracy; each α's best γ in bold."""
+    cells: dict[float, dict[float, dict]] = defaultdict(dict)
+    for r in runs:
+        if hp(r, "name") == "ngc" and hp(r, "lr") == 0.01 and hp(r, "codec") in (None, "identity"):
+            cells[hp(r, "alpha")][hp(r, "gamma")] = r
+    gammas = sorted({g for c in cells.values() for g in c})
+    lines = ["| α | " + " | ".join(f"γ {g:g}" for g in gammas) + " | best γ |",
+             "|---:|" + "---:|" * (len(gammas) + 1)]
+    for a in sorted(cells):
+        best = max(cells[a].values(), key=score)
+        row = [(f"**{acc_cell(cells[a][g])}**" if cells[a].get(g) is best else acc_cell(cells[a].get(g)))
+               for g in gammas]
+        lines.append(f"| {a:g} | " + " | ".join(row) + f" | {hp(best, 'gamma'):g} |")
+    return "\n".join(lines) + "\n"
+
+
+def defaults_table(runs: list[dict]) -> str:
+    """The defaults check: every run at the algorithms' defaults, whether it trained or diverged."""
+    lines = ["| setting | method | lr | γ | schedule | epochs | state | consensus acc (%) | mean local acc (%) | "
+             "min local acc (%) | final train loss |",
+             "|:---|:---|---:|---:|:---|---:|:---|---:|---:|---:|---:|"]
+    for r in sorted(runs, key=lambda r: (r["summary"]["setting"], _order(r["summary"]["method"]))):
+        s = r["summary"]
+        cfg = r.get("config") or s.get("config") or {}
+        f = s.get("final") or {}
+        ok = s.get("status") == "completed"
+        state = s.get("status") if not ok else ("chance level" if s["consensus_acc"] <= 0.1001 else "trained")
+        accs = [s.get("consensus_acc"), s.get("local_acc_mean"), f.get("local_acc_min")]
+        if not ok:  # stopped early (a CPU budget): its last evaluation, said so
+            recs = [m for m in load_metrics(r) if "consensus_acc" in m]
+            if recs:
+                f = recs[-1]
+                accs = [f.get("consensus_acc"), f.get("local_acc_mean"), f.get("local_acc_min")]
+                state = f"{state} after epoch {f.get('epoch', 0):g} (last evaluation shown)"
+                ok = True
+        accs_text = " | ".join(f"{100 * v:.2f}" if ok and v is not None else "–" for v in accs)
+        loss = f.get("train_loss")
+        lines.append(
+            f"| {s['setting']} | {s['method']} | {hp(r, 'lr'):g} | {hp(r, 'gamma'):g} | "
+            f"{cfg['training']['lr_schedule']} | {s.get('epochs', 0):g} | {state} | {accs_text} | "
+            f"{'–' if loss is None else f'{loss:.3f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,8 +309,22 @@ def main() -> int:
     if not found:
         print(f"no finished runs under {RUNS}", file=sys.stderr)
         return 2
-    if "fmnist_lr" in found:
-        write("lr_tuning.md", lr_table(found["fmnist_lr"]))
+    if TUNING in found:
+        tuning = completed(found[TUNING])
+        write("lr_tuning.md", lr_table(found[TUNING]))
+        write("gamma_tuning.md", gamma_table(found[TUNING]))  # diverged runs shown as such
+        write("tuned_picks.md", picks_table(tuning))
+        write("alpha_gamma.md", alpha_gamma_table(tuning))
+        chosen, missing = tuned_runs(tuning, found)
+        write("fmnist_tuned_comparison.md", tuned_table(chosen, missing))
+        if chosen:
+            plot_main([r["path"] for r in chosen], FIGURES / "fmnist_tuned_comparison",
+                      metrics=("consensus_acc", "local_acc_mean", "consensus_distance"))
+    if NEW_TUNING in found:
+        write("new_methods_tuning.md", gamma_table(found[NEW_TUNING], NEW_ORDER))  # diverged runs shown as such
+        write("new_methods_picks.md", picks_table(completed(found[NEW_TUNING]), NEW_ORDER))
+    if "defaults_check" in found:
+        write("defaults_check.md", defaults_table(found["defaults_check"]))
     acc_sets = [k for k in ACCURACY_SETS if k in found]
     for key in acc_sets:
         write(f"{key}.md", accuracy_table(found[key]))

@@ -1,21 +1,36 @@
 #!/usr/bin/env bash
-# Every run of experiments/REPORT.md, in the order we ran them: a first seed of each table
+# Every CPU run of experiments/REPORT.md, in the order we ran them: a first seed of each table
 # before more seeds, so a stopped queue still leaves complete single-seed tables. Finished runs
 # are skipped, so this can be stopped and started again at any time. Then the tables and figures:
 #   bash experiments/run_all.sh && .venv/bin/python experiments/make_report.py
-# Two single-threaded jobs at a time (the fastest use of a 2-core CPU for these small models).
+# Round 1 ran two single-threaded jobs at a time (JOBS=2, the fastest use of a free 2-core CPU for
+# these small models); round 2 (issue 15) ran one at a time (JOBS=1) on a CPU shared with others.
+# The GPU runs (CIFAR-10 at paper scale) are experiments/gpu_paper_scale.sh, not this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sweep() { .venv/bin/crossgrad sweep "$@" --jobs "${JOBS:-2}" --quiet; }
-sweep experiments/fmnist_lr.toml                   # lr tuning, setting 1 (seed 0, 2 epochs)
-sweep experiments/fmnist_alpha.toml --seeds 0      # setting 4: alpha sweep
-sweep experiments/fmnist_ring5.toml --seeds 0      # setting 1: the comparison
+# --- round 1 -------------------------------------------------------------------------------
+sweep experiments/fmnist_lr.toml                   # lr tuning at gamma 0.1, setting 1 (seed 0, 2 epochs)
+sweep experiments/fmnist_alpha.toml --seeds 0      # setting 4: alpha sweep (gamma 0.1, lr 0.01)
+sweep experiments/fmnist_ring5.toml --seeds 0      # setting 1: the comparison at gamma 0.1
 sweep experiments/fmnist_iid.toml --seeds 0        # setting 1's IID control
 sweep experiments/fmnist_ring5.toml --seeds 1,2
 sweep experiments/fmnist_scale.toml --seeds 0      # setting 3: 10 agents, ring and torus
 sweep experiments/cifar_ring5.toml --seeds 0       # setting 2: CIFAR-10 (JPEG copy)
 sweep experiments/cifar_lowlr.toml                  # setting 2: NGC alpha=0 and DSGDm-N at smaller lrs
 sweep experiments/fmnist_iid.toml --seeds 1,2
+# --- round 2 (issue 15): gamma tuned jointly with lr --------------------------------------
+sweep experiments/fmnist_gamma.toml                # gamma {1, 0.5} x lr: DSGDm-N, QGM, NGC alpha=0
+sweep experiments/fmnist_gamma_wide.toml           # gamma {1, 0.5} x lr: NGC, CompNGC, CGA, CompCGA
+sweep experiments/fmnist_lr_wide.toml              # gamma 0.1, lr 0.08: the same four
+sweep experiments/fmnist_gamma_edge.toml           # gamma {1, 0.5}, lr 0.08: QGM, NGC alpha=0 (edge picks)
+(cd experiments && ../.venv/bin/python make_tuned_config.py >/dev/null)   # writes fmnist_tuned.toml
+sweep experiments/fmnist_tuned.toml --seeds 0      # setting 1 at each method's tuned (gamma, lr)
+sweep experiments/defaults_check.toml              # the defaults on MNIST, torus-16 and exponential-8
+sweep experiments/defaults_readme.toml             # the README's Fashion-MNIST CompNGC example
+sweep experiments/fmnist_alpha_gamma.toml          # alpha sweep with gamma tuned per alpha (2 epochs)
+sweep experiments/fmnist_tuned.toml --seeds 1,2
+# --- not run yet (CPU time) ----------------------------------------------------------------
 sweep experiments/fmnist_alpha.toml --seeds 1,2
 sweep experiments/fmnist_scale.toml --seeds 1,2
 sweep experiments/cifar_ring5.toml --seeds 1,2
