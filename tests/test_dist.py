@@ -519,10 +519,15 @@ def test_dead_or_hung_peer_is_named_within_the_timeout(tmp_path, mode):
                    wait_for=[0, 1])
     reports = {int(p.stem[-1]): p.read_text().splitlines() for p in tmp_path.glob("timeout*.txt")}
     assert set(reports) == {0, 1}, (reports, [p.exitcode for p in procs])
-    for _rank, (elapsed, peers, message, *_) in reports.items():
+    for rank, (elapsed, peers, message, *_) in reports.items():
         assert float(elapsed) < timeout + 2.0
-        assert peers == "[2]"
-        assert "peer(s) 2 failed" in message
+        # the other survivor may exit on its own failure before this one's message to it has gone
+        # through; then it is listed too, and named as a failure further away, never as the cause
+        assert peers in ("[2]", f"[{1 - rank}, 2]"), peers
+        if peers == "[2]":
+            assert "peer(s) 2 failed" in message
+        else:
+            assert f"agent {1 - rank} stopped after its own failure" in message, message
         assert "round 1 (models)" in message
         if mode == "hang":
             assert f"no answer within {timeout:g} s" in message
