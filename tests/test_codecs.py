@@ -11,6 +11,8 @@ from crossgrad.codecs import (
     RandomK,
     ScaledSign,
     TopK,
+    _pack_bits_torch,
+    _unpack_bits_torch,
     make_codec,
     pack_bits,
     unpack_bits,
@@ -37,6 +39,17 @@ def test_pack_unpack_roundtrip_odd_lengths():
 def test_pack_bits_wire_format_is_msb_first():
     bits = torch.tensor([[True, False, False, False, False, False, False, True, True]])
     assert pack_bits(bits).tolist() == [[0b10000001, 0b10000000]]
+    assert _pack_bits_torch(bits).tolist() == [[0b10000001, 0b10000000]]
+
+
+def test_torch_bit_packing_matches_numpy_path():
+    """CPU packs with numpy, other devices with torch operations: both give the same wire bytes."""
+    g = torch.Generator().manual_seed(1)
+    for m in (1, 7, 8, 9, 63, 100, 1001):
+        bits = torch.rand(5, m, generator=g) < 0.5
+        packed = pack_bits(bits)
+        assert torch.equal(_pack_bits_torch(bits), packed)
+        assert torch.equal(_unpack_bits_torch(packed, m), unpack_bits(packed, m))
 
 
 def test_scaled_sign_matches_formula_per_tensor():

@@ -11,6 +11,7 @@ from torch import nn
 
 import crossgrad as cg
 import crossgrad.engine as engine_module
+from crossgrad import transforms as transforms_module
 from crossgrad.codecs import ErrorFeedback, ScaledSign
 from crossgrad.comm.local import LocalComm
 from crossgrad.engine import Engine
@@ -100,6 +101,30 @@ def test_fused_apply_equals_update_then_step(make):
     for a, b in zip(fused.state_dict()["states"], plain.state_dict()["states"]):
         for key in a:
             torch.testing.assert_close(torch.as_tensor(a[key]), torch.as_tensor(b[key]), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: Momentum(x, 0.9, nesterov=True), lambda x: Momentum(x, 0.9, nesterov=False),
+    lambda x: QGM(x, 0.9, True, lr=0.1), lambda x: QGM(x, 0.8, False, lr=0.1),
+])
+def test_update_by_chunks_equals_update_whole(monkeypatch, make):
+    """On CPU the fused update walks the rows in flat chunks; every value is the one-pass update's."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 100, generator=g)
+    ds = [torch.randn(3, 100, generator=g) for _ in range(3)]
+
+    def run():
+        t, x = make(x0), x0.clone()
+        for lr, d in zip((0.1, 0.05, 0.05), ds):
+            t.apply(d.clone(), x, lr)
+        return x, t.state_dict()
+
+    whole = run()
+    monkeypatch.setattr(transforms_module, "CHUNK", 64)  # 300 elements: four chunks and a short one
+    chunked = run()
+    assert torch.equal(whole[0], chunked[0])
+    for key, value in whole[1].items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(chunked[1][key]))
 
 
 def test_error_feedback_writing_over_its_input_equals_a_fresh_output():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import resource
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -118,8 +119,11 @@ def _timed(fn, device) -> tuple[float, int]:
 @dataclass
 class SimResult:
     label: str
-    samples_per_s: float
+    samples_per_s: float  # the best round's
     bound_samples_per_s: float
+    #: simulator / bound throughput of each pair of adjacent rounds, ascending: on a shared or virtual
+    #: machine whose speed drifts over seconds, the median of these is steadier than a ratio of two bests
+    ratios: list[float]
     step_s: float
     passes_per_step: int
     phases: dict[str, float]  # fraction of step time
@@ -167,21 +171,39 @@ def measure(model_name: str, input_shape: tuple[int, ...], topology, label: str,
     best_sim = best_bound = best_ideal = float("inf")
     sim_samples = bound_samples = 0
     best_phases: dict[str, float] = {}
-    for _ in range(repeats):
+    ratios = []
+
+    def sim_timed() -> float:
+        nonlocal best_sim, best_phases, sim_samples
         engine.clock.reset()
         elapsed, sim_samples = _timed(sim_round, device)
         if elapsed < best_sim:
             best_sim = elapsed
             total = sum(engine.clock.totals.values()) or 1.0
             best_phases = {k: v / total for k, v in engine.clock.totals.items()}
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return elapsed
+
+    def bound_timed() -> float:
+        nonlocal best_bound, bound_samples
         elapsed, bound_samples = _timed(lambda: bound.run(steps), device)
         best_bound = min(best_bound, elapsed)
+        return elapsed
+
+    for r in range(repeats):
+        if r % 2 == 0:  # the order alternates, so that neither side always runs right after the other
+            t_sim = sim_timed()
+            t_bound = bound_timed()
+        else:
+            t_bound = bound_timed()
+            t_sim = sim_timed()
+        ratios.append((sim_samples / t_sim) / (bound_samples / t_bound))
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         if ideal is not None:
             elapsed, ideal_samples = _timed(lambda: ideal.run(steps), device)
             best_ideal = min(best_ideal, elapsed)
-    return SimResult(label, sim_samples / best_sim, bound_samples / best_bound, best_sim / steps, passes,
-                     best_phases, None if ideal is None else ideal_samples / best_ideal, state_bytes(sim) / n, peak)
+    return SimResult(label, sim_samples / best_sim, bound_samples / best_bound, sorted(ratios), best_sim / steps,
+                     passes, best_phases, None if ideal is None else ideal_samples / best_ideal,
+                     state_bytes(sim) / n, peak)
 
 
 def throughput_table(model_name: str, input_shape: tuple[int, ...], n: int = 16, batch: int = 32,
@@ -197,7 +219,7 @@ def throughput_table(model_name: str, input_shape: tuple[int, ...], n: int = 16,
         rows.append({
             "model": model_name, "algorithm": label, "agents": n, "passes/agent/step": res.passes_per_step,
             "sim samples/s": res.samples_per_s, "bound samples/s": res.bound_samples_per_s,
-            "ratio": res.samples_per_s / res.bound_samples_per_s,
+            "ratio": statistics.median(res.ratios), "ratio min": res.ratios[0], "ratio max": res.ratios[-1],
             **({} if res.ideal_samples_per_s is None else {
                 "ideal samples/s": res.ideal_samples_per_s, "of ideal": res.samples_per_s / res.ideal_samples_per_s}),
             "step ms": res.step_s * 1e3, "state MiB/agent": res.state_bytes_per_agent / 2**20,
@@ -365,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="agents on a ring for the per-algorithm table (default: %(default)s)")
     p.add_argument("--batch", type=int, default=32, help="minibatch size per agent (default: %(default)s)")
     p.add_argument("--steps", type=int, default=3, help="steps per timed round")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds; the best is kept")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds of simulator and bound, alternating; ratio: the median over the rounds")
     p.add_argument("--algorithms", default=",".join(BENCH_ALGORITHMS),
                    help="comma-separated labels to time (default: all of %(default)s)")
     p.add_argument("--scaling", default="8,16,32,64,128,256", help="agent counts for the scaling table ('' skips)")
@@ -405,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = throughput_table(name, input_shape, n=args.agents, batch=args.batch, steps=args.steps,
                                 repeats=args.repeats, algorithms=args.algorithms.split(","), device=args.device,
                                 evaluator=args.evaluator)
-        print(f"\n{name} {shape}, {args.agents} agents on a ring, batch {args.batch} per agent "
-              f"(ratio = simulator samples/s / bound samples/s; % = share of step time)")
+        print(f"\n{name} {shape}, {args.agents} agents on a ring, batch {args.batch} per agent (ratio = simulator "
+              f"samples/s / bound samples/s, median over {args.repeats} pairs of rounds; % = share of step time)")
         print(format_rows(rows))
     if args.scaling:
         sizes = tuple(int(v) for v in args.scaling.split(","))

@@ -380,6 +380,8 @@ class Engine:
         self.transforms = transforms_for(algorithm, self.x, self.lr)
         # x and the next step's x_half alternate between two buffers, so no [n, P] block is allocated per step
         self._spare = torch.empty_like(self.x)
+        # the combined gradient of the cross-gradient methods, written into the same block every step
+        self._direction = torch.empty_like(self.x) if algorithm.cross_gradients else None
         self.algo_state = algorithm.init_state(self.ctx, dev)
         #: error-feedback codecs of the cross-gradient messages (one memory row per in-edge) and of
         #: the self-gradient (one per agent); None where the algorithm compresses nothing there
@@ -474,7 +476,7 @@ class Engine:
         x, x_half = self.x, self._spare
         own = algo.gossip(self.ctx, wiring.comm, x, x_half, self.algo_state)  # Choco: its compressed round 1
         received, index = own if own is not None else wiring.round1(x, out=x_half)  # round 1 and gossip (steps 1-2)
-        view = StepView(x_half=x_half, lr=self.lr, step=self.stats.steps, mix=wiring.mix)
+        view = StepView(x_half=x_half, lr=self.lr, step=self.stats.steps, mix=wiring.mix, direction=self._direction)
         at = algo.gradient_rows(self.ctx, view, self.algo_state)  # x_half itself, but push-sum's x_half / w
         rows = PairRows(at, received, index) if algo.cross_gradients else PairRows(at)
         clock.tick("gossip")
@@ -577,8 +579,8 @@ class Engine:
     def memory_bytes(self) -> int:
         """Bytes of the tensors kept across steps: the whole state (parameters, buffers, momentum, error
         memories, the algorithm's own) and the work buffers (gradients, the second parameter block,
-        decoded messages)."""
-        return _tensor_bytes([self.state_dict(), self.grads, self._spare, self._decoded])
+        decoded messages, the combined gradient)."""
+        return _tensor_bytes([self.state_dict(), self.grads, self._spare, self._decoded, self._direction])
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a bit-exact resume needs, as independent copies (later steps do not change it)."""

@@ -48,12 +48,22 @@ class StepView:
     x_half: the gossiped rows [n_local, P] (step 2's output); the update (step 9) lands in them in
     place. mix(rows): gossips another block of rows [n_local, P] with the step's mixing matrix, as
     step 2 does x (one more round-1 message per edge, counted), and returns the mixed rows.
+    direction: a block shaped like x_half, kept across steps, that combine may write its result into
+    (on a big model a fresh block of that size costs page faults on every step).
     """
 
     x_half: Tensor
     lr: float
     step: int
     mix: Callable[[Tensor], Tensor]
+    direction: Tensor | None = None
+
+
+def weighted_self(g_self: Tensor, ctx: CombineContext, view: StepView | None) -> Tensor:
+    """w_ii g_ii for every local agent: the start of a combined gradient, in view.direction when given."""
+    w = ctx.self_w.to(g_self.dtype).unsqueeze(1)
+    out = None if view is None else view.direction
+    return torch.mul(g_self, w) if out is None else torch.mul(g_self, w, out=out)
 
 
 def edges_per_agent(index: Tensor, n: int) -> int | None:

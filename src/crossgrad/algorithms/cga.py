@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from crossgrad.algorithms.base import CombineContext, ConfigError, CrossGradientAlgorithm, StepView
+from crossgrad.algorithms.base import CombineContext, ConfigError, CrossGradientAlgorithm, StepView, weighted_self
 from crossgrad.qp import solve_box_qp
 
 
@@ -89,7 +89,7 @@ class CGA(CrossGradientAlgorithm):
         view: StepView | None = None,
     ) -> Tensor:
         plan, kmax = ctx.plan, state.kmax
-        g = g_self * ctx.self_w.to(g_self.dtype).unsqueeze(1)
+        g = weighted_self(g_self, ctx, view)
         if kmax == 0:
             return g
         # M = diag(w) D with D the received rows: the weights are folded into the k x k systems and into
@@ -124,8 +124,8 @@ class CGA(CrossGradientAlgorithm):
             v = torch.where(failed.unsqueeze(-1), state.v, v)
         state.v = v
         v = (torch.where(active, v, torch.zeros_like(v)) * w.to(torch.float64)).to(g.dtype)  # M^T v = D^T (w v)
-        for l, s in enumerate(slices):
-            g[:, s] += torch.bmm(v[l].unsqueeze(1), rows[:, :, s]).squeeze(1)
+        for l, s in enumerate(slices):  # added in place: a [n, 1, numel] product per tensor would be fresh memory
+            g[:, s].unsqueeze(1).baddbmm_(v[l].unsqueeze(1), rows[:, :, s])
         return g
 
 

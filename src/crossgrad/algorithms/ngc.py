@@ -13,6 +13,7 @@ from crossgrad.algorithms.base import (
     CrossGradientAlgorithm,
     StepView,
     add_weighted_edges,
+    weighted_self,
 )
 
 
@@ -43,7 +44,7 @@ class NGC(CrossGradientAlgorithm):
         view: StepView | None = None,
     ) -> Tensor:
         plan, a = ctx.plan, self.alpha
-        out = g_self * ctx.self_w.to(g_self.dtype).unsqueeze(1)
+        out = weighted_self(g_self, ctx, view)
         if a < 1:
             add_weighted_edges(out, mv, plan.in_dst, ctx.in_w, ctx.in_k, alpha=1 - a)
         if a > 0:
