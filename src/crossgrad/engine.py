@@ -301,9 +301,10 @@ class Wiring:
         arrived = self.comm.exchange_edges(payload)
         return arrived[0] if codec is None else codec.decode(arrived, out.dtype, out=out)
 
-    def mix(self, rows: Tensor) -> Tensor:
-        """Gossip another block of rows [n_local, P] with this step's matrix (one more round-1 message)."""
-        out = torch.empty_like(rows)
+    def mix(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
+        """Gossip another block of rows [n_local, P] with this step's matrix (one more round-1 message),
+        into `out` if given (not rows itself)."""
+        out = torch.empty_like(rows) if out is None else out
         self.round1(rows, out)
         return out
 
@@ -380,8 +381,8 @@ class Engine:
         self.transforms = transforms_for(algorithm, self.x, self.lr)
         # x and the next step's x_half alternate between two buffers, so no [n, P] block is allocated per step
         self._spare = torch.empty_like(self.x)
-        # the combined gradient of the cross-gradient methods, written into the same block every step
-        self._direction = torch.empty_like(self.x) if algorithm.cross_gradients else None
+        # the combined gradient of the methods that build one, written into the same block every step
+        self._direction = torch.empty_like(self.x) if algorithm.direction_block else None
         self.algo_state = algorithm.init_state(self.ctx, dev)
         #: error-feedback codecs of the cross-gradient messages (one memory row per in-edge) and of
         #: the self-gradient (one per agent); None where the algorithm compresses nothing there

@@ -46,8 +46,8 @@ class StepView:
     """What an algorithm may use of the current step beyond its gradients (see Algorithm.combine).
 
     x_half: the gossiped rows [n_local, P] (step 2's output); the update (step 9) lands in them in
-    place. mix(rows): gossips another block of rows [n_local, P] with the step's mixing matrix, as
-    step 2 does x (one more round-1 message per edge, counted), and returns the mixed rows.
+    place. mix(rows, out=None): gossips another block of rows [n_local, P] with the step's mixing
+    matrix, as step 2 does x (one more round-1 message per edge, counted), and returns the mixed rows.
     direction: a block shaped like x_half, kept across steps, that combine may write its result into
     (on a big model a fresh block of that size costs page faults on every step).
     """
@@ -55,7 +55,7 @@ class StepView:
     x_half: Tensor
     lr: float
     step: int
-    mix: Callable[[Tensor], Tensor]
+    mix: Callable[..., Tensor]
     direction: Tensor | None = None
 
 
@@ -179,6 +179,8 @@ class Algorithm:
     codec: ClassVar[str | None] = None
     #: with a codec, pass the self-gradient through it too (with its own error memory)
     compress_self: ClassVar[bool] = False
+    #: combine builds a new [n_local, P] direction: the engine keeps a block for it (StepView.direction)
+    direction_block: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -281,6 +283,7 @@ class CrossGradientAlgorithm(Algorithm):
     compress_self: bool = True
 
     cross_gradients: ClassVar[bool] = True
+    direction_block: ClassVar[bool] = True
 
     def validate(self) -> None:
         super().validate()

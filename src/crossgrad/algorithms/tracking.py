@@ -57,6 +57,7 @@ class GT(Algorithm):
     """
 
     name: ClassVar[str] = "gt"
+    direction_block: ClassVar[bool] = True
 
     def check_mixing(self, topology: Any) -> None:
         super().check_mixing(topology)
@@ -76,7 +77,7 @@ class GT(Algorithm):
         view: StepView | None = None,
     ) -> Tensor:
         assert isinstance(state, TrackingState) and view is not None
-        y = view.mix(state.y)  # a fresh block: the direction the transforms may overwrite
+        y = view.mix(state.y, out=view.direction)  # not state.y itself: the transforms may overwrite the direction
         y.add_(g_self).sub_(state.g_prev)
         state.y.copy_(y)
         state.g_prev.copy_(g_self)
