@@ -367,6 +367,7 @@ def test_cli_runs_and_resumes_on_a_time_varying_topology(capsys, tmp_path):
     capsys.readouterr()
     assert main([*base, "--name", "c", "--set", 'topology.name="random_matching"', "--set", "algorithm.name=cga"]) == 2
     assert "cga needs one fixed graph" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before the data loads and before the run folder exists
     assert main(["topology", "one_peer_exponential", "8"]) == 0
     out = capsys.readouterr().out
     assert "period 3" in out and "spectral gap      1 (of one period's product of W_t)" in out

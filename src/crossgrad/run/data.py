@@ -66,13 +66,17 @@ def prepare(cfg: Config, device: torch.device, quiet: bool = False) -> Prepared:
     """Load data, partition it, build model, topology and algorithm. Raises user errors only for bad input."""
     from crossgrad.data import load_dataset, normalized, partition
     from crossgrad.models import make_model
-    from crossgrad.topology import make_topology
+    from crossgrad.topology import is_time_varying, make_topology
 
     cfg.validate()
     topo = make_topology(
         cfg.topology.name, cfg.topology.n_agents, weights=cfg.topology.weights, **cfg.topology.options
     )
     algorithm = cfg.make_algorithm()
+    # what the algorithm refuses of this graph (cga on a time-varying one, d2 on a non-symmetric W), before
+    # the data loads; the engine checks every later graph of a time-varying topology as it meets it
+    algorithm.check_topology(topo)
+    algorithm.check_mixing(topo.at(0) if is_time_varying(topo) else topo)
     d = cfg.data
     train, test = load_dataset(d.name, d.data_dir, progress=not quiet)
     shards = partition(
