@@ -29,8 +29,14 @@ sweep experiments/fmnist_tuned.toml --seeds 0      # setting 1 at each method's 
 sweep experiments/defaults_check.toml              # the defaults on MNIST, torus-16 and exponential-8
 sweep experiments/defaults_readme.toml             # the README's Fashion-MNIST CompNGC example
 sweep experiments/fmnist_alpha_gamma.toml          # alpha sweep with gamma tuned per alpha (2 epochs)
+# --- issue 19: gt, d2, choco, sgp on setting 1 ------------------------------------------
+sweep experiments/fmnist_new_lr.toml               # gamma x lr, gt and choco (seed 0, 2 epochs)
+sweep experiments/fmnist_d2_lr.toml                # gamma x lr, d2
+sweep experiments/fmnist_new_tuned.toml            # the picks (and sgp), 10 epochs, 3 seeds
+# --- round 3 (issue 15, a later session) ------------------------------------------------
 sweep experiments/fmnist_tuned.toml --seeds 1,2
-# --- not run yet (CPU time) ----------------------------------------------------------------
+sweep experiments/cifar_gamma.toml                 # setting 2 at gamma 1: DSGDm-N, QGM, NGC alpha=0
 sweep experiments/fmnist_alpha.toml --seeds 1,2
+# --- not run yet (CPU time) ----------------------------------------------------------------
 sweep experiments/fmnist_scale.toml --seeds 1,2
 sweep experiments/cifar_ring5.toml --seeds 1,2

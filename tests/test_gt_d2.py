@@ -239,6 +239,17 @@ def test_round1_bytes_gt_sends_x_and_y_d2_sends_x():
         assert run_sim(topo, make_batches(5, 1), name, lr=0.1).stats["grad_evals_per_agent_per_step"] == 1
 
 
+def test_memory_counts_every_kept_block_scratch_included():
+    """D² keeps p_{t-1} and a correction block; gt the tracked y, the previous gradient, the momentum and
+    the direction block; against plain D-PSGD (x, the spare block, the gradients)."""
+    topo = Topology.ring(4)
+    block = 4 * sum(p.numel() for p in tiny_model().parameters()) * 8  # [4, P] float64
+    plain = run_sim(topo, make_batches(4, 1), "dsgd", lr=0.1, momentum=0.0).engine.memory_bytes()
+    assert plain == 3 * block
+    assert run_sim(topo, make_batches(4, 1), "d2", lr=0.1).engine.memory_bytes() - plain == 2 * block
+    assert run_sim(topo, make_batches(4, 1), "gt", lr=0.1).engine.memory_bytes() - plain == 4 * block
+
+
 def test_d2_defaults_and_momentum_refused():
     opts = cg.algorithm_options("d2")
     assert (opts["momentum"], opts["nesterov"], opts["gamma"]) == (0.0, False, 0.5)

@@ -579,9 +579,13 @@ class Engine:
 
     def memory_bytes(self) -> int:
         """Bytes of the tensors kept across steps: the whole state (parameters, buffers, momentum, error
-        memories, the algorithm's own) and the work buffers (gradients, the second parameter block,
-        decoded messages, the combined gradient)."""
-        return _tensor_bytes([self.state_dict(), self.grads, self._spare, self._decoded, self._direction])
+        memories, the algorithm's own, its scratch blocks included) and the work buffers (gradients, the
+        second parameter block, decoded messages, the combined gradient). Counted in place, nothing copied."""
+        return _tensor_bytes([
+            self.x, self.buffers, self.grads, self._spare, self._decoded, self._direction,
+            [vars(t) for t in self.transforms.transforms], [c.memory for c in self._codecs().values()],
+            vars(self.algo_state),
+        ])
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a bit-exact resume needs, as independent copies (later steps do not change it)."""
