@@ -35,6 +35,7 @@ sweep experiments/fmnist_d2_lr.toml                # gamma x lr, d2
 sweep experiments/fmnist_new_tuned.toml            # the picks (and sgp), 10 epochs, 3 seeds
 # --- round 3 (issue 15, a later session) ------------------------------------------------
 sweep experiments/fmnist_tuned.toml --seeds 1,2
+sweep experiments/fmnist_alpha1_gamma.toml         # the alpha = 1 row of the alpha x gamma table at lr 0.01
 sweep experiments/cifar_gamma.toml                 # setting 2 at gamma 1: DSGDm-N, QGM, NGC alpha=0
 sweep experiments/fmnist_alpha.toml --seeds 1,2
 # --- not run yet (CPU time) ----------------------------------------------------------------
