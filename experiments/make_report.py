@@ -27,6 +27,7 @@ FIGURES = HERE / "figures"
 
 #: the run directories under runs/ that get an accuracy table and curves
 ACCURACY_SETS = ("fmnist_ring5", "fmnist_tuned", "fmnist_new_tuned", "fmnist_iid", "fmnist_alpha", "fmnist_scale",
+                 "fmnist_scale_gamma",
                  "cifar_ring5", "cifar_lowlr", "cifar_gamma", "gpu_cifar_ring5", "gpu_cifar_ring5_tuned",
                  "gpu_cifar_tune", "gpu_cifar_scale", "gpu_cifar_models")
 #: the 2-epoch tuning runs (fmnist_lr.toml, fmnist_lr_wide.toml, fmnist_gamma*.toml, fmnist_alpha_gamma.toml)

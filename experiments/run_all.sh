@@ -38,6 +38,9 @@ sweep experiments/fmnist_tuned.toml --seeds 1,2
 sweep experiments/fmnist_alpha1_gamma.toml         # the alpha = 1 row of the alpha x gamma table at lr 0.01
 sweep experiments/cifar_gamma.toml                 # setting 2 at gamma 1: DSGDm-N, QGM, NGC alpha=0
 sweep experiments/fmnist_alpha.toml --seeds 1,2
-# --- not run yet (CPU time) ----------------------------------------------------------------
+# --- round 4 (issue 15, a later session) ------------------------------------------------
 sweep experiments/fmnist_scale.toml --seeds 1,2
+sweep experiments/fmnist_scale_gamma.toml          # setting 3 at gamma = 1: DSGDm-N, QGM, NGC alpha=0
+sweep experiments/cifar_gamma.toml                 # now also NGC alpha=1, CGA, CompNGC, CompCGA at gamma 1
+# --- not run yet (CPU time) ----------------------------------------------------------------
 sweep experiments/cifar_ring5.toml --seeds 1,2
