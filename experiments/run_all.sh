@@ -42,6 +42,6 @@ sweep experiments/fmnist_alpha.toml --seeds 1,2
 sweep experiments/fmnist_scale.toml --seeds 1,2
 sweep experiments/fmnist_scale_gamma.toml          # setting 3 at gamma = 1: DSGDm-N, QGM, NGC alpha=0
 sweep experiments/fmnist_scale_gamma_qgm.toml      # ... and QGM at lr 0.04, 0.02 (it diverged at its 5-agent lr 0.08)
-sweep experiments/cifar_gamma.toml                 # now also NGC alpha=1, CGA, CompNGC, CompCGA at gamma 1
+sweep experiments/cifar_gamma.toml                 # NGC alpha=1, CGA at gamma 1 (round 4); CompNGC, CompCGA not run yet
 # --- not run yet (CPU time) ----------------------------------------------------------------
 sweep experiments/cifar_ring5.toml --seeds 1,2
