@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
 
-from crossgrad.algorithms import make_algorithm
-from crossgrad.bench import BoundLoop, _batches, bench_model
+from crossgrad.algorithms import ConfigError, make_algorithm
+from crossgrad.bench import BoundLoop, _batches, bench_model, parse_model_spec
 from crossgrad.simulator import Simulator
 from crossgrad.topology import make_topology
 
@@ -34,9 +35,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
     a = ap.parse_args()
+    try:
+        for opt, low in (("agents", 2), ("batch", 1), ("threads", 1), ("repeats", 1)):
+            if getattr(a, opt) < low:
+                raise ConfigError(f"--{opt} must be >= {low}, not {getattr(a, opt)}")
+        name, shape = parse_model_spec(a.model, "--model")
+    except ConfigError as e:
+        print(f"step_floor: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     torch.set_num_threads(a.threads)
-    name, shape = a.model.split(":")
-    shape = tuple(int(v) for v in shape.split("x"))
     n = a.agents
     batches = _batches(n, a.batch, shape, 10, pool=2, device="cpu")
     torch.manual_seed(0)

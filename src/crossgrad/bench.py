@@ -360,19 +360,21 @@ def check_args(args) -> list[tuple[str, tuple[int, ...]]]:
     if not all(v.strip().isdigit() and int(v) >= 2 for v in sizes):
         raise ConfigError(f"--scaling takes agent counts >= 2 separated by commas (8,16,32), not {args.scaling!r}")
     resolve_device(args.device, "--device")
-    models = []
-    for spec in args.models.split(","):
-        name, _, shape = spec.partition(":")
-        dims = shape.split("x")
-        if len(dims) != 3 or not all(d.isdigit() and int(d) > 0 for d in dims):
-            raise ConfigError(f"--models takes name:CxHxW entries (e.g. lenet5:1x28x28), not {spec!r}")
-        input_shape = tuple(int(d) for d in dims)
-        try:
-            bench_model(name, input_shape)
-        except ValueError as e:  # an unknown model, or one that does not fit the input
-            raise ConfigError(f"--models {spec!r}: {e}") from None
-        models.append((name, input_shape))
-    return models
+    return [parse_model_spec(spec, "--models") for spec in args.models.split(",")]
+
+
+def parse_model_spec(spec: str, option: str) -> tuple[str, tuple[int, ...]]:
+    """A name:CxHxW model entry as (name, input shape), checked by building the model (a ConfigError names it)."""
+    name, _, shape = spec.partition(":")
+    dims = shape.split("x")
+    if len(dims) != 3 or not all(d.isdigit() and int(d) > 0 for d in dims):
+        raise ConfigError(f"{option} takes name:CxHxW entries (e.g. lenet5:1x28x28), not {spec!r}")
+    input_shape = tuple(int(d) for d in dims)
+    try:
+        bench_model(name, input_shape)
+    except ValueError as e:  # an unknown model, or one that does not fit the input
+        raise ConfigError(f"{option} {spec!r}: {e}") from None
+    return name, input_shape
 
 
 def main(argv: list[str] | None = None) -> int:
