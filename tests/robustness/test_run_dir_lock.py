@@ -24,10 +24,21 @@ def test_stale_lock_file_and_half_written_files_are_taken_over(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     (run / LOCK).write_text("999999999")  # a pid that cannot be alive
-    (run / ".checkpoint.pt.tmp123").write_bytes(b"half a checkpoint")
+    (run / ".checkpoint.pt.tmp999999999.ab12cd").write_bytes(b"half a checkpoint")  # its writer is dead
     assert lock_holder(run) is None
     with claim_run_dir(run):
-        assert not (run / ".checkpoint.pt.tmp123").exists()
+        assert not (run / ".checkpoint.pt.tmp999999999.ab12cd").exists()
+
+
+def test_a_live_writers_temporary_file_survives_a_claim(tmp_path):
+    # a sweep writes its config copy for a run (atomic_write: .NAME.tmpPID.HEX, then a rename) while
+    # another sweep claims that run: the claim must not delete the file before it is renamed
+    run = tmp_path / "r"
+    run.mkdir()
+    writing = run / f".sweep-config-{os.getpid()}.toml.tmp{os.getpid()}.ab12cd"
+    writing.write_text("[model]\n")
+    with claim_run_dir(run):
+        assert writing.exists()
 
 
 HOLD = textwrap.dedent("""

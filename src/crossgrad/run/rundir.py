@@ -211,7 +211,11 @@ def claim_run_dir(run_dir: Path) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         for tmp in run_dir.glob(".*.tmp*"):  # half-written files of a process killed while saving
-            tmp.unlink(missing_ok=True)
+            # (files.atomic_write names them .NAME.tmpPID.HEX; a live process's, e.g. a sweep writing its
+            # config copy for this run, is still being written)
+            pid = tmp.name.rpartition(".tmp")[2].partition(".")[0]
+            if not (pid.isdigit() and pid_alive(int(pid))):
+                tmp.unlink(missing_ok=True)
         yield
     finally:
         path.unlink(missing_ok=True)  # while still holding the lock (see the inode check above)
