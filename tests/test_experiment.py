@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from crossgrad.data.streams import AgentStream
 from crossgrad.run import resume_experiment, run_experiment
 from crossgrad.run.config import (
     Config,
@@ -20,7 +21,7 @@ from crossgrad.run.config import (
     parse_override,
     read_toml,
 )
-from crossgrad.run.data import AgentBatches, AgentStream
+from crossgrad.run.data import AgentBatches
 from crossgrad.run.evaluate import TIMING_KEYS, score_rows
 from crossgrad.run.rundir import CHECKPOINT, METRICS, SUMMARY
 from crossgrad.run.schedule import lr_at

@@ -268,12 +268,12 @@ def test_algorithms_with_per_edge_state_refuse_time_varying_graphs(name):
 
 
 def test_random_matchings_keep_a_bounded_cache_of_wirings():
-    from crossgrad.engine import WIRING_CACHE
+    from crossgrad.wiring import WIRING_CACHE
 
     engine = cg.Simulator(tiny_model(), RandomMatching(8, seed=1), cg.make_algorithm("dsgd", lr=0.1)).engine
     for t in range(2 * WIRING_CACHE):
-        engine.wiring = engine._wiring_at(t)  # what a step does first
-    assert len(engine._wirings) == WIRING_CACHE  # 105 matchings of 8 agents, 32 draws
+        engine.wiring = engine.wirings.at(t, current=engine.wiring)  # what a step does first
+    assert len(engine.wirings) == WIRING_CACHE  # 105 matchings of 8 agents, 32 draws
 
 
 # -- torch.distributed: blocks of agents over 3 ranks -------------------------------------------
@@ -308,7 +308,7 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 if rank == 0:
                     results[graph, k] = (state["x"], state["bytes_sent"])
             # one comm per graph, one set of counters and one failure state for all of them
-            comms = [w.comm for w in engine._wirings.values()]
+            comms = [w.comm for w in engine.wirings.wirings.values()]
             results["shared", graph, rank] = len(comms) > 1 and all(
                 c.bytes_sent is comms[0].bytes_sent and c.wire_bytes is comms[0].wire_bytes
                 and c.failed is comms[0].failed for c in comms)

@@ -348,7 +348,7 @@ def format_rows(rows: list[dict]) -> str:
 
 def check_args(args) -> list[tuple[str, tuple[int, ...]]]:
     """The bench's options checked before anything runs (a ConfigError names the bad one); its (model, shape)s."""
-    from crossgrad.run.data import resolve_device
+    from crossgrad.devices import resolve_device
 
     for opt, low in (("agents", 2), ("batch", 1), ("steps", 1), ("repeats", 1), ("threads", 1)):
         value = getattr(args, opt)

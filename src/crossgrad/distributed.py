@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from crossgrad.algorithms import Algorithm
 from crossgrad.comm.dist import CommTimeoutError, DistComm, label
-from crossgrad.engine import Engine, LossFn, comm_for
+from crossgrad.engine import Engine
+from crossgrad.evaluators import LossFn
 from crossgrad.topology import TimeVaryingTopology, Topology
+from crossgrad.wiring import comm_for
 
 __all__ = ["CommTimeoutError", "DistComm", "gather_rows", "gather_state", "init_from_env", "is_main",
            "make_engine", "shutdown"]

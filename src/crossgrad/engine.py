@@ -14,10 +14,7 @@ land in buffers kept across steps. One host synchronisation per step remains: th
 """
 from __future__ import annotations
 
-import copy
-import functools
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,16 +22,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from crossgrad.algorithms import Algorithm, CombineContext, combine_weights
-from crossgrad.algorithms.base import StepView, add_weighted_edges, edges_per_agent
-from crossgrad.codecs import Codec, ErrorFeedback, Payload, make_codec
-from crossgrad.comm.base import Comm, EdgePlan, SharedMemoryComm
+from crossgrad.algorithms import Algorithm, CombineContext
+from crossgrad.algorithms.base import StepView
+from crossgrad.codecs import ErrorFeedback, Payload, make_codec
+from crossgrad.comm.base import Comm, EdgePlan
+from crossgrad.evaluators import Batch, LoopEvaluator, LossFn, PairRows, VmapEvaluator
 from crossgrad.flat import ParamLayout
-from crossgrad.topology import Topology, is_time_varying
+from crossgrad.topology import Topology
 from crossgrad.transforms import transforms_for
-
-Batch = tuple[Tensor, Tensor]
-LossFn = Callable[[Tensor, Tensor], Tensor]
+from crossgrad.wiring import CommFactory, Wiring, WiringCache
 
 
 def _tensor_bytes(obj: Any) -> int:
@@ -54,123 +50,6 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, step: int, agent: int, what: str):
         super().__init__(f"non-finite {what} at step {step}, agent {agent}")
         self.step, self.agent, self.what = step, agent, what
-
-
-@dataclass(frozen=True)
-class PairRows:
-    """The parameter row of every (model, minibatch) pair of a step, without stacking them.
-
-    Pair k < n is own[k] (a local agent's gossiped model); pair n + e is other[index[e]] (the model
-    that arrived on in-edge e: a row of the shared x in-process, a received row otherwise).
-    """
-
-    own: Tensor
-    other: Tensor | None = None
-    index: Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.own) + (0 if self.index is None else len(self.index))
-
-    def __getitem__(self, k: int) -> Tensor:
-        n = len(self.own)
-        return self.own[k] if k < n else self.other[self._index_list[k - n]]
-
-    @functools.cached_property
-    def _index_list(self) -> list[int]:
-        return [] if self.index is None else self.index.tolist()
-
-    def stacked(self) -> Tensor:
-        """All rows as one [K, P] tensor (one gather; the batched evaluator needs it)."""
-        if self.index is None:
-            return self.own
-        return torch.cat([self.own, self.other.index_select(0, self.index)])
-
-
-class LoopEvaluator:
-    """Evaluates gradients of many (parameter row, minibatch) pairs with one worker module.
-
-    The worker's parameters are pointed at views of each pair's row in turn: nothing is copied in,
-    and the per-pair overhead stays small next to the forward/backward pass itself.
-    """
-
-    def __init__(self, model: nn.Module, layout: ParamLayout, loss_fn: LossFn):
-        self.worker = copy.deepcopy(model).train()
-        self.layout = layout
-        self.params = list(self.worker.parameters())
-        self.buffers = list(self.worker.buffers())
-        self.loss_fn = loss_fn
-
-    def __call__(
-        self,
-        rows: PairRows,
-        data: Sequence[int],
-        batches: Sequence[Batch],
-        out: Tensor,
-        buffers: list[Tensor] | None = None,
-        owners: Sequence[int] | None = None,
-        keep_buffers: int = 0,
-    ) -> Tensor:
-        """Gradient of loss(row k on batches[data[k]]) into out[k]; returns the losses [K].
-
-        With per-agent buffers, pair k runs with agent owners[k]'s buffers; the first
-        `keep_buffers` pairs write their buffer updates back (the self-gradient passes).
-        """
-        losses = torch.empty(len(data), dtype=out.dtype, device=out.device)
-        for k, b in enumerate(data):
-            for p, view in zip(self.params, self.layout.views(rows[k])):
-                p.data = view
-            if self.buffers:
-                for mine, theirs in zip(self.buffers, buffers):
-                    mine.copy_(theirs[owners[k]])
-            inputs, targets = batches[b]
-            loss = self.loss_fn(self.worker(inputs), targets)
-            grads = torch.autograd.grad(loss, self.params)
-            torch.cat([g.reshape(-1) for g in grads], out=out[k])
-            losses[k] = loss.detach()
-            if self.buffers and k < keep_buffers:
-                for mine, theirs in zip(self.buffers, buffers):
-                    theirs[owners[k]].copy_(mine)
-        return losses
-
-
-class VmapEvaluator:
-    """Evaluates all pairs at once with torch.func: vmap over (parameters, minibatch) of grad(loss).
-
-    Made for GPUs, where one batched kernel beats many small ones. It needs a model without
-    buffers (EvoNorm, GroupNorm or no norm) and minibatches of one shape; `supports` says so.
-    """
-
-    def __init__(self, model: nn.Module, layout: ParamLayout, loss_fn: LossFn):
-        self.model = copy.deepcopy(model).train()
-        self.layout = layout
-        names = layout.names
-
-        def loss_of(row: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
-            params = dict(zip(names, layout.views(row)))
-            out = torch.func.functional_call(self.model, params, (inputs,))
-            return loss_fn(out, targets)
-
-        self._grad = torch.func.vmap(torch.func.grad_and_value(loss_of))
-        self._data: tuple[int, ...] = ()
-        self._index: Tensor | None = None
-
-    @staticmethod
-    def supports(model: nn.Module, batches: Sequence[Batch]) -> bool:
-        if any(True for _ in model.buffers()):
-            return False
-        shapes = {(tuple(x.shape), tuple(y.shape)) for x, y in batches}
-        return len(shapes) == 1
-
-    def __call__(self, rows: PairRows, data: Sequence[int], batches: Sequence[Batch], out: Tensor,
-                 buffers: list[Tensor] | None = None, owners: Sequence[int] | None = None,
-                 keep_buffers: int = 0) -> Tensor:
-        if tuple(data) != self._data:  # the same every step of a run: one host-to-device copy in all
-            self._data, self._index = tuple(data), torch.as_tensor(data, device=out.device)
-        inputs = torch.stack([b[0] for b in batches]).index_select(0, self._index)
-        targets = torch.stack([b[1] for b in batches]).index_select(0, self._index)
-        grads, losses = self._grad(rows.stacked(), inputs, targets)
-        out.copy_(grads)
-        return losses.detach()
 
 
 class PhaseClock:
@@ -197,116 +76,6 @@ class PhaseClock:
     def reset(self) -> None:
         self.totals.clear()
 
-
-#: up to this many agents gossip is one dense [n, n] x [n, P] product (the fastest at these sizes: one
-#: read of x, one write of x_half); beyond, a sparse one, whose cost grows with the edges instead of n^2
-DENSE_GOSSIP_MAX_AGENTS = 64
-
-
-class SharedGossip:
-    """Step 2 for agents that share memory: x_half = G x, one product over the rows, nothing gathered.
-
-    G = diag(1 - gamma + gamma w_ii) + gamma * (w_ij on the in-edges).
-    """
-
-    def __init__(self, n: int, gossip_self: Tensor, gossip_in: Tensor, dst: Tensor, src: Tensor):
-        G = torch.diag(gossip_self)
-        G.index_put_((dst, src), gossip_in, accumulate=True)
-        if n > DENSE_GOSSIP_MAX_AGENTS:
-            with warnings.catch_warnings():  # "sparse CSR support is in beta": used for plain products only
-                warnings.simplefilter("ignore", UserWarning)
-                G = G.to_sparse_csr()
-        self.G = G
-
-    def __call__(self, x: Tensor, out: Tensor) -> Tensor:
-        if self.G.layout == torch.strided:
-            return torch.mm(self.G, x, out=out)
-        return torch.addmm(out, self.G, x, beta=0, out=out)
-
-
-#: a time-varying topology with no period (e.g. random matchings) keeps this many graphs' wirings
-WIRING_CACHE = 16
-
-CommFactory = Callable[[list[tuple[int, int]]], Comm]
-#: what the comms of one run's graphs share: the byte counters, and a failed round (after it the peers'
-#: message streams are out of step, whichever graph the next step uses)
-RUN_WIDE = ("bytes_sent", "wire_bytes", "failed")
-
-
-def comm_for(topology: Any, make: CommFactory) -> Comm | CommFactory:
-    """What `Engine` takes for `topology`: the Comm of its edges, or for a time-varying topology the
-    factory itself, which the engine calls with each distinct graph's edges."""
-    return make if is_time_varying(topology) else make(topology.edges)
-
-
-class Wiring:
-    """Everything about one step that follows from its graph: the backend's comm and edge plan, the
-    combine context, the gossip weights and which model and data each gradient pair uses.
-
-    A static topology has one for the whole run; a time-varying one has one per distinct graph.
-    """
-
-    def __init__(self, topology: Topology, comm: Comm, algorithm: Algorithm, layout: ParamLayout,
-                 dev: torch.device, dtype: torch.dtype):
-        algorithm.check_mixing(topology)  # each graph's W, a time-varying topology's included
-        self.comm = comm
-        plan = comm.plan
-        directed = topology.is_directed
-        # gossip (step 2) always mixes with W; only the combine (step 6) may use other weights
-        gossip_self, gossip_in, _ = combine_weights(topology.W, plan, "mixing", directed)
-        self_w, in_w, out_w = combine_weights(topology.W, plan, algorithm.weights, directed)
-        self.ctx = CombineContext(
-            plan=EdgePlan(plan.n, plan.local, *(t.to(dev) for t in (plan.in_src, plan.in_dst, plan.out_dst,
-                                                                     plan.out_src))),
-            layout=layout, self_w=self_w.to(dev), in_w=in_w.to(dev), out_w=out_w.to(dev),
-            in_k=edges_per_agent(plan.in_dst, plan.n_local), out_k=edges_per_agent(plan.out_src, plan.n_local),
-            dtype=dtype,
-        )
-        gamma = algorithm.gamma
-        self.gossip_self = (1 - gamma + gamma * gossip_self).to(dtype).to(dev)
-        self.gossip_in = (gamma * gossip_in).to(dtype).to(dev)
-        #: in-process backends: neighbours' rows are read in place (see SharedMemoryComm)
-        self.shared = isinstance(comm, SharedMemoryComm)
-        self.shared_gossip = (SharedGossip(plan.n_local, self.gossip_self, self.gossip_in, self.ctx.plan.in_dst,
-                                           comm.sources) if self.shared else None)
-        n = plan.n_local
-        self.pair_data = list(range(n)) + (plan.in_dst.tolist() if algorithm.cross_gradients else [])
-        self.edges = torch.arange(len(plan.in_src), device=dev)  # received row e is in-edge e's
-
-    @property
-    def plan(self) -> EdgePlan:
-        return self.ctx.plan
-
-    def round1(self, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
-        """Exchange rows x [n_local, P] and gossip them into `out`; returns (received rows, index): in-edge
-        e's row is received[index[e]]."""
-        if self.shared:
-            models = self.comm.share(x)  # every agent reads its neighbours' rows of x in place
-            self.shared_gossip(models, out=out)
-            return models, self.comm.sources
-        received = self.comm.exchange(x)
-        torch.mul(x, self.gossip_self.unsqueeze(1), out=out)
-        add_weighted_edges(out, received, self.plan.in_dst, self.gossip_in, self.ctx.in_k, alpha=1.0)
-        return received, self.edges
-
-    def round2(self, payload: Payload, sent: Tensor, codec: Codec | None, out: Tensor) -> Tensor:
-        """Send payload row e back along in-edge e; returns the arriving rows per out-edge, decoded, in `out`.
-
-        sent[e] is payload row e's decoded value as its sender knows it. In-process the receiver reads
-        that row in place: the payload is still built and counted, and a codec's roundtrip is its
-        decode(encode()) bit for bit, so decoding it again would give the same rows.
-        """
-        if self.shared:
-            return torch.index_select(sent, 0, self.comm.share_edges(payload), out=out)
-        arrived = self.comm.exchange_edges(payload)
-        return arrived[0] if codec is None else codec.decode(arrived, out.dtype, out=out)
-
-    def mix(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
-        """Gossip another block of rows [n_local, P] with this step's matrix (one more round-1 message),
-        into `out` if given (not rows itself)."""
-        out = torch.empty_like(rows) if out is None else out
-        self.round1(rows, out)
-        return out
 
 
 @dataclass
@@ -368,9 +137,9 @@ class Engine:
         self.time_varying = callable(getattr(topology, "at", None))
         if self.time_varying == hasattr(comm, "plan"):
             raise TypeError("a time-varying topology needs a comm factory (edges -> Comm), a static one a Comm")
-        self._make_comm: CommFactory | None = comm if self.time_varying else None
-        self._wirings: dict[Any, Wiring] = {}
-        self.wiring = self._wiring_at(0) if self.time_varying else \
+        #: the wirings of a time-varying topology's graphs (None for a static one: its one wiring is fixed)
+        self.wirings = WiringCache(topology, comm, algorithm, layout, dev, self.dtype) if self.time_varying else None
+        self.wiring = self.wirings.at(0) if self.time_varying else \
             Wiring(topology, comm, algorithm, layout, dev, self.dtype)
         n = self.plan.n_local
         model = model.to(dev)
@@ -437,24 +206,6 @@ class Engine:
         models in them; push-sum keeps numerators in x and returns the de-biased x / w."""
         return self.algorithm.models(self.x, self.algo_state)
 
-    def _wiring_at(self, step: int) -> Wiring:
-        """The wiring of a time-varying topology's graph at `step`, built the first time that graph occurs."""
-        topology = self.topology.at(step)
-        key = topology.W.numpy().tobytes()
-        wiring = self._wirings.get(key)
-        if wiring is None:
-            comm = self._make_comm(topology.edges)
-            if self._wirings:  # one set of counters, and one failure state (DistComm), for the whole run
-                first = next(iter(self._wirings.values())).comm
-                for name in RUN_WIDE:
-                    if hasattr(first, name):
-                        setattr(comm, name, getattr(first, name))
-            wiring = Wiring(topology, comm, self.algorithm, self.layout, self.device, self.dtype)
-            if len(self._wirings) >= WIRING_CACHE:
-                self._wirings.pop(next(k for k in self._wirings if self._wirings[k] is not self.wiring))
-            self._wirings[key] = wiring
-        return wiring
-
     def set_lr(self, lr: float) -> None:
         if not (lr > 0 and lr < float("inf")):
             raise ValueError(f"learning rate must be a positive finite number, not {lr}")
@@ -464,7 +215,7 @@ class Engine:
         """One synchronous iteration on every local agent; batches[k] is local agent k's minibatch."""
         algo = self.algorithm
         if self.time_varying:
-            self.wiring = self._wiring_at(self.stats.steps)
+            self.wiring = self.wirings.at(self.stats.steps, current=self.wiring)
         wiring = self.wiring
         plan = wiring.plan
         n = plan.n_local

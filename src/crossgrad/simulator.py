@@ -9,8 +9,10 @@ from torch import Tensor, nn
 
 from crossgrad.algorithms import Algorithm
 from crossgrad.comm.local import LocalComm
-from crossgrad.engine import Batch, Engine, LossFn, comm_for
+from crossgrad.engine import Engine
+from crossgrad.evaluators import Batch, LossFn
 from crossgrad.topology import TimeVaryingTopology, Topology
+from crossgrad.wiring import comm_for
 
 
 def run_stats(steps: int, grad_evals: int, bytes_sent: Tensor, qp_failures: int) -> dict[str, Any]:

@@ -8,9 +8,9 @@ import torch
 
 from crossgrad.cli import main
 from crossgrad.comm.local import LocalComm
-from crossgrad.engine import Wiring
 from crossgrad.run.data import AgentBatches
 from crossgrad.run.rundir import CHECKPOINT, SUMMARY
+from crossgrad.wiring import Wiring
 
 POISON_AT = 12  # a step of epoch 2 (digits, 5 agents, batch 32: 9 steps per epoch)
 

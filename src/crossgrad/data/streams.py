@@ -10,7 +10,9 @@ evaluate on `normalized(test)` or with crossgrad.evaluate, which does it for you
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,17 +28,58 @@ def normalized(ds: Dataset) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
 
 
+def agent_seeds(seed: int, n: int, stream: int) -> list[int]:
+    """Independent 63-bit seeds for n agents, from the run seed and a stream id."""
+    ss = np.random.SeedSequence([int(seed), int(stream)])
+    return [int(s) for s in ss.generate_state(n, dtype=np.uint64) >> np.uint64(1)]
+
+
+class AgentStream:
+    """An endless, reshuffling stream of one agent's sample indices.
+
+    The shuffling runs on the CPU (the same order on every device); each permutation is then moved to
+    `device` once, so drawing a batch is a slice there, with no host-to-device copy per step.
+    """
+
+    def __init__(self, indices: Tensor, seed: int, device: torch.device | str = "cpu"):
+        self.indices = indices.to("cpu")
+        self.device = torch.device(device)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm = self._shuffle()
+        self.pos = 0
+
+    def _shuffle(self) -> Tensor:
+        return self.indices[torch.randperm(len(self.indices), generator=self.gen)].to(self.device)
+
+    def next(self, size: int) -> Tensor:
+        parts, need = [], size
+        while need > 0:
+            if self.pos >= len(self.perm):
+                self.perm, self.pos = self._shuffle(), 0
+            take = self.perm[self.pos : self.pos + need]
+            self.pos += len(take)
+            need -= len(take)
+            parts.append(take)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state(), "perm": self.perm.to("cpu", copy=True), "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+        self.perm = state["perm"].to(self.device, copy=True)
+        self.pos = int(state["pos"])
+
+
 class BatchStreams:
     """Endless minibatches for n agents: `next(streams)` gives agent i its batch at position i.
 
-    Agent i walks `parts[i]` in its own seeded order and reshuffles when it runs out, so every
+    Agent i walks `parts[i]` in its own seeded order (an `AgentStream`) and reshuffles when it runs out, so every
     agent gets a full batch at every step (the runner's streams, with the same seeds).
     """
 
     def __init__(self, dataset: Dataset, parts: Sequence[Tensor], batch_size: int, seed: int = 0,
                  device: torch.device | str = "cpu"):
-        from crossgrad.run.data import AgentStream, agent_seeds  # the runner's streams; imported late (no cycle)
-
         self.x, self.y = normalized(dataset).to(device), dataset.y.long().to(device)
         self.batch_size = batch_size
         seeds = agent_seeds(seed, len(parts), 1)

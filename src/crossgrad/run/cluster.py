@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 
 from crossgrad.algorithms import ConfigError
+from crossgrad.devices import resolve_device
 from crossgrad.run.config import Config
-from crossgrad.run.data import Prepared, resolve_device
+from crossgrad.run.data import Prepared
 
 
 class Interrupt:
@@ -74,7 +75,8 @@ class LocalCluster:
 
     def build_engine(self, p: Prepared) -> Any:
         from crossgrad.comm.local import LocalComm
-        from crossgrad.engine import Engine, comm_for
+        from crossgrad.engine import Engine
+        from crossgrad.wiring import comm_for
 
         comm = comm_for(p.topology, lambda edges: LocalComm(edges, p.topology.n, device=p.device))
         return Engine(p.model, p.topology, p.algorithm, comm, torch.nn.functional.cross_entropy,

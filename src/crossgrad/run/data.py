@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from crossgrad.algorithms import ConfigError
+from crossgrad.data.streams import AgentStream, agent_seeds
 from crossgrad.run.config import Config
 
 
@@ -39,27 +39,6 @@ class Prepared:
     algorithm: Any
     device: torch.device
     augment: Any = None
-
-
-def resolve_device(name: str, option: str = "training.device") -> torch.device:
-    """The device named by `option` as a torch device; one this machine or torch build lacks is a ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"{option}={name!r} is not a device torch knows "
-                          "(use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{option}={name!r} but CUDA is not available")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"{option}={name!r} but this machine has {torch.cuda.device_count()} GPU(s)")
-    try:  # a backend this torch build or machine lacks (mps on Linux): its own error is a long blurb
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError):
-        raise ConfigError(f"{option}={name!r} is not available with this torch build on this machine "
-                          "(use auto, cpu, cuda or cuda:N)") from None
-    return dev
 
 
 def prepare(cfg: Config, device: torch.device, quiet: bool = False) -> Prepared:
@@ -131,49 +110,6 @@ def prepare(cfg: Config, device: torch.device, quiet: bool = False) -> Prepared:
         device,
         augment,
     )
-
-
-def agent_seeds(seed: int, n: int, stream: int) -> list[int]:
-    """Independent 63-bit seeds for n agents, from the run seed and a stream id."""
-    ss = np.random.SeedSequence([int(seed), int(stream)])
-    return [int(s) for s in ss.generate_state(n, dtype=np.uint64) >> np.uint64(1)]
-
-
-class AgentStream:
-    """An endless, reshuffling stream of one agent's sample indices.
-
-    The shuffling runs on the CPU (the same order on every device); each permutation is then moved to
-    `device` once, so drawing a batch is a slice there, with no host-to-device copy per step.
-    """
-
-    def __init__(self, indices: Tensor, seed: int, device: torch.device | str = "cpu"):
-        self.indices = indices.to("cpu")
-        self.device = torch.device(device)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.perm = self._shuffle()
-        self.pos = 0
-
-    def _shuffle(self) -> Tensor:
-        return self.indices[torch.randperm(len(self.indices), generator=self.gen)].to(self.device)
-
-    def next(self, size: int) -> Tensor:
-        parts, need = [], size
-        while need > 0:
-            if self.pos >= len(self.perm):
-                self.perm, self.pos = self._shuffle(), 0
-            take = self.perm[self.pos : self.pos + need]
-            self.pos += len(take)
-            need -= len(take)
-            parts.append(take)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"gen": self.gen.get_state(), "perm": self.perm.to("cpu", copy=True), "pos": self.pos}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.gen.set_state(state["gen"])
-        self.perm = state["perm"].to(self.device, copy=True)
-        self.pos = int(state["pos"])
 
 
 class AgentBatches:

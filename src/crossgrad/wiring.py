@@ -1,0 +1,167 @@
+"""What a step needs from its graph: the comm, the edge plan, the combine context and the gossip (steps 1-2).
+
+A static topology has one `Wiring` for the whole run; a time-varying one has one per distinct graph, built
+the first time that graph occurs and kept in a `WiringCache`. In-process (a `SharedMemoryComm`)
+neighbours' rows are never copied: gossip is one product over x (`SharedGossip`) and round 2 reads the
+senders' rows in place.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from crossgrad.algorithms import Algorithm, CombineContext, combine_weights
+from crossgrad.algorithms.base import add_weighted_edges, edges_per_agent
+from crossgrad.codecs import Codec, Payload
+from crossgrad.comm.base import Comm, EdgePlan, SharedMemoryComm
+from crossgrad.flat import ParamLayout
+from crossgrad.topology import Topology, is_time_varying
+
+#: up to this many agents gossip is one dense [n, n] x [n, P] product (the fastest at these sizes: one
+#: read of x, one write of x_half); beyond, a sparse one, whose cost grows with the edges instead of n^2
+DENSE_GOSSIP_MAX_AGENTS = 64
+
+
+class SharedGossip:
+    """Step 2 for agents that share memory: x_half = G x, one product over the rows, nothing gathered.
+
+    G = diag(1 - gamma + gamma w_ii) + gamma * (w_ij on the in-edges).
+    """
+
+    def __init__(self, n: int, gossip_self: Tensor, gossip_in: Tensor, dst: Tensor, src: Tensor):
+        G = torch.diag(gossip_self)
+        G.index_put_((dst, src), gossip_in, accumulate=True)
+        if n > DENSE_GOSSIP_MAX_AGENTS:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": used for plain products only
+                warnings.simplefilter("ignore", UserWarning)
+                G = G.to_sparse_csr()
+        self.G = G
+
+    def __call__(self, x: Tensor, out: Tensor) -> Tensor:
+        if self.G.layout == torch.strided:
+            return torch.mm(self.G, x, out=out)
+        return torch.addmm(out, self.G, x, beta=0, out=out)
+
+
+#: a time-varying topology with no period (e.g. random matchings) keeps this many graphs' wirings
+WIRING_CACHE = 16
+
+CommFactory = Callable[[list[tuple[int, int]]], Comm]
+#: what the comms of one run's graphs share: the byte counters, and a failed round (after it the peers'
+#: message streams are out of step, whichever graph the next step uses)
+RUN_WIDE = ("bytes_sent", "wire_bytes", "failed")
+
+
+def comm_for(topology: Any, make: CommFactory) -> Comm | CommFactory:
+    """What `Engine` takes for `topology`: the Comm of its edges, or for a time-varying topology the
+    factory itself, which the engine calls with each distinct graph's edges."""
+    return make if is_time_varying(topology) else make(topology.edges)
+
+
+class Wiring:
+    """Everything about one step that follows from its graph: the backend's comm and edge plan, the
+    combine context, the gossip weights and which model and data each gradient pair uses.
+
+    A static topology has one for the whole run; a time-varying one has one per distinct graph.
+    """
+
+    def __init__(self, topology: Topology, comm: Comm, algorithm: Algorithm, layout: ParamLayout,
+                 dev: torch.device, dtype: torch.dtype):
+        algorithm.check_mixing(topology)  # each graph's W, a time-varying topology's included
+        self.comm = comm
+        plan = comm.plan
+        directed = topology.is_directed
+        # gossip (step 2) always mixes with W; only the combine (step 6) may use other weights
+        gossip_self, gossip_in, _ = combine_weights(topology.W, plan, "mixing", directed)
+        self_w, in_w, out_w = combine_weights(topology.W, plan, algorithm.weights, directed)
+        self.ctx = CombineContext(
+            plan=EdgePlan(plan.n, plan.local, *(t.to(dev) for t in (plan.in_src, plan.in_dst, plan.out_dst,
+                                                                     plan.out_src))),
+            layout=layout, self_w=self_w.to(dev), in_w=in_w.to(dev), out_w=out_w.to(dev),
+            in_k=edges_per_agent(plan.in_dst, plan.n_local), out_k=edges_per_agent(plan.out_src, plan.n_local),
+            dtype=dtype,
+        )
+        gamma = algorithm.gamma
+        self.gossip_self = (1 - gamma + gamma * gossip_self).to(dtype).to(dev)
+        self.gossip_in = (gamma * gossip_in).to(dtype).to(dev)
+        #: in-process backends: neighbours' rows are read in place (see SharedMemoryComm)
+        self.shared = isinstance(comm, SharedMemoryComm)
+        self.shared_gossip = (SharedGossip(plan.n_local, self.gossip_self, self.gossip_in, self.ctx.plan.in_dst,
+                                           comm.sources) if self.shared else None)
+        n = plan.n_local
+        self.pair_data = list(range(n)) + (plan.in_dst.tolist() if algorithm.cross_gradients else [])
+        self.edges = torch.arange(len(plan.in_src), device=dev)  # received row e is in-edge e's
+
+    @property
+    def plan(self) -> EdgePlan:
+        return self.ctx.plan
+
+    def round1(self, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        """Exchange rows x [n_local, P] and gossip them into `out`; returns (received rows, index): in-edge
+        e's row is received[index[e]]."""
+        if self.shared:
+            models = self.comm.share(x)  # every agent reads its neighbours' rows of x in place
+            self.shared_gossip(models, out=out)
+            return models, self.comm.sources
+        received = self.comm.exchange(x)
+        torch.mul(x, self.gossip_self.unsqueeze(1), out=out)
+        add_weighted_edges(out, received, self.plan.in_dst, self.gossip_in, self.ctx.in_k, alpha=1.0)
+        return received, self.edges
+
+    def round2(self, payload: Payload, sent: Tensor, codec: Codec | None, out: Tensor) -> Tensor:
+        """Send payload row e back along in-edge e; returns the arriving rows per out-edge, decoded, in `out`.
+
+        sent[e] is payload row e's decoded value as its sender knows it. In-process the receiver reads
+        that row in place: the payload is still built and counted, and a codec's roundtrip is its
+        decode(encode()) bit for bit, so decoding it again would give the same rows.
+        """
+        if self.shared:
+            return torch.index_select(sent, 0, self.comm.share_edges(payload), out=out)
+        arrived = self.comm.exchange_edges(payload)
+        return arrived[0] if codec is None else codec.decode(arrived, out.dtype, out=out)
+
+    def mix(self, rows: Tensor, out: Tensor | None = None) -> Tensor:
+        """Gossip another block of rows [n_local, P] with this step's matrix (one more round-1 message),
+        into `out` if given (not rows itself)."""
+        out = torch.empty_like(rows) if out is None else out
+        self.round1(rows, out)
+        return out
+
+
+class WiringCache:
+    """The wirings of a time-varying topology's graphs, one per distinct W, built when a graph first occurs.
+
+    Every comm it builds shares the first one's run-wide state (RUN_WIDE). A topology with no period keeps
+    at most WIRING_CACHE wirings, dropping the oldest that is not the current one.
+    """
+
+    def __init__(self, topology: Any, make_comm: CommFactory, algorithm: Algorithm, layout: ParamLayout,
+                 dev: torch.device, dtype: torch.dtype):
+        self.topology, self.make_comm = topology, make_comm
+        self.algorithm, self.layout, self.device, self.dtype = algorithm, layout, dev, dtype
+        self.wirings: dict[bytes, Wiring] = {}
+
+    def __len__(self) -> int:
+        return len(self.wirings)
+
+    def at(self, step: int, current: Wiring | None = None) -> Wiring:
+        """The wiring of the graph at `step`; `current` (the wiring in use) is never the one dropped."""
+        topology = self.topology.at(step)
+        key = topology.W.numpy().tobytes()
+        wiring = self.wirings.get(key)
+        if wiring is None:
+            comm = self.make_comm(topology.edges)
+            if self.wirings:  # one set of counters, and one failure state (DistComm), for the whole run
+                first = next(iter(self.wirings.values())).comm
+                for name in RUN_WIDE:
+                    if hasattr(first, name):
+                        setattr(comm, name, getattr(first, name))
+            wiring = Wiring(topology, comm, self.algorithm, self.layout, self.device, self.dtype)
+            if len(self.wirings) >= WIRING_CACHE:
+                self.wirings.pop(next(k for k, w in self.wirings.items() if w is not current))
+            self.wirings[key] = wiring
+        return wiring
