@@ -400,7 +400,8 @@ def test_pickle_and_copy_roundtrip():
 
 def test_make_topology(tmp_path):
     assert set(TOPOLOGIES) == {"ring", "directed_ring", "torus", "full", "chain", "star", "exponential",
-                               "erdos_renyi", "edges", "file", "one_peer_exponential", "random_matching"}
+                               "erdos_renyi", "circulant", "petersen", "dyck", "edges", "file",
+                               "one_peer_exponential", "random_matching", "base_graph"}
     assert make_topology("ring", 5) == Topology.ring(5)
     assert make_topology("Directed-Ring", 4) == Topology.directed_ring(4)
     assert make_topology("torus", 12) == Topology.torus(3, 4)
@@ -410,14 +411,16 @@ def test_make_topology(tmp_path):
     assert make_topology("star", 5, weights="metropolis").is_symmetric
     assert make_topology("erdos_renyi", 10, p=0.4, seed=7) == Topology.erdos_renyi(10, 0.4, seed=7)
     needs = {"erdos_renyi": {"p": 0.6}, "edges": {"edges": [[i, (i + 1) % 9] for i in range(9)]},
-             "file": {"path": tmp_path / "W.npy"}}
+             "file": {"path": tmp_path / "W.npy"}, "circulant": {"offsets": [1, 3]}}
+    sizes = {"petersen": 10, "dyck": 32}  # graphs of one size only
     np.save(tmp_path / "W.npy", Topology.ring(9).W.numpy())
     for name in TOPOLOGIES:
-        assert make_topology(name, 9, **needs.get(name, {})).n == 9
+        n = sizes.get(name, 9)
+        assert make_topology(name, n, **needs.get(name, {})).n == n
 
 
 @pytest.mark.parametrize("args,kw,match", [
-    (("hypercube", 8), {}, r"unknown topology 'hypercube'; choose one of chain, directed_ring"),
+    (("hypercube", 8), {}, r"unknown topology 'hypercube'; choose one of base_graph, .*chain, circulant, directed_"),
     (("ring", 5), {"p": 0.3}, r"unknown option\(s\) p for topology 'ring'; accepted: weights"),
     (("erdos_renyi", 5), {}, r"needs an edge probability p"),
     (("torus", 12), {"rows": 3, "cols": 5}, r"3 x 5 has 15 agents, not n=12"),

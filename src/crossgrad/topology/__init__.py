@@ -8,8 +8,10 @@ message naming the offending row, edge, agents or file.
 
 ``checks`` holds the shared argument and connectivity checks, ``graph`` the class and its named
 constructors, ``registry`` the name -> builder table, including graphs given as an edge list or a file.
-``timevarying`` holds the topologies whose graph changes every step (``at(step)``).
+``timevarying`` holds the topologies whose graph changes every step (``at(step)``), ``basegraph`` the
+Base-(k+1) graphs among them (exact averaging after one period for any n).
 """
+from crossgrad.topology.basegraph import BaseGraph
 from crossgrad.topology.checks import MAX_AGENTS, TopologyError
 from crossgrad.topology.graph import Topology
 from crossgrad.topology.registry import TOPOLOGIES, load_mixing_matrix, make_topology
@@ -20,5 +22,5 @@ from crossgrad.topology.timevarying import (
     is_time_varying,
 )
 
-__all__ = ["MAX_AGENTS", "TOPOLOGIES", "OnePeerExponential", "RandomMatching", "TimeVaryingTopology", "Topology",
-           "TopologyError", "is_time_varying", "load_mixing_matrix", "make_topology"]
+__all__ = ["MAX_AGENTS", "TOPOLOGIES", "BaseGraph", "OnePeerExponential", "RandomMatching", "TimeVaryingTopology",
+           "Topology", "TopologyError", "is_time_varying", "load_mixing_matrix", "make_topology"]

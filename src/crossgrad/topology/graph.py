@@ -336,6 +336,76 @@ class Topology:
         return cls._from_edges(n, edges, True, weights, "exponential", {})
 
     @classmethod
+    def circulant(cls, n: int, offsets: Sequence[int], weights: str = "uniform") -> Topology:
+        """Circulant graph C_n(offsets): agent i is linked to i ± o mod n for every offset o.
+
+        Offsets are distinct integers in 1 .. n // 2: o and n - o give the same links, so a larger one
+        would only repeat another under a different name, and o = n / 2 links each agent once (i + o and
+        i - o coincide). ``C_n(1)`` is the ring, ``C_n(1, 4)`` what the GUT authors' code calls a torus.
+        """
+        n = check_int(n, "n (number of agents)", 1, MAX_AGENTS)
+        if isinstance(offsets, (str, bytes)) or not isinstance(offsets, Sequence) or not offsets:
+            raise TopologyError(f"offsets must be a non-empty list of integers, e.g. offsets=[1, 4], got {offsets!r}")
+        if n < 2:
+            raise TopologyError("a circulant graph needs n >= 2 agents: with one agent there is no offset to link")
+        checked: list[int] = []
+        for o in offsets:
+            o = check_int(o, "every circulant offset")
+            if not 1 <= o <= n // 2:
+                raise TopologyError(f"circulant offset {o} is outside 1 .. n // 2 = {n // 2} (n={n}; offsets o and "
+                                    "n - o give the same links)")
+            if o in checked:
+                raise TopologyError(f"circulant offset {o} is given twice")
+            checked.append(o)
+        # C_n(offsets) is connected exactly when gcd(n, offsets) = 1; say so before the generic check does
+        g = math.gcd(n, *checked)
+        if g > 1:
+            raise TopologyError(f"circulant C_{n}({', '.join(map(str, checked))}) is not connected: every offset and "
+                                f"n share the factor {g}, so agent 0 only reaches multiples of {g}")
+        pairs = ((i, (i + o) % n) for i in range(n) for o in checked)
+        return cls._undirected(n, pairs, weights, "circulant", {"offsets": checked})
+
+    @classmethod
+    def lcf(cls, jumps: Sequence[int], repeats: int = 1, weights: str = "uniform", name: str = "lcf") -> Topology:
+        """Cubic Hamiltonian graph in LCF notation [jumps]^repeats: the cycle 0-1-...-(N-1)-0 with
+        N = len(jumps) * repeats, plus a chord from i to i + jumps[i mod len(jumps)] mod N.
+
+        The chords must pair the agents up: the jump at i + d must lead back by -d.
+        """
+        if isinstance(jumps, (str, bytes)) or not isinstance(jumps, Sequence) or not jumps:
+            raise TopologyError(f"LCF jumps must be a non-empty list of integers, got {jumps!r}")
+        steps = [check_int(d, "every LCF jump") for d in jumps]
+        n = check_int(len(steps) * check_int(repeats, "LCF repeats", 1), "n = len(jumps) x repeats", 1, MAX_AGENTS)
+        pairs = []
+        for i in range(n):
+            d = steps[i % len(steps)]
+            j = (i + d) % n
+            if j in (i, (i + 1) % n, (i - 1) % n):
+                raise TopologyError(f"LCF jump {d} at agent {i} lands on {j}, which is {i} or its neighbour on the "
+                                    f"cycle of {n} agents")
+            back = steps[j % len(steps)]
+            if (j + back) % n != i:
+                raise TopologyError(f"LCF [{', '.join(map(str, steps))}]^{repeats} is not a graph: agent {i} jumps "
+                                    f"{d} to {j}, but {j} jumps {back} to {(j + back) % n}")
+            pairs += [(i, (i + 1) % n), (i, j)]
+        return cls._undirected(n, pairs, weights, name, {})
+
+    @classmethod
+    def petersen(cls, weights: str = "uniform") -> Topology:
+        """The Petersen graph: 10 agents, 3-regular, diameter 2, girth 5.
+
+        Agents 0-4 form a pentagon (i ~ i + 1), agents 5-9 a pentagram (5 + i ~ 5 + (i + 2) mod 5), and
+        spokes join i ~ 5 + i. (The GUT authors' code calls another graph "Petersen"; this is the true one.)
+        """
+        pairs = [(i, (i + 1) % 5) for i in range(5)] + [(5 + i, 5 + (i + 2) % 5) for i in range(5)]
+        return cls._undirected(10, pairs + [(i, 5 + i) for i in range(5)], weights, "petersen")
+
+    @classmethod
+    def dyck(cls, weights: str = "uniform") -> Topology:
+        """The Dyck graph, LCF [5, -5, 13, -13]^8: 32 agents, cubic, bipartite, diameter 5, girth 6."""
+        return cls.lcf([5, -5, 13, -13], 8, weights=weights, name="dyck")
+
+    @classmethod
     def erdos_renyi(cls, n: int, p: float, seed: int | None = 0, max_tries: int = 100,
                     weights: str = "uniform", directed: bool = False) -> Topology:
         """Random undirected G(n, p), redrawn until connected; the same seed gives the same graph.

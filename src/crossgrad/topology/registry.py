@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from crossgrad.topology.basegraph import BaseGraph
 from crossgrad.topology.checks import MAX_AGENTS, TopologyError, check_int
 from crossgrad.topology.graph import Topology
 from crossgrad.topology.timevarying import OnePeerExponential, RandomMatching, TimeVaryingTopology
@@ -66,6 +67,23 @@ def _make_star(n: int, weights: str = "uniform") -> Topology:
 
 def _make_exponential(n: int, directed: bool = False, weights: str = "uniform") -> Topology:
     return Topology.exponential(n, directed=directed, weights=weights)
+
+
+def _make_circulant(n: int, offsets: Sequence[int] | None = None, weights: str = "uniform") -> Topology:
+    if offsets is None:
+        raise TopologyError("circulant needs offsets, e.g. offsets=[1, 4]: agent i is linked to i ± each offset")
+    return Topology.circulant(n, offsets, weights=weights)
+
+
+def _fixed_size(name: str, size: int, build: Callable[[str], Topology]) -> Callable[..., Topology]:
+    """Builder of a named graph that exists for one number of agents only."""
+
+    def make(n: int, weights: str = "uniform") -> Topology:
+        if check_int(n, "n (number of agents)", 1, MAX_AGENTS) != size:
+            raise TopologyError(f"the {name} graph has exactly {size} agents, not n={n}")
+        return build(weights)
+
+    return make
 
 
 def _make_erdos_renyi(n: int, p: float | None = None, seed: int | None = 0, max_tries: int = 100,
@@ -166,11 +184,15 @@ TOPOLOGIES: dict[str, Callable[..., Topology | TimeVaryingTopology]] = {
     "star": _make_star,
     "exponential": _make_exponential,
     "erdos_renyi": _make_erdos_renyi,
+    "circulant": _make_circulant,
+    "petersen": _fixed_size("Petersen", 10, Topology.petersen),
+    "dyck": _fixed_size("Dyck", 32, Topology.dyck),
     "edges": _make_edges,
     "file": _make_file,
     # time-varying: a graph per step (crossgrad.topology.timevarying)
     "one_peer_exponential": OnePeerExponential,
     "random_matching": RandomMatching,
+    "base_graph": BaseGraph,
 }
 
 
