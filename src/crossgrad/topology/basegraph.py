@@ -15,19 +15,19 @@ paper's experiments saw:
   p_0 > p_1 > ... and digits 1 <= a_l <= k, and split the agents into consecutive groups V_l of those
   sizes. (1) Every group averages itself with its hyper-hypercube. (2) At round s, every agent of the
   later groups V_{s+1}, V_{s+2}, ... links to one agent in each of the a_s blocks of (k+1)^p_s agents of
-  V_s, with weight c / a_s, c = |V_s| / |V_s ∪ V_{s+1} ∪ ...|; this moves the later groups to the mean
-  of V_s ∪ later exactly, and puts the same total into every block of V_s. (3) From round s + 1 on,
+  V_s, with weight c / a_s, c = |V_s| / |V_s ∪ V_{s+1} ∪ ...|; this moves the mean of the later groups
+  to the mean of V_s ∪ later exactly, and puts the same total into every block of V_s. (3) From round s + 1 on,
   V_s averages each of its blocks again, which spreads that total evenly. The last group ends at the
   mean of everyone, and each earlier V_s at the mean of V_s ∪ later, which is the same number.
 * **Base-(k+1) graph**: with n = m r, m the largest divisor of n whose prime factors are <= k + 1,
-  also try r groups of consecutive agents running the simple graph on r agents at once, then the
-  hyper-hypercube on the m "columns" (one agent of each group); keep whichever has fewer rounds (the
-  composite on a tie, as the authors' code does).
+  also try m groups of r consecutive agents, each running the simple graph at once, then the
+  hyper-hypercube on the r "columns" of m agents (one from each group); keep whichever has fewer rounds
+  (the composite on a tie, as the authors' code does).
 
 Rounds that change nothing in the product are kept as the authors' code has them, because between
 gossip steps the models move: a group done with its hyper-hypercube early repeats it while the largest
 group finishes, the agents of V_s left unlinked in step (2) average in cliques of k + 1, and groups
-done with (3) repeat their last rounds. Every round's W is symmetric and doubly stochastic with
+done with (3) repeat its rounds. Every round's W is symmetric and doubly stochastic with
 w_ii > 0, and no agent has more than k peers in any round.
 """
 from __future__ import annotations

@@ -24,7 +24,8 @@ Mixing weights (``weights=``) for graphs built from edges:
 
 Note on ``torus``: the reference NGC code's "torus" was really the circulant graph ``C_n(1, 5)``
 (agent i linked to i ± 1 and i ± 5), which is not a torus and breaks for ``n = 10`` (i + 5 and
-i - 5 coincide). Ours is the genuine 2-D ``rows x cols`` grid with wrap-around.
+i - 5 coincide). Ours is the genuine 2-D ``rows x cols`` grid with wrap-around; that circulant is
+:meth:`Topology.circulant` with ``offsets=[1, 5]``.
 """
 from __future__ import annotations
 
