@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 from collections import deque
 
 import numpy as np
@@ -243,6 +244,9 @@ def test_base_graph_with_k_of_n_minus_1_or_more_is_one_round_of_full_averaging()
         assert topo.period == 1 and topo.params == {"k": k}
         torch.testing.assert_close(topo.at(0).W, torch.full((5, 5), 0.2, dtype=torch.float64), rtol=0, atol=1e-15)
     assert BaseGraph(1).period == 1 and torch.equal(BaseGraph(1).at(3).W, torch.ones(1, 1, dtype=torch.float64))
+    topo = BaseGraph(7, k=2)
+    again = pickle.loads(pickle.dumps(topo))
+    assert again.period == topo.period and all(again.at(t) == topo.at(t) for t in range(topo.period))
 
 
 @pytest.mark.parametrize("kw, match", [
