@@ -238,7 +238,7 @@ def test_base_graph_of_prime_n_links_across_groups():
     assert weights - {0.5}, weights
 
 
-def test_base_graph_with_k_of_n_minus_1_or_more_is_one_round_of_full_averaging():
+def test_base_graph_with_k_of_n_minus_1_or_more_is_full_averaging_one_agent_is_alone_and_it_pickles():
     for k in (4, 9):
         topo = BaseGraph(5, k=k)
         assert topo.period == 1 and topo.params == {"k": k}
