@@ -285,6 +285,13 @@ def _blocks_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 results["wire", graph, k] = (len(engine.comm.peers), engine.comm.wire_bytes.clone())
         _push_sum_runs(rank, BLOCK_PUSH_GRAPHS, results)
         _tracking_runs(rank, BLOCK_TRACKING_RUNS, results)
+        for label, make_topology in RATE_GRAPHS.items():
+            topo = make_topology()
+            engine = make_engine(tiny_model(), topo, cg.make_algorithm("dsgd", lr=0.1, gamma=0.5), timeout=20)
+            _rates_and_local_steps(engine, [[b[a] for a in engine.plan.local] for b in batches_for(topo.n, 4)])
+            state = gather_state(engine)
+            if rank == 0:
+                results["rates", label] = (state["x"], state["bytes_sent"])
         topo = Topology.ring(7)
         batches = batches_for(topo.n, STEPS, torch.float32)
         for k, (name, kw) in enumerate(FLOAT32_CASES):
@@ -315,6 +322,16 @@ def _blocks_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         raise
 
 
+#: an averaging rate that changes mid-run (ARS) and local steps, over uneven blocks (a time-varying graph too)
+RATE_GRAPHS = {"ring": lambda: Topology.ring(7), "one_peer_exponential": lambda: OnePeerExponential(8)}
+
+
+def _rates_and_local_steps(engine, batches) -> None:
+    for t, b in enumerate(batches):
+        engine.set_gamma([0.5, 0.8, 0.8, 1.0][t])
+        engine.step(b, communicate=t % 2 == 0)
+
+
 @pytest.fixture(scope="module")
 def block_results(tmp_path_factory):
     out = _run_workers(_blocks_worker, BLOCK_WORLD, tmp_path_factory.mktemp("blocks"))
@@ -339,6 +356,17 @@ def test_blocks_of_agents_per_rank_equal_the_simulator(graph, block_results):
         params, sent = block_results[0][graph, k]
         torch.testing.assert_close(params, sim.params, rtol=1e-12, atol=1e-12, msg=f"{graph} {name} {kw}")
         assert torch.equal(sent, sim.stats["bytes_sent"]), (graph, name, kw)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("graph", list(RATE_GRAPHS))
+def test_rate_changes_and_local_steps_equal_the_simulator(graph, block_results):
+    topo = RATE_GRAPHS[graph]()
+    sim = cg.Simulator(tiny_model(), topo, cg.make_algorithm("dsgd", lr=0.1, gamma=0.5))
+    _rates_and_local_steps(sim, batches_for(topo.n, 4))
+    params, sent = block_results[0]["rates", graph]
+    torch.testing.assert_close(params, sim.params, rtol=1e-12, atol=1e-12)
+    assert torch.equal(sent, sim.stats["bytes_sent"])
 
 
 @pytest.mark.timeout(200)

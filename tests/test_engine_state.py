@@ -145,7 +145,7 @@ def test_state_dict_holds_each_piece_by_role():
     sim = simulator("compcga", weight_decay=1e-3)
     sim.step(make_batches(4, 1)[0])
     state = sim.state_dict()
-    assert set(state) == {"x", "buffers", "lr", "transforms", "codec", "algorithm", "bytes_sent", "stats"}
+    assert set(state) == {"x", "buffers", "lr", "gamma", "transforms", "codec", "algorithm", "bytes_sent", "stats"}
     assert set(state["codec"]) == {"edge", "self"}
     assert set(state["algorithm"]) == {"v", "qp_failures"}
     assert state["transforms"]["kinds"] == ["WeightDecay", "Momentum"]

@@ -237,6 +237,9 @@ def test_seed_fixes_everything(tmp_path):
         ["algorithm.name=ngc", "training.lr_schedule=multistep"],
         ["algorithm.name=compngc", "training.lr_schedule=cosine", "training.warmup_steps=3"],
         ["algorithm.name=dsgd", "algorithm.qgm=true", "data.partition=iid"],
+        # an averaging-rate schedule across epochs and local steps across the stops (7 and 13 are not multiples of 3)
+        ["algorithm.name=dsgd", "algorithm.gamma=0.5", "algorithm.gamma_schedule=exponential",
+         "algorithm.gamma_growth=1.3", "training.local_steps=3"],
     ],
 )
 def test_resume_equals_uninterrupted(tmp_path, algo):

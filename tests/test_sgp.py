@@ -290,7 +290,7 @@ def test_registered_with_the_common_defaults():
 
     assert "sgp" in cg.ALGORITHMS
     assert algorithm_options("sgp") == dict(lr=0.01, gamma=1.0, momentum=0.9, nesterov=True, qgm=False,
-                                            weight_decay=0.0)
+                                            weight_decay=0.0, gamma_schedule="constant", gamma_growth=1.01)
     with pytest.raises(ConfigError, match="sgp does not take codec"):
         cg.make_algorithm("sgp", codec="sign")
 

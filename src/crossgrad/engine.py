@@ -211,8 +211,24 @@ class Engine:
             raise ValueError(f"learning rate must be a positive finite number, not {lr}")
         self.lr = float(lr)
 
-    def step(self, batches: Sequence[Batch]) -> Tensor:
-        """One synchronous iteration on every local agent; batches[k] is local agent k's minibatch."""
+    @property
+    def gamma(self) -> float:
+        """The averaging rate the gossip uses now (the algorithm's gamma until set_gamma changes it)."""
+        return self.wiring.gamma
+
+    def set_gamma(self, gamma: float) -> None:
+        """Gossip with averaging rate `gamma` from the next step on, on every graph of the topology."""
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma (gossip rate) must be in (0, 1], not {gamma}")
+        if gamma != self.gamma:
+            (self.wirings or self.wiring).set_gamma(float(gamma))
+
+    def step(self, batches: Sequence[Batch], communicate: bool = True) -> Tensor:
+        """One synchronous iteration on every local agent; batches[k] is local agent k's minibatch.
+
+        communicate=False makes it a local step (training.local_steps): no message, no gossip, gradients at
+        the agents' own models; only for algorithms whose `local_steps_refusal` is None (no cross-gradients).
+        """
         algo = self.algorithm
         if self.time_varying:
             self.wiring = self.wirings.at(self.stats.steps, current=self.wiring)
@@ -226,8 +242,15 @@ class Engine:
         clock = self.clock
         clock.start()
         x, x_half = self.x, self._spare
-        own = algo.gossip(self.ctx, wiring.comm, x, x_half, self.algo_state)  # Choco: its compressed round 1
-        received, index = own if own is not None else wiring.round1(x, out=x_half)  # round 1 and gossip (steps 1-2)
+        if not communicate:
+            if algo.local_steps_refusal is not None:
+                raise ValueError(f"{algo.name} cannot make local steps: {algo.local_steps_refusal}")
+            received, index = None, None
+            x_half.copy_(x)
+        else:
+            own = algo.gossip(self.ctx, wiring.comm, x, x_half, self.algo_state)  # Choco: its compressed round 1
+            # round 1 and gossip (steps 1-2)
+            received, index = own if own is not None else wiring.round1(x, out=x_half)
         view = StepView(x_half=x_half, lr=self.lr, step=self.stats.steps, mix=wiring.mix, direction=self._direction)
         at = algo.gradient_rows(self.ctx, view, self.algo_state)  # x_half itself, but push-sum's x_half / w
         rows = PairRows(at, received, index) if algo.cross_gradients else PairRows(at)
@@ -284,12 +307,14 @@ class Engine:
         if self.nonfinite is None:
             self.nonfinite = diagnose()
 
-    def _received_culprit(self, ks: list[int], received: Tensor, index: Tensor) -> NonFiniteError | None:
+    def _received_culprit(self, ks: list[int], received: Tensor | None, index: Tensor | None) -> NonFiniteError | None:
         """The first of local agents ks that received a non-finite model in round 1, blamed on its sender.
 
         Received models are checked first: they are the cause, a bad loss or update the symptom (and
         with dense gossip a bad row reaches every agent, not only the sender's neighbours).
         """
+        if received is None:  # a local step received nothing
+            return None
         plan = self.ctx.plan
         for k in ks:
             for e in (plan.in_dst == k).nonzero().flatten().tolist():
@@ -344,6 +369,7 @@ class Engine:
             "x": self.x.clone(),
             "buffers": [b.clone() for b in self.buffers],
             "lr": self.lr,
+            "gamma": self.gamma,
             "transforms": self.transforms.state_dict(),
             "codec": {k: c.state_dict() for k, c in self._codecs().items()},
             "algorithm": self.algo_state.state_dict(),
@@ -366,6 +392,7 @@ class Engine:
         for mine, theirs in zip(self.buffers, state["buffers"]):
             mine.copy_(theirs)
         self.lr = float(state["lr"])
+        self.set_gamma(float(state.get("gamma", self.algorithm.gamma)))  # (checkpoints before gamma schedules)
         self.transforms.load_state_dict(state["transforms"])
         for key, codec in codecs.items():
             codec.load_state_dict(state["codec"][key])

@@ -71,9 +71,18 @@ class Simulator:
     def set_lr(self, lr: float) -> None:
         self.engine.set_lr(lr)
 
-    def step(self, batches: Sequence[Batch]) -> Tensor:
-        """One synchronous iteration; batches[i] = (inputs, targets) of agent i. Returns the n losses."""
-        return self.engine.step(batches)
+    @property
+    def gamma(self) -> float:
+        return self.engine.gamma
+
+    def set_gamma(self, gamma: float) -> None:
+        """The averaging rate from the next step on (an ARS-style schedule sets it every epoch)."""
+        self.engine.set_gamma(gamma)
+
+    def step(self, batches: Sequence[Batch], communicate: bool = True) -> Tensor:
+        """One synchronous iteration; batches[i] = (inputs, targets) of agent i. Returns the n losses.
+        communicate=False: a local step (no gossip), for algorithms that allow it (dsgd)."""
+        return self.engine.step(batches, communicate)
 
     def consensus(self) -> Tensor:
         """The exact average of all agents' models, [P]."""

@@ -70,7 +70,7 @@ class Wiring:
     """
 
     def __init__(self, topology: Topology, comm: Comm, algorithm: Algorithm, layout: ParamLayout,
-                 dev: torch.device, dtype: torch.dtype):
+                 dev: torch.device, dtype: torch.dtype, gamma: float | None = None):
         algorithm.check_mixing(topology)  # each graph's W, a time-varying topology's included
         self.comm = comm
         plan = comm.plan
@@ -85,16 +85,24 @@ class Wiring:
             in_k=edges_per_agent(plan.in_dst, plan.n_local), out_k=edges_per_agent(plan.out_src, plan.n_local),
             dtype=dtype,
         )
-        gamma = algorithm.gamma
-        self.gossip_self = (1 - gamma + gamma * gossip_self).to(dtype).to(dev)
-        self.gossip_in = (gamma * gossip_in).to(dtype).to(dev)
+        #: W's gossip weights before the averaging rate: set_gamma scales them (the rate may follow a schedule)
+        self._mixing = (gossip_self, gossip_in)
         #: in-process backends: neighbours' rows are read in place (see SharedMemoryComm)
         self.shared = isinstance(comm, SharedMemoryComm)
-        self.shared_gossip = (SharedGossip(plan.n_local, self.gossip_self, self.gossip_in, self.ctx.plan.in_dst,
-                                           comm.sources) if self.shared else None)
+        self.set_gamma(algorithm.gamma if gamma is None else gamma)
         n = plan.n_local
         self.pair_data = list(range(n)) + (plan.in_dst.tolist() if algorithm.cross_gradients else [])
         self.edges = torch.arange(len(plan.in_src), device=dev)  # received row e is in-edge e's
+
+    def set_gamma(self, gamma: float) -> None:
+        """Gossip with averaging rate `gamma`: G = (1 - gamma) I + gamma W (the algorithm's gamma at first)."""
+        gossip_self, gossip_in = self._mixing
+        dev, dtype = self.ctx.self_w.device, self.ctx.dtype
+        self.gamma = gamma
+        self.gossip_self = (1 - gamma + gamma * gossip_self).to(dtype).to(dev)
+        self.gossip_in = (gamma * gossip_in).to(dtype).to(dev)
+        self.shared_gossip = (SharedGossip(self.plan.n_local, self.gossip_self, self.gossip_in, self.plan.in_dst,
+                                           self.comm.sources) if self.shared else None)
 
     @property
     def plan(self) -> EdgePlan:
@@ -144,9 +152,15 @@ class WiringCache:
         self.topology, self.make_comm = topology, make_comm
         self.algorithm, self.layout, self.device, self.dtype = algorithm, layout, dev, dtype
         self.wirings: dict[bytes, Wiring] = {}
+        self.gamma = algorithm.gamma  # the averaging rate in force (Engine.set_gamma), for graphs met later
 
     def __len__(self) -> int:
         return len(self.wirings)
+
+    def set_gamma(self, gamma: float) -> None:
+        self.gamma = gamma
+        for wiring in self.wirings.values():
+            wiring.set_gamma(gamma)
 
     def at(self, step: int, current: Wiring | None = None) -> Wiring:
         """The wiring of the graph at `step`; `current` (the wiring in use) is never the one dropped."""
@@ -160,7 +174,7 @@ class WiringCache:
                 for name in RUN_WIDE:
                     if hasattr(first, name):
                         setattr(comm, name, getattr(first, name))
-            wiring = Wiring(topology, comm, self.algorithm, self.layout, self.device, self.dtype)
+            wiring = Wiring(topology, comm, self.algorithm, self.layout, self.device, self.dtype, self.gamma)
             if len(self.wirings) >= WIRING_CACHE:
                 self.wirings.pop(next(k for k, w in self.wirings.items() if w is not current))
             self.wirings[key] = wiring

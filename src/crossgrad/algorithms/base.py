@@ -20,6 +20,8 @@ from crossgrad.errors import ConfigError
 from crossgrad.flat import ParamLayout
 from crossgrad.topology.checks import ROW_TOL
 
+GAMMA_SCHEDULES = ("constant", "exponential", "cosine")
+
 
 @dataclass
 class CombineContext:
@@ -169,6 +171,10 @@ class Algorithm:
     nesterov: bool = True
     qgm: bool = False
     weight_decay: float = 0.0
+    #: the averaging rate over the run (ARS, Aketi et al. 2024): "constant" (gamma throughout),
+    #: "exponential" (min(1, gamma * gamma_growth ** (e + 1)) in epoch e) or "cosine" (gamma to 1)
+    gamma_schedule: str = "constant"
+    gamma_growth: float = 1.01
 
     name: ClassVar[str] = ""
     #: computes model-variant cross-gradients (neighbour models on own data)
@@ -181,6 +187,10 @@ class Algorithm:
     compress_self: ClassVar[bool] = False
     #: combine builds a new [n_local, P] direction: the engine keeps a block for it (StepView.direction)
     direction_block: ClassVar[bool] = False
+    #: why the method cannot make local steps without communication (training.local_steps > 1), or None
+    #: when it can; the default is refusal, so a new method opts in
+    local_steps_refusal: ClassVar[str | None] = (
+        "its update needs every communication round (a tracked or corrected quantity goes stale between them)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -197,6 +207,20 @@ class Algorithm:
             raise ConfigError(f"weight_decay must be >= 0, not {self.weight_decay}")
         if self.qgm and self.momentum == 0:
             raise ConfigError("qgm=True needs momentum > 0 (QGM is a momentum method)")
+        if self.gamma_schedule not in GAMMA_SCHEDULES:
+            raise ConfigError(f"gamma_schedule must be one of {', '.join(GAMMA_SCHEDULES)}, "
+                              f"not {self.gamma_schedule!r}")
+        if not self.gamma_growth > 0:
+            raise ConfigError(f"gamma_growth must be a positive number, not {self.gamma_growth}")
+
+    @property
+    def gamma_max(self) -> float:
+        """The largest averaging rate the run's schedule can reach (what check_mixing must accept)."""
+        if self.gamma_schedule == "constant":
+            return self.gamma
+        if self.gamma_schedule == "exponential" and self.gamma_growth < 1:
+            return min(1.0, self.gamma * self.gamma_growth)
+        return 1.0
 
     @property
     def round2(self) -> bool:
@@ -284,6 +308,8 @@ class CrossGradientAlgorithm(Algorithm):
 
     cross_gradients: ClassVar[bool] = True
     direction_block: ClassVar[bool] = True
+    local_steps_refusal: ClassVar[str | None] = (
+        "its cross-gradients need the neighbours' current models at every step")
 
     def validate(self) -> None:
         super().validate()

@@ -97,13 +97,15 @@ class D2(Algorithm):
         if not topology.is_symmetric:
             raise ConfigError(f"d2 needs a symmetric W; {where} is not (uniform weights on an irregular graph): "
                               "use topology.weights = 'metropolis'")
-        lam = smallest_eigenvalue(topology.W, self.gamma)
+        gamma = self.gamma_max  # the condition weakens as gamma grows: a schedule must meet it at its largest
+        lam = smallest_eigenvalue(topology.W, gamma)
         if lam <= LAMBDA_MIN + EIG_TOL:
+            reached = "" if gamma == self.gamma else f" (which gamma_schedule={self.gamma_schedule!r} reaches)"
             w_min = smallest_eigenvalue(topology.W, 1.0)
             bound = (4 / 3) / (1 - w_min)  # gamma (1 - lambda_min(W)) < 4/3
             raise ConfigError(
-                f"d2 needs lambda_min((1 - gamma) I + gamma W) > -1/3; {where} with gamma={self.gamma:g} has "
-                f"{lam:.4g}. Lower algorithm.gamma below {bound:.4g} (gamma=0.5, d2's default, always works), "
+                f"d2 needs lambda_min((1 - gamma) I + gamma W) > -1/3; {where} with gamma={gamma:g}{reached} "
+                f"has {lam:.4g}. Lower algorithm.gamma below {bound:.4g} (gamma=0.5, d2's default, always works), "
                 "or give the agents more self-weight")
 
     def init_state(self, ctx: CombineContext, device: torch.device) -> D2State:

@@ -12,3 +12,4 @@ class DSGD(Algorithm):
     """Each agent steps along its own gradient at its gossiped model (g~ = g_ii)."""
 
     name: ClassVar[str] = "dsgd"
+    local_steps_refusal: ClassVar[str | None] = None  # Local-DSGD: H local steps, then one gossip

@@ -64,6 +64,8 @@ class SGP(Algorithm):
     """
 
     name: ClassVar[str] = "sgp"
+    local_steps_refusal: ClassVar[str | None] = (
+        "its push-sum weights are mixed with the models in every round, so a step without one has no weights")
 
     def check_mixing(self, topology: Any) -> None:
         """Push-sum needs the columns of W to sum to 1 (each agent hands out all it has, keeping the

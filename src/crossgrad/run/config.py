@@ -162,6 +162,8 @@ class TrainingConfig:
     steps: int | None = None
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    #: H: every H-th step communicates, the H - 1 between are local optimizer steps (Local-DSGD); 1: every step
+    local_steps: int = 1
     eval_every: int = 1  # epochs
     eval_every_steps: int | None = None  # evaluate every k steps instead (when set)
     eval_batch_size: int = 1024
@@ -265,8 +267,14 @@ class Config:
             from crossgrad.run.scalars import require_tensorboard
 
             require_tensorboard()  # missing: say so now, not after the data has loaded
+        if tr.local_steps < 1:
+            raise ConfigError(f"training.local_steps must be >= 1, not {tr.local_steps}")
         self.algorithm.params = resolve_algorithm(self.algorithm.name, self.algorithm.params)
-        self.make_algorithm()  # alpha outside [0, 1], gamma <= 0, ...
+        algorithm = self.make_algorithm()  # alpha outside [0, 1], gamma <= 0, ...
+        if tr.local_steps > 1 and algorithm.local_steps_refusal is not None:
+            raise ConfigError(f"training.local_steps={tr.local_steps} needs an algorithm that can step without "
+                              f"communicating; {algorithm.name} cannot: {algorithm.local_steps_refusal} "
+                              "(dsgd can, with or without momentum and qgm)")
         return self
 
     # ------------------------------------------------------------------ labels
@@ -318,7 +326,18 @@ def _fmt_num(v: float) -> str:
 
 
 def method_label(cfg: Config) -> str:
-    """A readable label from the resolved hyperparameters: "NGC (α=1)", "DSGDm-N", "QGM", "CompNGC", "CGA", ..."""
+    """A readable label from the resolved hyperparameters: "NGC (α=1)", "DSGDm-N", "QGM", "CompNGC", "CGA", ...;
+    an averaging-rate schedule and local steps are added after a comma ("DSGDm-N, γ exponential, H=4")."""
+    label = _algorithm_label(cfg)
+    schedule = cfg.algorithm.params.get("gamma_schedule", "constant")
+    if schedule != "constant":
+        label += f", γ {schedule}"
+    if cfg.training.local_steps > 1:
+        label += f", H={cfg.training.local_steps}"
+    return label
+
+
+def _algorithm_label(cfg: Config) -> str:
     a, name = cfg.algorithm.params, cfg.algorithm.name.lower()
     if name == "dsgd":
         if a["qgm"]:

@@ -1,4 +1,4 @@
-"""The learning-rate schedule: warm-up, then constant, multistep or cosine."""
+"""The schedules of a run: the learning rate (warm-up, then constant, multistep or cosine) and the averaging rate."""
 from __future__ import annotations
 
 import math
@@ -18,3 +18,18 @@ def lr_at(cfg: Config, step: int, total: int) -> float:
         t = min(max(step - tr.warmup_steps, 0), span - 1)
         return max(base * 0.5 * (1 + math.cos(math.pi * t / span)), base * 1e-6)
     return base
+
+
+def gamma_at(params: dict, epoch: int, epochs: int) -> float:
+    """Averaging rate in epoch `epoch` (0-based) of `epochs`, from the algorithm's resolved hyperparameters.
+
+    "exponential" is ARS's (Aketi et al., ICLR 2024 Tiny Papers): min(1, gamma * growth ** (epoch + 1));
+    "cosine" rises from gamma in the first epoch to 1 in the last along half a cosine.
+    """
+    gamma, schedule = params["gamma"], params.get("gamma_schedule", "constant")
+    if schedule == "exponential":
+        return min(1.0, gamma * params["gamma_growth"] ** (epoch + 1))
+    if schedule == "cosine":
+        span = max(epochs - 1, 1)
+        return 1 - (1 - gamma) * 0.5 * (1 + math.cos(math.pi * min(epoch, span) / span))
+    return gamma

@@ -56,7 +56,7 @@ from crossgrad.run.rundir import (
     write_metrics,
 )
 from crossgrad.run.scalars import ScalarLog
-from crossgrad.run.schedule import lr_at
+from crossgrad.run.schedule import gamma_at, lr_at
 
 
 @dataclass
@@ -168,6 +168,7 @@ class Trainer:
             "step": self.step,
             "epoch": round(self.step / self.steps_per_epoch, 6),
             "lr": self.engine.lr,
+            "gamma": self.engine.gamma,
             **{k: ev[k] for k in ("consensus_acc", "consensus_loss", "local_acc_mean", "local_acc_min",
                                   "local_acc_max", "local_acc", "train_loss", "train_loss_agents",
                                   "consensus_distance", "bias_mv", "bias_dv")},
@@ -287,6 +288,7 @@ class Trainer:
 
     def _loop(self, stop_after: int | None, scalars: ScalarLog | None, t0: float, steps_at_t0: int) -> RunResult:
         cfg, tr, cluster = self.cfg, self.cfg.training, self.cluster
+        epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         eval_steps = tr.eval_every_steps or tr.eval_every * self.steps_per_epoch
         ckpt_steps = tr.checkpoint_every * self.steps_per_epoch if tr.checkpoint_every else 0
         metrics_path = self.run_dir / METRICS
@@ -299,7 +301,9 @@ class Trainer:
                     status = "stopped"
                     break
                 self.engine.set_lr(lr_at(cfg, self.step, self.total_steps))
-                losses = self.engine.step(self.batches.next())
+                self.engine.set_gamma(gamma_at(cfg.algorithm.params, self.step // self.steps_per_epoch, epochs))
+                # training.local_steps = H: one communicating step, then H - 1 local ones
+                losses = self.engine.step(self.batches.next(), communicate=self.step % tr.local_steps == 0)
                 self.step += 1
                 evaluate_now = self.step % eval_steps == 0 or self.step == self.total_steps
                 # the bias diagnostic costs passes over every [E, P] gradient block: sampled every
