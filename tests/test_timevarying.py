@@ -276,6 +276,22 @@ def test_random_matchings_keep_a_bounded_cache_of_wirings():
     assert len(engine.wirings) == WIRING_CACHE  # 105 matchings of 8 agents, 32 draws
 
 
+def test_a_period_longer_than_the_cache_is_kept_whole(monkeypatch):
+    import crossgrad.wiring as wiring_module
+    from crossgrad.topology import BaseGraph
+
+    monkeypatch.setattr(wiring_module, "WIRING_CACHE", 2)  # shorter than the period, which then sets the size
+    topo = BaseGraph(10, k=1)
+    engine = cg.Simulator(tiny_model(), topo, cg.make_algorithm("dsgd", lr=0.1)).engine
+    built = []
+    for t in range(3 * topo.period):
+        engine.wiring = engine.wirings.at(t, current=engine.wiring)
+        built += [w for w in engine.wirings.wirings.values() if all(w is not b for b in built)]
+    distinct = {topo.at(t).W.numpy().tobytes() for t in range(topo.period)}
+    assert len(distinct) > 2  # more graphs than WIRING_CACHE
+    assert len(built) == len(engine.wirings) == len(distinct)  # each graph wired once, none rebuilt
+
+
 # -- torch.distributed: blocks of agents over 3 ranks -------------------------------------------
 
 DIST_WORLD = 3

@@ -47,8 +47,10 @@ class SharedGossip:
         return torch.addmm(out, self.G, x, beta=0, out=out)
 
 
-#: a time-varying topology with no period (e.g. random matchings) keeps this many graphs' wirings
+#: a time-varying topology keeps this many graphs' wirings, or its whole period when that is longer (up to
+#: WIRING_CACHE_MAX: a Base-(k+1) graph on many agents has a long one, and rebuilding a wiring every step is slow)
 WIRING_CACHE = 16
+WIRING_CACHE_MAX = 64
 
 CommFactory = Callable[[list[tuple[int, int]]], Comm]
 #: what the comms of one run's graphs share: the byte counters, and a failed round (after it the peers'
@@ -143,8 +145,8 @@ class Wiring:
 class WiringCache:
     """The wirings of a time-varying topology's graphs, one per distinct W, built when a graph first occurs.
 
-    Every comm it builds shares the first one's run-wide state (RUN_WIDE). A topology with no period keeps
-    at most WIRING_CACHE wirings, dropping the oldest that is not the current one.
+    Every comm it builds shares the first one's run-wide state (RUN_WIDE). It keeps at most `size` wirings
+    (WIRING_CACHE, or the period up to WIRING_CACHE_MAX), dropping the oldest that is not the current one.
     """
 
     def __init__(self, topology: Any, make_comm: CommFactory, algorithm: Algorithm, layout: ParamLayout,
@@ -152,6 +154,7 @@ class WiringCache:
         self.topology, self.make_comm = topology, make_comm
         self.algorithm, self.layout, self.device, self.dtype = algorithm, layout, dev, dtype
         self.wirings: dict[bytes, Wiring] = {}
+        self.size = min(max(WIRING_CACHE, getattr(topology, "period", None) or 0), WIRING_CACHE_MAX)
         self.gamma = algorithm.gamma  # the averaging rate in force (Engine.set_gamma), for graphs met later
 
     def __len__(self) -> int:
@@ -175,7 +178,7 @@ class WiringCache:
                     if hasattr(first, name):
                         setattr(comm, name, getattr(first, name))
             wiring = Wiring(topology, comm, self.algorithm, self.layout, self.device, self.dtype, self.gamma)
-            if len(self.wirings) >= WIRING_CACHE:
+            if len(self.wirings) >= self.size:
                 self.wirings.pop(next(k for k, w in self.wirings.items() if w is not current))
             self.wirings[key] = wiring
         return wiring
