@@ -103,12 +103,14 @@ class CGA(CrossGradientAlgorithm):
             rows[plan.out_src, state.slot] = dv
         ww = (w.unsqueeze(2) * w.unsqueeze(1)).to(torch.float64)
         slices = ctx.layout.slices()
+        w64 = w.to(torch.float64)
         Q, c = [], []
         for s in slices:
             # Gram matrices in the compute dtype (float32 is ample for a k x k system); the QP is float64
             m = rows[:, :, s]
             Q.append((m @ m.transpose(1, 2)).to(torch.float64) * ww)
-            c.append((m @ g[:, s].unsqueeze(-1)).squeeze(-1).to(torch.float64) * w.to(torch.float64))
+            # M g as the row g^T M^T: the batched matrix-vector product runs ~3.5x slower on CPU (1.1M-parameter model)
+            c.append(torch.bmm(g[:, s].unsqueeze(1), m.transpose(1, 2)).squeeze(1).to(torch.float64) * w64)
         Q = torch.stack(Q)  # [L, n_local, k, k]
         c = torch.stack(c)
         diag = Q.diagonal(dim1=-2, dim2=-1)
@@ -123,7 +125,7 @@ class CGA(CrossGradientAlgorithm):
             state.qp_failures += int(failed.sum())
             v = torch.where(failed.unsqueeze(-1), state.v, v)
         state.v = v
-        v = (torch.where(active, v, torch.zeros_like(v)) * w.to(torch.float64)).to(g.dtype)  # M^T v = D^T (w v)
+        v = (torch.where(active, v, torch.zeros_like(v)) * w64).to(g.dtype)  # M^T v = D^T (w v)
         for l, s in enumerate(slices):  # added in place: a [n, 1, numel] product per tensor would be fresh memory
             g[:, s].unsqueeze(1).baddbmm_(v[l].unsqueeze(1), rows[:, :, s])
         return g
