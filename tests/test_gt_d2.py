@@ -57,10 +57,12 @@ def flat(x: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.stack([torch.cat([t.reshape(-1) for t in xi]) for xi in x])
 
 
-def reference_gt(model, W_at, batches, *, lr, gamma, beta, nesterov, qgm, wd, schedule=None) -> torch.Tensor:
+def reference_gt(model, W_at, batches, *, lr, gamma, beta, nesterov, qgm, wd, schedule=None, diging=False,
+                 track_wd=False) -> torch.Tensor:
     """x_half = W_t x; y = W_t y + g(x_half) - g_prev; x = x_half - lr T(y + wd x_half), T the momentum form.
 
-    W_at(t) is step t's mixing matrix."""
+    W_at(t) is step t's mixing matrix. diging: g at x (before the gossip) instead of x_half; track_wd: g + wd p
+    (p where g was taken) is tracked, and no decay is added to y."""
     n = W_at(0).shape[0]
     theta0 = [p.detach().clone() for p in model.parameters()]
     zeros = lambda: [torch.zeros_like(t) for t in theta0]  # noqa: E731
@@ -75,10 +77,13 @@ def reference_gt(model, W_at, batches, *, lr, gamma, beta, nesterov, qgm, wd, sc
         y_mixed = [gossip(W, gamma, y, i) for i in range(n)]
         new_x = []
         for i in range(n):
-            g = grad_at(model, x_half[i], step_batches[i])
+            at = x[i] if diging else x_half[i]
+            g = grad_at(model, at, step_batches[i])
+            if track_wd:
+                g = [g[l] + wd * at[l] for l in range(len(g))]
             y[i] = [y_mixed[i][l] + g[l] - g_prev[i][l] for l in range(len(g))]
             g_prev[i] = g
-            d = [y[i][l] + wd * x_half[i][l] for l in range(len(g))]
+            d = [y[i][l] + (0.0 if track_wd else wd) * x_half[i][l] for l in range(len(g))]
             for l in range(len(d)):
                 if qgm:
                     m_hat[i][l] = beta * m_hat[i][l] + (1 - beta) * (x_prev[i][l] - x_half[i][l]) / lr_prev
@@ -153,6 +158,52 @@ def test_gt_on_directed_irregular_and_time_varying_doubly_stochastic_graphs(grap
     torch.testing.assert_close(sim.params, ref, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("variant,track,mom", [("diging", False, "none"), ("diging", False, "qgm_nesterov"),
+                                               ("dsgt", True, "nesterov"), ("diging", True, "heavy_ball")])
+def test_gt_published_forms_match_hand_computed_updates(variant, track, mom):
+    mo = MOMENTA[mom]
+    topo = Topology.ring(4)
+    batches = make_batches(4, 4)
+    sim = run_sim(topo, batches, "gt", SCHEDULE, lr=0.1, gamma=0.7, weight_decay=0.05, variant=variant,
+                  track_weight_decay=track, **mo)
+    ref = reference_gt(tiny_model(), lambda t: topo.W, batches, lr=0.1, gamma=0.7, beta=mo["momentum"],
+                       nesterov=mo["nesterov"], qgm=mo["qgm"], wd=0.05, schedule=SCHEDULE,
+                       diging=variant == "diging", track_wd=track)
+    torch.testing.assert_close(sim.params, ref, rtol=0, atol=1e-10)
+    other = reference_gt(tiny_model(), lambda t: topo.W, batches, lr=0.1, gamma=0.7, beta=mo["momentum"],
+                         nesterov=mo["nesterov"], qgm=mo["qgm"], wd=0.05, schedule=SCHEDULE)
+    assert (sim.params - other).abs().max() > 1e-6  # the form is not today's default
+
+
+def test_diging_is_bluefogs_recursion():
+    """Written as Bluefog's example writes DIGing (no momentum, gamma 1): w <- W w - lr q, then
+    q <- W q + g(w_new) - g(w_old), with q = g(w0) before the first step."""
+    topo = Topology.ring(5)
+    W = topo.W.to(torch.float64)
+    batches = make_batches(5, 5, seed=2)
+    sim = run_sim(topo, batches, "gt", lr=0.1, momentum=0.0, nesterov=False, variant="diging")
+    model = tiny_model()
+    w = flat([[p.detach().clone() for p in model.parameters()] for _ in range(5)])
+    sizes = [p.numel() for p in model.parameters()]
+
+    def grads(rows, step):
+        out = []
+        for i in range(5):
+            theta = [r.view(p.shape) for r, p in zip(torch.split(rows[i], sizes), model.parameters())]
+            out.append([g.reshape(-1) for g in grad_at(model, theta, batches[step][i])])
+        return flat(out)
+
+    g_old = grads(w, 0)
+    q = g_old.clone()
+    for t in range(len(batches)):
+        w = W @ w - 0.1 * q
+        if t + 1 < len(batches):
+            g_new = grads(w, t + 1)
+            q = W @ q + g_new - g_old
+            g_old = g_new
+    torch.testing.assert_close(sim.params, w, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("graph,gamma", [("ring4", 0.5), ("ring5", 1.0), ("star_metropolis", 0.8)])
 def test_d2_matches_hand_computed_update(graph, gamma):
     topo = {"ring4": lambda: Topology.ring(4), "ring5": lambda: Topology.ring(5),
@@ -196,6 +247,7 @@ def quadratic_error(name: str, lr: float, steps: int, **kw) -> float:
     ("gt", dict(momentum=0.0), 0.2, 150),
     ("gt", dict(), 0.1, 300),  # Nesterov 0.9, gt's default: oscillates longer
     ("gt", dict(momentum=0.9, qgm=True), 0.2, 200),
+    ("gt", dict(momentum=0.0, variant="diging"), 0.2, 150),
     ("d2", dict(), 0.2, 150),
     ("d2", dict(gamma=1.0), 0.2, 150),
 ])
@@ -303,3 +355,8 @@ def test_report_labels_name_the_momentum_form():
     assert label("algorithm.name=gt", "algorithm.nesterov=false") == "GTm"
     assert label("algorithm.name=gt", "algorithm.qgm=true") == "GT (QGM)"
     assert label("algorithm.name=d2") == "D²"
+    assert label("algorithm.name=gt", "algorithm.variant=diging", "algorithm.momentum=0") == "DIGing"
+    assert label("algorithm.name=gt", "algorithm.track_weight_decay=true", "algorithm.weight_decay=1e-4") == \
+        "GTm-N (tracked wd)"
+    with pytest.raises(cg.ConfigError, match="gt's variant must be 'dsgt' .* or 'diging'"):
+        cg.make_algorithm("gt", variant="atc")

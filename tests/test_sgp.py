@@ -95,10 +95,13 @@ def grad_at(model: nn.Module, theta: list[torch.Tensor], batch) -> list[torch.Te
 
 
 def reference_push_sum(model, W, batches, *, lrs, gamma, beta, nesterov, qgm, wd):
-    """SGP agent by agent: gossip of numerators and weights over in-neighbours, gradients at x / w,
-    weight decay and momentum on the numerators. Returns (x [n, P], w [n])."""
+    """SGP as published (Assran et al., Algorithm 1), agent by agent: the gradient at z = x / w (w = 1 at the
+    first step), weight decay and momentum on the numerators, the local step, then gossip of numerators and
+    weights over in-neighbours. Returns (x [n, P], w [n]) after the last step's local step: its gossip is
+    the first thing the next step would do."""
     n = W.shape[0]
     P = [[(1 - gamma) * (i == j) + gamma * float(W[i, j]) for j in range(n)] for i in range(n)]
+    senders = [[j for j in range(n) if P[i][j] > 0] for i in range(n)]  # itself and its in-neighbours
     theta0 = [p.detach().clone() for p in model.parameters()]
     L = len(theta0)
     x = [[t.clone() for t in theta0] for _ in range(n)]
@@ -109,25 +112,25 @@ def reference_push_sum(model, W, batches, *, lrs, gamma, beta, nesterov, qgm, wd
     lr_prev = lrs[0]
     for t, step_batches in enumerate(batches):
         eta = lrs[t]
-        senders = [[j for j in range(n) if P[i][j] > 0] for i in range(n)]  # itself and its in-neighbours
-        x_half = [[sum(P[i][j] * x[j][l] for j in senders[i]) for l in range(L)] for i in range(n)]
-        w_new = [sum(P[i][j] * w[j] for j in senders[i]) for i in range(n)]
+        if t > 0:  # the previous step's gossip
+            x = [[sum(P[i][j] * x[j][l] for j in senders[i]) for l in range(L)] for i in range(n)]
+            w = [sum(P[i][j] * w[j] for j in senders[i]) for i in range(n)]
         new_x = []
         for i in range(n):
-            z = [x_half[i][l] / w_new[i] for l in range(L)]
+            z = [x[i][l] / w[i] for l in range(L)]
             g = grad_at(model, z, step_batches[i])
-            d = [g[l] + wd * x_half[i][l] for l in range(L)]
+            d = [g[l] + wd * x[i][l] for l in range(L)]
             for l in range(L):
                 if qgm:
-                    m_hat[i][l] = beta * m_hat[i][l] + (1 - beta) * (x_prev[i][l] - x_half[i][l]) / lr_prev
-                    x_prev[i][l] = x_half[i][l].clone()
+                    m_hat[i][l] = beta * m_hat[i][l] + (1 - beta) * (x_prev[i][l] - x[i][l]) / lr_prev
+                    x_prev[i][l] = x[i][l].clone()
                     mm = beta * m_hat[i][l] + d[l]
                     d[l] = d[l] + beta * mm if nesterov else mm
                 elif beta > 0:
                     m[i][l] = beta * m[i][l] + d[l]
                     d[l] = d[l] + beta * m[i][l] if nesterov else m[i][l]
-            new_x.append([x_half[i][l] - eta * d[l] for l in range(L)])
-        x, w, lr_prev = new_x, w_new, eta
+            new_x.append([x[i][l] - eta * d[l] for l in range(L)])
+        x, lr_prev = new_x, eta
     flat = torch.stack([torch.cat([t.reshape(-1) for t in xi]) for xi in x])
     return flat, torch.tensor(w, dtype=torch.float64)
 
@@ -144,8 +147,8 @@ MOMENTA = {
 def test_matches_hand_computed_push_sum(mom):
     mo = MOMENTA[mom]
     topo = push_graph()
-    batches = make_batches(5, 3)
-    lrs = (0.1, 0.05, 0.02)  # the lr changes every step: exercises QGM's eta_prev
+    batches = make_batches(5, 4)
+    lrs = (0.1, 0.05, 0.02, 0.08)  # the lr changes every step: exercises QGM's eta_prev
     sim = cg.Simulator(tiny_model(), topo, cg.make_algorithm("sgp", lr=lrs[0], gamma=0.7, weight_decay=1e-3, **mo))
     for t, b in enumerate(batches):
         sim.set_lr(lrs[t])
@@ -160,9 +163,12 @@ def test_matches_hand_computed_push_sum(mom):
 
 
 def test_weights_travel_in_round_one():
-    """Each step sends every out-neighbour the model row and one scalar weight, nothing in round 2."""
+    """Each step but the first (a local step from x0, as published) sends every out-neighbour the model row
+    and one scalar weight, nothing in round 2."""
     topo = push_graph()
     sim = cg.Simulator(tiny_model(), topo, cg.make_algorithm("sgp", lr=0.1))
+    sim.step(make_batches(5, 1)[0])
+    assert sim.stats["bytes_sent"].eq(0).all()
     for b in make_batches(5, 2):
         sim.step(b)
     P = sum(p.numel() for p in tiny_model().parameters())

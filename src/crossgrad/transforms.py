@@ -189,8 +189,8 @@ def transforms_for(algorithm: Algorithm, x0: Tensor, lr: float) -> Chain:
     """Steps 7-8 as the algorithm's weight_decay, momentum, nesterov and qgm ask: decay, then momentum or QGM."""
     a = algorithm
     parts: list[Transform] = []
-    if a.weight_decay:
-        parts.append(WeightDecay(a.weight_decay))
+    if a.transform_weight_decay:
+        parts.append(WeightDecay(a.transform_weight_decay))
     if a.qgm:
         parts.append(QGM(x0, a.momentum, a.nesterov, lr))
     elif a.momentum > 0:

@@ -51,7 +51,9 @@ class StepView:
     place. mix(rows, out=None): gossips another block of rows [n_local, P] with the step's mixing
     matrix, as step 2 does x (one more round-1 message per edge, counted), and returns the mixed rows.
     direction: a block shaped like x_half, kept across steps, that combine may write its result into
-    (on a big model a fresh block of that size costs page faults on every step).
+    (on a big model a fresh block of that size costs page faults on every step). x: the rows before
+    this step's gossip (the stored models), for the forms that take the gradient there (DIGing, Choco's
+    overlap); read-only, and dead once the step ends.
     """
 
     x_half: Tensor
@@ -59,6 +61,13 @@ class StepView:
     step: int
     mix: Callable[..., Tensor]
     direction: Tensor | None = None
+    x: Tensor | None = None
+
+
+def nothing_received(ctx: CombineContext, x: Tensor) -> tuple[Tensor, Tensor]:
+    """What Algorithm.gossip returns for a step that sends nothing (the published forms whose first step is a
+    local step alone): one finite row of zeros that every in-edge points at, so no sender is ever blamed."""
+    return x.new_zeros(1, x.shape[1]), torch.zeros(len(ctx.plan.in_src), dtype=torch.long, device=x.device)
 
 
 def weighted_self(g_self: Tensor, ctx: CombineContext, view: StepView | None) -> Tensor:
@@ -221,6 +230,12 @@ class Algorithm:
         if self.gamma_schedule == "exponential" and self.gamma_growth < 1:
             return min(1.0, self.gamma * self.gamma_growth)
         return 1.0
+
+    @property
+    def transform_weight_decay(self) -> float:
+        """The weight decay the direction transforms add (step 7): weight_decay, unless the algorithm applies
+        it elsewhere (gradient tracking with track_weight_decay tracks it with the gradient)."""
+        return self.weight_decay
 
     @property
     def round2(self) -> bool:

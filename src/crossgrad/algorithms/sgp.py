@@ -20,6 +20,11 @@ One step, in the engine's order (P = (1 - gamma) I + gamma W):
 T is the engine's direction transforms (weight decay, momentum, Nesterov, QGM), which act on the
 numerators. On a doubly stochastic W every w stays 1 (up to the rounding of W's column sums) and
 SGP is DSGD step for step.
+
+The paper's Algorithm 1 (and facebookresearch/stochastic_gradient_push) orders a step gradient, local
+step, gossip, with w = 1 at the first gradient: the loop above from its second step on, so the first
+step skips the gossip (nothing is sent, the gradient is taken at x0 with w = 1). Gossiping x0 and the
+weights first instead would start push-sum from weights P 1, for no gain.
 """
 from __future__ import annotations
 
@@ -29,27 +34,33 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from crossgrad.algorithms.base import Algorithm, CombineContext, StepView
+from crossgrad.algorithms.base import Algorithm, CombineContext, StepView, nothing_received
+from crossgrad.comm.base import Comm
 from crossgrad.errors import ConfigError
 from crossgrad.topology.checks import ROW_TOL
 
 
 class PushSumState:
-    """The push-sum weights w [n_local, 1] (in the rows' dtype), saved with the run; and the
-    de-biased rows of the current step, a work buffer reused every step (not saved)."""
+    """The push-sum weights w [n_local, 1] (in the rows' dtype) and whether the first step (which gossips
+    nothing) is done, saved with the run; and the de-biased rows of the current step, a work buffer
+    reused every step (not saved)."""
 
     def __init__(self, w: Tensor):
         self.w = w
+        self.started = False
         self.z: Tensor | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"w": self.w.clone()}
+        return {"w": self.w.clone(), "started": self.started}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         w = state["w"]
         if tuple(w.shape) != tuple(self.w.shape):
             raise ValueError(f"push-sum weights of shape {tuple(w.shape)} do not fit this run's {tuple(self.w.shape)}")
         self.w = w.to(device=self.w.device, dtype=self.w.dtype, copy=True)
+        # checkpoints from before the published first step was matched were all past their first step, and
+        # from the second step on both orders are the same loop
+        self.started = bool(state.get("started", True))
 
     def counters(self) -> dict[str, int]:
         return {}
@@ -82,8 +93,17 @@ class SGP(Algorithm):
     def init_state(self, ctx: CombineContext, device: torch.device) -> PushSumState:
         return PushSumState(torch.ones(ctx.plan.n_local, 1, dtype=ctx.dtype, device=device))
 
+    def gossip(self, ctx: CombineContext, comm: Comm, x: Tensor, out: Tensor,
+               state: PushSumState) -> tuple[Tensor, Tensor] | None:
+        if state.started:
+            return None  # the engine's round 1 gossips the numerators
+        out.copy_(x)  # the first step is the published one's: a local step from x0, nothing sent
+        return nothing_received(ctx, x)
+
     def gradient_rows(self, ctx: CombineContext, view: StepView, state: PushSumState) -> Tensor:
-        state.w = view.mix(state.w)  # the weights travel with the models, mixed by the same matrix
+        if state.started:
+            state.w = view.mix(state.w)  # the weights travel with the models, mixed by the same matrix
+        state.started = True
         if state.z is None or state.z.shape != view.x_half.shape:
             state.z = torch.empty_like(view.x_half)
         return torch.div(view.x_half, state.w, out=state.z)

@@ -11,6 +11,14 @@ with y_{-1} = g_{-1} = 0, so that mean(y_t) = mean(g_t) at every step when W_gam
 stochastic. Written for z = x_half this is the adapt-then-combine form z <- W (z - lr y),
 y <- W y + g(z_new) - g(z_old), whose fixed points are exact: consensus on a stationary point
 of the mean objective, at a constant lr, however different the agents' objectives are.
+
+variant = "diging" is DIGing (Nedic, Olshevsky & Shi, SIAM J. Optim. 2017, Algorithm 1, as Bluefog's
+examples run it): the same recursion with the gradient taken at the un-gossiped x,
+
+    x_{t+1} = W_gamma x_t - lr * y_t,    y_t = W_gamma y_{t-1} + g(x_t) - g(x_{t-1}),
+
+so y_0 = g(x_0). track_weight_decay = true tracks g + wd * x (x: where the gradient was taken), as
+epfml/relaysgd does, instead of adding wd * x_half outside the tracking.
 """
 from __future__ import annotations
 
@@ -54,10 +62,25 @@ class GT(Algorithm):
 
     Every momentum form acts on the tracked direction y (Nesterov 0.9 by default); at a fixed point
     y = 0 and the buffers vanish, so the fixed points stay exact. W must be doubly stochastic.
+    variant: "dsgt" (the gradient at the gossiped rows) or "diging" (at the rows before the gossip);
+    track_weight_decay: track g + weight_decay * x instead of adding the decay after the tracking.
     """
+
+    variant: str = "dsgt"
+    track_weight_decay: bool = False
 
     name: ClassVar[str] = "gt"
     direction_block: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        super().validate()
+        if self.variant not in ("dsgt", "diging"):
+            raise ConfigError(f"gt's variant must be 'dsgt' (gradient at the gossiped model) or 'diging' (at the "
+                              f"model before the gossip), not {self.variant!r}")
+
+    @property
+    def transform_weight_decay(self) -> float:
+        return 0.0 if self.track_weight_decay else self.weight_decay
 
     def check_mixing(self, topology: Any) -> None:
         super().check_mixing(topology)
@@ -72,6 +95,9 @@ class GT(Algorithm):
     def init_state(self, ctx: CombineContext, device: torch.device) -> TrackingState:
         return TrackingState.zeros(ctx, device)
 
+    def gradient_rows(self, ctx: CombineContext, view: StepView, state: AlgorithmState) -> Tensor:
+        return view.x if self.variant == "diging" else view.x_half
+
     def combine(
         self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: AlgorithmState,
         view: StepView | None = None,
@@ -79,6 +105,11 @@ class GT(Algorithm):
         assert isinstance(state, TrackingState) and view is not None
         y = view.mix(state.y, out=view.direction)  # not state.y itself: the transforms may overwrite the direction
         y.add_(g_self).sub_(state.g_prev)
-        state.y.copy_(y)
         state.g_prev.copy_(g_self)
+        if self.track_weight_decay and self.weight_decay:
+            # the decay's gradient, at the rows the gradient was taken at, joins the tracked gradient
+            rows = self.gradient_rows(ctx, view, state)
+            y.add_(rows, alpha=self.weight_decay)
+            state.g_prev.add_(rows, alpha=self.weight_decay)
+        state.y.copy_(y)
         return y

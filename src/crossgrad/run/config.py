@@ -354,12 +354,14 @@ def _algorithm_label(cfg: Config) -> str:
         return "CompCGA" if compressed else "CGA"
     if name == "sgp":
         return "SGP"
-    if name == "gt":  # the momentum form shows, as DSGD's does
+    if name == "gt":  # the momentum form shows, as DSGD's does, and so do the published forms
+        base = "DIGing" if a["variant"] == "diging" else "GT"
+        tracked = " (tracked wd)" if a["track_weight_decay"] and a["weight_decay"] else ""
         if a["qgm"]:
-            return "GT (QGM)"
+            return f"{base} (QGM){tracked}"
         if a["momentum"] > 0:
-            return "GTm-N" if a["nesterov"] else "GTm"
-        return "GT"
+            return f"{base}m-N{tracked}" if a["nesterov"] else f"{base}m{tracked}"
+        return base + tracked
     if name == "d2":
         return "D²"
     return cfg.algorithm.name
