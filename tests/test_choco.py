@@ -154,6 +154,134 @@ def test_matches_hand_computed_update(codec, ratio, graph, init, mo):
             torch.testing.assert_close(x_hat[j], copy, rtol=0, atol=1e-12)
 
 
+def local_step(model, x, batch, buf, *, at, lr, beta, nesterov, wd):
+    """x - lr T(g(at) + wd x): one agent's SGD step with momentum buffer buf (updated in place)."""
+    d = grad_at(model, at, batch) + wd * x
+    if beta > 0:
+        buf.mul_(beta).add_(d)
+        d = d + beta * buf if nesterov else buf.clone()
+    return x - lr * d
+
+
+def reference_published_choco(model, W, batches, *, variant, codec, ratio, lr, gamma, beta, nesterov, wd,
+                              public_init):
+    """The published codes' order, agent by agent: gradient at x and the local step, then the gossip:
+    "paper" (Algorithm 1, epfml/powergossip without overlap): q = C(x - x̂), x̂ += q, x += gamma sum w (x̂_j - x̂_i);
+    "authors_code" (epfml/ChocoSGD): x += gamma sum w (x̂_j - x̂_i) with the copies as they were, then q = C(x - x̂).
+    Returns the models after the last step's local step (its gossip opens crossgrad's next step); the round
+    after step t's local step is random-k's draw t + 1."""
+    W = torch.as_tensor(W, dtype=torch.float64)
+    n = W.shape[0]
+    sizes = [p.numel() for p in model.parameters()]
+    x0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    nbrs = [[j for j in range(n) if j != i and W[i, j] > 0] for i in range(n)]
+    x = [x0.clone() for _ in range(n)]
+    start = x0 if public_init == "model" else torch.zeros_like(x0)
+    hat = [{j: start.clone() for j in [i, *nbrs[i]]} for i in range(n)]
+    buf = [torch.zeros_like(x0) for _ in range(n)]
+
+    def consensus(i):
+        return x[i] + gamma * sum(W[i, j] * (hat[i][j] - hat[i][i]) for j in nbrs[i])
+
+    for t, step in enumerate(batches):
+        x = [local_step(model, x[i], step[i], buf[i], at=x[i], lr=lr, beta=beta, nesterov=nesterov, wd=wd)
+             for i in range(n)]
+        if t == len(batches) - 1:
+            break
+        if variant == "authors_code":
+            x = [consensus(i) for i in range(n)]
+        q = [compress(x[i] - hat[i][i], sizes, codec, ratio, i, t + 1) for i in range(n)]
+        for i in range(n):
+            for j in hat[i]:
+                hat[i][j] = hat[i][j] + q[j]
+        if variant == "paper":
+            x = [consensus(i) for i in range(n)]
+    return torch.stack(x), hat
+
+
+def reference_overlap_choco(model, W, batches, *, variant, codec, ratio, lr, gamma, beta, nesterov, wd,
+                            public_init):
+    """The PowerGossip code's overlapping order: the gradient at x, the gossip of x, the step applied to the
+    gossiped model (weight decay there too). variant as in crossgrad; the first round is skipped unless it
+    is "gossip_first"."""
+    W = torch.as_tensor(W, dtype=torch.float64)
+    n = W.shape[0]
+    sizes = [p.numel() for p in model.parameters()]
+    x0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    nbrs = [[j for j in range(n) if j != i and W[i, j] > 0] for i in range(n)]
+    x = [x0.clone() for _ in range(n)]
+    start = x0 if public_init == "model" else torch.zeros_like(x0)
+    hat = [{j: start.clone() for j in [i, *nbrs[i]]} for i in range(n)]
+    buf = [torch.zeros_like(x0) for _ in range(n)]
+    for t, step in enumerate(batches):
+        m = [xi.clone() for xi in x]
+        if t > 0 or variant == "gossip_first":
+            mix = lambda i: x[i] + gamma * sum(W[i, j] * (hat[i][j] - hat[i][i]) for j in nbrs[i])  # noqa: E731
+            if variant == "authors_code":
+                m = [mix(i) for i in range(n)]
+            sent = m if variant == "authors_code" else x
+            q = [compress(sent[i] - hat[i][i], sizes, codec, ratio, i, t) for i in range(n)]
+            for i in range(n):
+                for j in hat[i]:
+                    hat[i][j] = hat[i][j] + q[j]
+            if variant != "authors_code":
+                m = [mix(i) for i in range(n)]
+        x = [local_step(model, m[i], step[i], buf[i], at=x[i], lr=lr, beta=beta, nesterov=nesterov, wd=wd)
+             for i in range(n)]
+    return torch.stack(x), hat
+
+
+PUBLISHED_CASES = [
+    ("paper", "sign", 0.01, "ring", "zero", dict(momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    ("paper", "random-k", 0.3, "directed_ring", "model", dict(momentum=0.0, nesterov=False)),
+    ("authors_code", "top-k", 0.3, "star", "zero", dict(momentum=0.9, nesterov=False, weight_decay=1e-3)),
+    ("authors_code", "random-k", 0.3, "ring", "model", dict(momentum=0.9, nesterov=True)),
+]
+
+
+@pytest.mark.parametrize("variant,codec,ratio,graph,init,mo", PUBLISHED_CASES)
+def test_published_orders_match_hand_computed_updates(variant, codec, ratio, graph, init, mo):
+    topo = GRAPHS[graph]()
+    batches = make_batches(topo.n, 4)
+    hp = dict(lr=0.1, gamma=0.6, codec=codec, ratio=ratio, public_init=init, **mo)
+    sim = run_choco(topo, batches, variant=variant, **hp)
+    ref, hat = reference_published_choco(tiny_model(), topo.W, batches, variant=variant, codec=codec, ratio=ratio,
+                                         lr=0.1, gamma=0.6, beta=mo["momentum"], nesterov=mo["nesterov"],
+                                         wd=mo.get("weight_decay", 0.0), public_init=init)
+    torch.testing.assert_close(sim.params, ref, rtol=0, atol=1e-12)
+    for i in range(topo.n):
+        for j, copy in hat[i].items():
+            torch.testing.assert_close(sim.engine.algo_state.x_hat[j], copy, rtol=0, atol=1e-12)
+    default = run_choco(topo, batches, **hp)
+    if variant == "paper" and init == "model":  # the default's extra first round carries C(x0 - x0) = 0
+        torch.testing.assert_close(sim.params, default.params, rtol=0, atol=1e-15)
+        assert torch.equal(sim.stats["bytes_sent"][:, 0] * 4, default.stats["bytes_sent"][:, 0] * 3)  # 3 rounds, 4
+    else:
+        assert (sim.params - default.params).abs().max() > 1e-6  # not the default's order
+
+
+@pytest.mark.parametrize("variant,codec,init", [("gossip_first", "sign", "zero"), ("paper", "top-k", "model"),
+                                                ("authors_code", "random-k", "zero")])
+def test_overlap_matches_hand_computed_update(variant, codec, init):
+    topo = Topology.ring(4)
+    batches = make_batches(4, 4)
+    hp = dict(lr=0.1, gamma=0.6, codec=codec, ratio=0.3, public_init=init, momentum=0.9, weight_decay=1e-3)
+    sim = run_choco(topo, batches, variant=variant, overlap=True, **hp)
+    ref, _ = reference_overlap_choco(tiny_model(), topo.W, batches, variant=variant, codec=codec, ratio=0.3,
+                                     lr=0.1, gamma=0.6, beta=0.9, nesterov=True, wd=1e-3, public_init=init)
+    torch.testing.assert_close(sim.params, ref, rtol=0, atol=1e-12)
+
+
+def test_published_first_step_sends_nothing():
+    """paper and authors_code: the first step is a local step from x0; from the second on one message a step."""
+    topo, batches = Topology.ring(4), make_batches(4, 3)
+    for variant in ("paper", "authors_code"):
+        sim = run_choco(topo, batches[:1], variant=variant, lr=0.1)
+        assert sim.stats["bytes_sent"].eq(0).all()
+        sent = run_choco(topo, batches, variant=variant, lr=0.1).stats["bytes_sent"][:, 0]
+        assert torch.equal(sent, run_choco(topo, batches[:2], lr=0.1).stats["bytes_sent"][:, 0])
+
+
 def test_identity_codec_is_dsgd():
     """With nothing lost to compression x̂ = x after the update, and the consensus step is DSGD's gossip."""
     topo, batches = Topology.star(5), make_batches(5, 4)
@@ -180,10 +308,12 @@ def test_round1_bytes_are_the_compressed_payload(codec, ratio):
     assert torch.all(sent[:, 1] == 0)
 
 
-@pytest.mark.parametrize("codec,init", [("random-k", "zero"), ("top-k", "model"), ("sign", "model")])
-def test_resume_is_bit_exact(codec, init):
+@pytest.mark.parametrize("codec,init,form", [("random-k", "zero", {}), ("top-k", "model", {}), ("sign", "model", {}),
+                                             ("random-k", "model", dict(variant="authors_code", overlap=True)),
+                                             ("sign", "zero", dict(variant="paper"))])
+def test_resume_is_bit_exact(codec, init, form):
     topo, batches = Topology.ring(4), make_batches(4, 5)
-    kw = dict(lr=0.1, gamma=0.5, codec=codec, ratio=0.3, public_init=init)
+    kw = dict(lr=0.1, gamma=0.5, codec=codec, ratio=0.3, public_init=init, **form)
     whole = run_choco(topo, batches, **kw)
     first = run_choco(topo, batches[:2], **kw)
     saved = first.state_dict()
@@ -230,6 +360,11 @@ def test_options_are_validated():
         cg.make_algorithm("choco", public_init="random")
     with pytest.raises(cg.ConfigError, match=r"gamma .* must be in \(0, 1\]"):
         cg.make_algorithm("choco", gamma=1.5)
+    with pytest.raises(cg.ConfigError, match="choco's variant must be one of 'gossip_first', 'paper', "
+                                             "'authors_code', not 'powergossip'"):
+        cg.make_algorithm("choco", variant="powergossip")
+    with pytest.raises(cg.ConfigError, match="overlap must be true or false"):
+        cg.make_algorithm("choco", overlap="yes")
 
 
 def test_time_varying_topologies_are_refused():

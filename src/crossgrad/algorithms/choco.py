@@ -13,6 +13,17 @@ Round 1 carries the codec's payload instead of the model, and is what its bytes 
 at the initial model (every agent starts from the same weights, so all know it and nothing is sent for
 it); public_init="zero" starts them at 0 as the paper does, which costs the first steps re-sending the
 model itself.
+
+The published codes order a step gradient, local step, gossip: the loop above from its second step on,
+so they are crossgrad's with a first step that sends nothing (a local step from x0):
+
+    variant="paper"          Algorithm 1 of the paper as epfml/powergossip runs it: the recursion above
+    variant="authors_code"   epfml/ChocoSGD: the consensus step with the copies as they were, then
+                             q_i = C(m_i - x̂_i) of the post-consensus model, x̂_j += q_j
+    variant="gossip_first"   the default: the recursion above from the first step, whose round carries
+                             C(x0 - x̂0) before any local step
+    overlap=true             the gradient at the rows before the gossip, applied to the gossiped ones
+                             (the PowerGossip code's default, there with variant="gossip_first")
 """
 from __future__ import annotations
 
@@ -23,10 +34,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from crossgrad.algorithms.base import Algorithm, CombineContext, ConfigError
+from crossgrad.algorithms.base import Algorithm, AlgorithmState, CombineContext, ConfigError, StepView, nothing_received
 from crossgrad.codecs import CODECS, SPARSE_CODECS, Codec, RandomK, make_codec
 from crossgrad.comm.base import Comm
 from crossgrad.transforms import _load_rows
+
+#: the orders of a step (see the module docstring); the first is the default
+VARIANTS = ("gossip_first", "paper", "authors_code")
 
 #: up to this many public copies the consensus step is one dense [n_local, R] x [R, P] product (as the
 #: engine's gossip); beyond, a sparse one whose cost grows with the edges instead
@@ -39,14 +53,16 @@ class ChocoState:
     those of the other agents they receive from, ascending (the pool order of Comm.exchange_payload).
 
     codec: the compressor; steps: the steps made (random-k's draw); mixing: gamma (W - I) on the
-    copies' rows, [n_local, R], built at the first step from the comm's pool index and not saved (it
-    follows from the graph).
+    copies' rows, [n_local, R], built at the first round from the pool order and not saved (it
+    follows from the graph); scratch: variant="authors_code"'s block for the compressed difference,
+    [n_local, P], not saved.
     """
 
     x_hat: Tensor
     codec: Codec
     steps: int = 0
     mixing: Tensor | None = None
+    scratch: Tensor | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"x_hat": self.x_hat.clone(), "steps": self.steps}
@@ -62,6 +78,16 @@ class ChocoState:
 def copy_count(ctx: CombineContext) -> int:
     """R: the local agents plus the other agents they receive from."""
     return len(set(ctx.plan.local) | set(ctx.plan.in_src.tolist()))
+
+
+def pool_index(ctx: CombineContext, device: torch.device) -> Tensor:
+    """In-edge e's sender as a row of the copies, in Comm.exchange_payload's pool order (the local agents in
+    order, then the other senders ascending): what the exchange returns, known before any exchange."""
+    local = {g: k for k, g in enumerate(ctx.plan.local)}
+    senders = ctx.plan.in_src.tolist()
+    others = sorted(set(senders) - set(local))
+    row = {**local, **{g: len(local) + k for k, g in enumerate(others)}}
+    return torch.tensor([row[g] for g in senders], dtype=torch.long, device=device)
 
 
 def consensus_matrix(ctx: CombineContext, index: Tensor, rows: int, gamma: float, dtype: torch.dtype) -> Tensor:
@@ -93,12 +119,16 @@ class Choco(Algorithm):
     keep (unused by the others); public_init: where the public copies start, "model" (the initial
     weights) or "zero" (the paper's). Compression needs gamma well below 1 (the paper's theory: of the
     order of the codec's contraction times the spectral gap); the default 0.5 suits the sign codec.
+    variant: "gossip_first", "paper" or "authors_code" (the module docstring); overlap: the gradient at
+    the rows before the gossip.
     """
 
     gamma: float = 0.5
     codec: str = "sign"
     ratio: float = 0.01
     public_init: str = "model"
+    variant: str = "gossip_first"
+    overlap: bool = False
 
     name: ClassVar[str] = "choco"
 
@@ -115,6 +145,9 @@ class Choco(Algorithm):
         if self.public_init not in ("model", "zero"):
             raise ConfigError(f"public_init must be 'model' (the initial weights) or 'zero' (the paper's), "
                               f"not {self.public_init!r}")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"choco's variant must be one of {', '.join(repr(v) for v in VARIANTS)}, "
+                              f"not {self.variant!r}")
 
     def check_topology(self, topology: Any) -> None:
         if callable(getattr(topology, "at", None)):
@@ -135,7 +168,19 @@ class Choco(Algorithm):
         n, x_hat = len(x), state.x_hat
         if state.steps == 0 and self.public_init == "model":  # every agent starts from the same weights: row 0's
             x_hat.copy_(x[:1].expand_as(x_hat))
-        diff = torch.sub(x, x_hat[:n], out=out)  # `out` is scratch until it receives m
+        if state.steps == 0 and self.variant != "gossip_first":  # the published first step: a local step alone
+            state.steps += 1
+            out.copy_(x)
+            return nothing_received(ctx, x)
+        if state.mixing is None:
+            state.mixing = consensus_matrix(ctx, pool_index(ctx, x.device), len(x_hat), self.gamma, x.dtype)
+        if self.variant == "authors_code":  # the consensus step with the copies as they were, then its model is sent
+            torch.addmm(x, state.mixing, x_hat, out=out)
+            if state.scratch is None:
+                state.scratch = torch.empty_like(x)
+            diff = torch.sub(out, x_hat[:n], out=state.scratch)
+        else:
+            diff = torch.sub(x, x_hat[:n], out=out)  # `out` is scratch until it receives m
         if isinstance(state.codec, RandomK):
             state.codec.draw = state.steps
         state.steps += 1
@@ -144,7 +189,9 @@ class Choco(Algorithm):
         x_hat[:n] += own  # the sender's roundtrip is what its receivers decode, bit for bit
         if len(x_hat) > n:
             x_hat[n:] += state.codec.decode(tuple(t[n:] for t in pool), x.dtype)
-        if state.mixing is None:
-            state.mixing = consensus_matrix(ctx, index, len(x_hat), self.gamma, x.dtype)
-        torch.addmm(x, state.mixing, x_hat, out=out)
+        if self.variant != "authors_code":
+            torch.addmm(x, state.mixing, x_hat, out=out)
         return x_hat, index
+
+    def gradient_rows(self, ctx: CombineContext, view: StepView, state: AlgorithmState) -> Tensor:
+        return view.x if self.overlap else view.x_half
