@@ -213,19 +213,22 @@ def reference_overlap_choco(model, W, batches, *, variant, codec, ratio, lr, gam
     start = x0 if public_init == "model" else torch.zeros_like(x0)
     hat = [{j: start.clone() for j in [i, *nbrs[i]]} for i in range(n)]
     buf = [torch.zeros_like(x0) for _ in range(n)]
+
+    def mix(rows, i):
+        return rows[i] + gamma * sum(W[i, j] * (hat[i][j] - hat[i][i]) for j in nbrs[i])
+
     for t, step in enumerate(batches):
         m = [xi.clone() for xi in x]
         if t > 0 or variant == "gossip_first":
-            mix = lambda i: x[i] + gamma * sum(W[i, j] * (hat[i][j] - hat[i][i]) for j in nbrs[i])  # noqa: E731
             if variant == "authors_code":
-                m = [mix(i) for i in range(n)]
+                m = [mix(x, i) for i in range(n)]
             sent = m if variant == "authors_code" else x
             q = [compress(sent[i] - hat[i][i], sizes, codec, ratio, i, t) for i in range(n)]
             for i in range(n):
                 for j in hat[i]:
                     hat[i][j] = hat[i][j] + q[j]
             if variant != "authors_code":
-                m = [mix(i) for i in range(n)]
+                m = [mix(x, i) for i in range(n)]
         x = [local_step(model, m[i], step[i], buf[i], at=x[i], lr=lr, beta=beta, nesterov=nesterov, wd=wd)
              for i in range(n)]
     return torch.stack(x), hat
