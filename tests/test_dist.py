@@ -62,6 +62,16 @@ TRACKING_RUNS = [
     ("d2_chain_metropolis", lambda: Topology.chain(WORLD, weights="metropolis"), "d2", dict()),
 ]
 
+#: the baselines' published forms (docs/algorithms.md), run and checked as TRACKING_RUNS are
+PUBLISHED_RUNS = [
+    ("gt_diging_ring", lambda: Topology.ring(WORLD), "gt", dict(variant="diging", qgm=True)),
+    ("gt_tracked_wd_one_peer_exponential", lambda: OnePeerExponential(WORLD), "gt",
+     dict(variant="diging", track_weight_decay=True, weight_decay=0.05)),
+    ("choco_paper_star", lambda: Topology.star(WORLD), "choco", dict(variant="paper", public_init="zero")),
+    ("choco_authors_code_directed_ring", lambda: Topology.directed_ring(WORLD), "choco",
+     dict(variant="authors_code", codec="random-k", ratio=0.3, overlap=True)),
+]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -137,7 +147,7 @@ def _equivalence_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 if rank == 0:
                     results[graph, k] = (state["x"], state["bytes_sent"])
         _push_sum_runs(rank, PUSH_GRAPHS, results)
-        _tracking_runs(rank, TRACKING_RUNS, results)
+        _tracking_runs(rank, TRACKING_RUNS + PUBLISHED_RUNS, results)
         # float32 payloads for the compression ratio
         batches = batches_for(world, 2, torch.float32)
         for name in ("ngc", "compngc"):
@@ -255,6 +265,14 @@ FLOAT32_CASES = [("ngc", dict(alpha=1.0, momentum=0.9, nesterov=True)), ("compng
 BLOCK_PUSH_GRAPHS = {  # 7 agents -> 3, 2, 2 per rank; out-degrees 1 to 4
     "push_erdos_renyi": lambda: Topology.erdos_renyi(7, 0.3, seed=2, directed=True, weights="out_uniform"),
 }
+BLOCK_PUBLISHED_RUNS = [  # as PUBLISHED_RUNS, 7 or 8 agents over 3 ranks (remote public copies included)
+    ("gt_tracked_wd_random_matching", lambda: RandomMatching(8), "gt",
+     dict(track_weight_decay=True, weight_decay=0.05)),
+    ("choco_authors_code_star", lambda: Topology.star(7), "choco", dict(variant="authors_code", codec="top-k",
+                                                                        ratio=0.3)),
+    ("choco_paper_overlap_exponential", lambda: Topology.exponential(7, directed=True), "choco",
+     dict(variant="paper", overlap=True, public_init="zero")),
+]
 BLOCK_TRACKING_RUNS = [  # as TRACKING_RUNS, 7 or 8 agents over 3 ranks
     ("gt_ring", lambda: Topology.ring(7), "gt", dict(momentum=0.9, nesterov=True)),
     ("gt_directed_exponential", lambda: Topology.exponential(7, directed=True), "gt", dict(qgm=True)),
@@ -284,7 +302,7 @@ def _blocks_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                     results[graph, k] = (state["x"], state["bytes_sent"])
                 results["wire", graph, k] = (len(engine.comm.peers), engine.comm.wire_bytes.clone())
         _push_sum_runs(rank, BLOCK_PUSH_GRAPHS, results)
-        _tracking_runs(rank, BLOCK_TRACKING_RUNS, results)
+        _tracking_runs(rank, BLOCK_TRACKING_RUNS + BLOCK_PUBLISHED_RUNS, results)
         for label, make_topology in RATE_GRAPHS.items():
             topo = make_topology()
             engine = make_engine(tiny_model(), topo, cg.make_algorithm("dsgd", lr=0.1, gamma=0.5), timeout=20)
@@ -506,6 +524,13 @@ def test_gt_and_d2_distributed_equal_the_simulator(dist_results):
 @pytest.mark.timeout(200)
 def test_gt_and_d2_in_blocks_of_agents_equal_the_simulator(block_results):
     _check_tracking_runs(BLOCK_TRACKING_RUNS, block_results[0])
+
+
+@pytest.mark.timeout(200)
+def test_published_forms_distributed_equal_the_simulator(dist_results, block_results):
+    """DIGing, tracked weight decay, Choco's paper and authors' orders and overlap: one agent per rank and blocks."""
+    _check_tracking_runs(PUBLISHED_RUNS, dist_results)
+    _check_tracking_runs(BLOCK_PUBLISHED_RUNS, block_results[0])
 
 
 # -- a dead or hung peer -----------------------------------------------------------------------
