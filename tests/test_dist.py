@@ -446,8 +446,10 @@ def test_blocks_misuse_and_hangs_name_ranks_and_agents(block_results):
 
 
 def _push_sum_runs(rank: int, graphs: dict, results: dict) -> None:
-    """sgp on each graph: the rows x, the models x / w, the weights and the bytes, gathered on rank 0."""
+    """sgp on each graph: the rows x, the models x / w, the weights and the bytes, gathered on rank 0, then the
+    models after 3 final gossip-only rounds (training.final_gossip_rounds)."""
     from crossgrad.distributed import gather_rows, gather_state, make_engine
+    from crossgrad.run.evaluate import gossiped_models
 
     for graph, make_topology in graphs.items():
         topo = make_topology()
@@ -456,18 +458,22 @@ def _push_sum_runs(rank: int, graphs: dict, results: dict) -> None:
             engine = make_engine(tiny_model(), topo, cg.make_algorithm(name, lr=0.1, gamma=0.5, **kw), timeout=20)
             for t in range(STEPS):
                 engine.step([batches[t][a] for a in engine.plan.local])
+            gossiped = gather_rows(gossiped_models(engine, 3))
             state = gather_state(engine)
             w = gather_rows(engine.algo_state.w)
             if rank == 0:
-                results["push", graph, k] = (state["x"], state["models"], w, state["bytes_sent"])
+                results["push", graph, k] = (state["x"], state["models"], w, state["bytes_sent"], gossiped)
 
 
 def _check_push_sum(topo: Topology, result: tuple, case: tuple) -> None:
     name, kw = case
     sim = simulate(tiny_model(), topo, cg.make_algorithm(name, lr=0.1, gamma=0.5, **kw),
                    batches_for(topo.n, STEPS))
-    x, models, w, sent = result
+    from crossgrad.run.evaluate import gossiped_models
+
+    x, models, w, sent, gossiped = result
     assert (w - 1).abs().max() > 0.05  # the weights moved: the de-biasing is exercised
+    torch.testing.assert_close(gossiped, gossiped_models(sim.engine, 3), rtol=1e-12, atol=1e-12, msg=f"{name} {kw}")
     torch.testing.assert_close(w, sim.engine.algo_state.w, rtol=1e-12, atol=1e-12, msg=f"{name} {kw}")
     torch.testing.assert_close(x, sim.engine.x, rtol=1e-12, atol=1e-12, msg=f"{name} {kw}")
     torch.testing.assert_close(models, sim.params, rtol=1e-12, atol=1e-12, msg=f"{name} {kw}")

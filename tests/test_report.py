@@ -322,3 +322,40 @@ def test_plot_draws_cost_figure_log_loss_and_per_step_loss(tmp_path, capsys):
     (line,) = [ln for ln in by_bytes.get_lines() if ln.get_color() == colour["NGC (α=1)"]]
     assert list(line.get_xdata()) == [2000 * 25 * e / 1e6 for e in (1, 2, 3, 4)]  # (r1 + r2) x step
     assert "wall time" in by_time.get_xlabel()
+
+
+def test_metric_picks_the_accuracy_column_and_names_it(tmp_path, capsys):
+    """--metric: the consensus model (default), the agents' mean, the worst agent, the mean after the final
+    gossip rounds; the header says which, and runs without final gossip leave the post-gossip cell blank."""
+    from crossgrad.cli import REPORT_METRICS, main
+
+    root = tmp_path / "runs"
+    gossip = [0.83, 0.79]
+    for seed, (a, l, g) in enumerate(zip([0.9, 0.8], [0.7, 0.6], gossip)):
+        _write_run(root / f"s{seed}", "DSGDm-N", seed, a, l)
+        path = root / f"s{seed}" / "summary.json"
+        s = json.loads(path.read_text())
+        s["final"]["final_gossip_acc_mean"] = g
+        path.write_text(json.dumps(s))
+    _write_run(root / "other", "NGC (α=1)", 0, 0.5, 0.4)  # trained without final gossip rounds
+    assert tuple(report.METRICS) == REPORT_METRICS
+    expected = {"consensus": ("cons. acc (%)", [0.9, 0.8]), "local": ("mean local acc (%)", [0.7, 0.6]),
+                "worst": ("worst agent acc (%)", [0.6, 0.5]), "gossip": ("post-gossip acc (%)", gossip)}
+    for metric, (header, values) in expected.items():
+        columns = report.columns_for(metric)
+        rows = report.aggregate(report.collect([root]), columns)
+        key = columns[0][0]
+        assert [c[0] for c in columns].count(key) == 1  # "local" is not shown twice
+        stat = _row(rows, "DSGDm-N").stats[key]
+        assert stat.mean == pytest.approx(statistics.fmean(values)) and stat.n == 2
+        md = report.format_table(rows, "markdown", columns)
+        assert md.splitlines()[0].split(" | ")[4] == header
+        csv_header = report.format_table(rows, "csv", columns).splitlines()[0].split(",")
+        assert csv_header[7] == f"{key}_pct_mean"
+        assert (_row(rows, "NGC (α=1)").stats[key] is None) == (metric == "gossip")
+    assert main(["report", str(root), "--metric", "worst", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "worst agent acc (%)" in out and "'worst agent acc (%)': the worst agent's own model" in out
+    assert "worst agent acc (%)" in (tmp_path / "out" / "report.md").read_text()
+    assert main(["report", str(root), "--out", str(tmp_path / "out")]) == 0
+    assert "cons. acc (%)" in capsys.readouterr().out  # the default is today's column

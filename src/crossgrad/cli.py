@@ -92,10 +92,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return run_sweep(args.file, args.set, jobs=args.jobs, quiet=args.quiet, dry_run=args.dry_run, seeds=seeds)
 
 
+#: `crossgrad report --metric`
+REPORT_METRICS = ("consensus", "local", "worst", "gossip")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from crossgrad.report import report_main
 
-    return report_main(args.dirs, out=args.out)
+    return report_main(args.dirs, out=args.out, metric=args.metric)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -343,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         c.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or folders holding them")
         c.add_argument("--out", help="where to write the files (default: the first DIR)")
+        if name == "report":  # the names of crossgrad.report.table.METRICS (not imported here: it loads torch)
+            c.add_argument("--metric", choices=REPORT_METRICS, default="consensus",
+                           help="the accuracy the first column shows: the consensus model (default), the mean of "
+                                "the agents' local models, the worst agent, or the mean after "
+                                "training.final_gossip_rounds gossip-only rounds")
         c.set_defaults(func=func)
 
     for name, func, what in (

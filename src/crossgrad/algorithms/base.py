@@ -7,7 +7,7 @@ algorithm dataclass is the one source of its hyperparameters and their defaults.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Protocol, get_type_hints
 
@@ -271,6 +271,14 @@ class Algorithm:
         """The agents' models given the engine's rows x [n_local, P] (see Engine.models): x itself by
         default, push-sum's de-biased x / w."""
         return x
+
+    def gossip_only(self, x: Tensor, state: AlgorithmState, mixes: Iterable[Callable[[Tensor], Tensor]]) -> Tensor:
+        """The agents' models after gossip-only rounds from the engine's rows x, one round x <- mix(x) per entry of
+        `mixes` (each a step's wiring.mix), leaving x and state as they are: what training.final_gossip_rounds
+        evaluates. Push-sum gossips its weights along."""
+        for mix in mixes:
+            x = mix(x)
+        return self.models(x, state)
 
     def init_state(self, ctx: CombineContext, device: torch.device) -> AlgorithmState:
         """The state at the first step; every tensor of it on `device`."""

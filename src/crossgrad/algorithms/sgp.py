@@ -28,6 +28,7 @@ weights first instead would start push-sum from weights P 1, for no gain.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -110,3 +111,9 @@ class SGP(Algorithm):
 
     def models(self, x: Tensor, state: PushSumState) -> Tensor:
         return x / state.w
+
+    def gossip_only(self, x: Tensor, state: PushSumState, mixes: Iterable[Callable[[Tensor], Tensor]]) -> Tensor:
+        w = state.w
+        for mix in mixes:
+            x, w = mix(x), mix(w)
+        return x / w

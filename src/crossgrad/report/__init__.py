@@ -25,11 +25,11 @@ from collections.abc import Sequence
 
 from crossgrad.report.plots import DEFAULT_METRICS, plot_alpha_sweep, plot_main
 from crossgrad.report.runs import collect, load_metrics
-from crossgrad.report.table import COLUMNS, Row, Stat, aggregate, format_table, report_main
+from crossgrad.report.table import COLUMNS, METRICS, Row, Stat, aggregate, columns_for, format_table, report_main
 
 __all__ = [
-    "COLUMNS", "Stat", "Row", "collect", "load_metrics", "aggregate", "format_table", "report_main",
-    "plot_main", "plot_alpha_sweep", "main",
+    "COLUMNS", "METRICS", "Stat", "Row", "columns_for", "collect", "load_metrics", "aggregate", "format_table",
+    "report_main", "plot_main", "plot_alpha_sweep", "main",
 ]
 
 
@@ -40,9 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("paths", nargs="+", help="result directories (searched recursively)")
     ap.add_argument("--out", default=None, help="output directory (default: first path)")
     ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
+    ap.add_argument("--metric", choices=list(METRICS), default="consensus", help="the table's accuracy column")
     argv = list(sys.argv[1:] if argv is None else argv)
     what = argv.pop(0) if argv and argv[0] in ("table", "plot") else "table"
     a = ap.parse_args(argv)
     if what == "plot":
         return plot_main(a.paths, a.out, tuple(m for m in a.metrics.split(",") if m))
-    return report_main(a.paths, a.out)
+    return report_main(a.paths, a.out, a.metric)

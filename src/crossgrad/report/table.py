@@ -34,8 +34,9 @@ def _bytes(i: int) -> Callable[[dict], Any]:
     return get
 
 
+Column = tuple[str, str, Callable[[dict], Any], str]
 # (key, text header, extractor from summary, kind) ; kind: "pct" | "bytes" | "num" | "time"
-COLUMNS: list[tuple[str, str, Callable[[dict], Any], str]] = [
+COLUMNS: list[Column] = [
     ("consensus_acc", "cons. acc (%)", final_metric("consensus_acc"), "pct"),
     ("local_acc_mean", "local acc (%)", final_metric("local_acc_mean"), "pct"),
     ("best_consensus_acc", "best cons. acc (%)", lambda s: s.get("best_consensus_acc"), "pct"),
@@ -44,6 +45,25 @@ COLUMNS: list[tuple[str, str, Callable[[dict], Any], str]] = [
     ("grad_evals", "grad evals/step", lambda s: s.get("grad_evals_per_agent_per_step"), "num"),
     ("wall_time_s", "wall time (s)", lambda s: s.get("wall_time_s"), "time"),
 ]
+
+
+#: `crossgrad report --metric`: which model's accuracy the first column shows, as the papers report it:
+#: (column, what it is); the header names it
+METRICS: dict[str, tuple[Column, str]] = {
+    "consensus": (COLUMNS[0], "the consensus model (the exact average of the agents' models)"),
+    "local": (("local_acc_mean", "mean local acc (%)", final_metric("local_acc_mean"), "pct"),
+              "the mean over agents of each agent's own model's accuracy"),
+    "worst": (("local_acc_min", "worst agent acc (%)", final_metric("local_acc_min"), "pct"),
+              "the worst agent's own model"),
+    "gossip": (("final_gossip_acc_mean", "post-gossip acc (%)", final_metric("final_gossip_acc_mean"), "pct"),
+               "the mean local accuracy after training.final_gossip_rounds gossip-only rounds (blank without)"),
+}
+
+
+def columns_for(metric: str = "consensus") -> list[Column]:
+    """COLUMNS with `metric`'s accuracy first (in place of the consensus model's, which is the default)."""
+    first = METRICS[metric][0]
+    return [first, *(c for c in COLUMNS[1:] if c[0] != first[0])]
 
 
 @dataclass
@@ -111,8 +131,8 @@ def _variants(group: list[dict]) -> list[tuple[str, list[dict]]]:
     return out
 
 
-def aggregate(runs: Sequence[dict]) -> list[Row]:
-    """Group runs by (setting, method) and average the completed ones over seeds.
+def aggregate(runs: Sequence[dict], columns: Sequence[Column] = COLUMNS) -> list[Row]:
+    """Group runs by (setting, method) and average the completed ones over seeds, in each of `columns`.
 
     Runs of one method whose configurations differ in more than the seed become separate rows,
     their method labelled with the differing values (e.g. ``NGC (α=0) [lr=0.005]``)."""
@@ -134,7 +154,7 @@ def aggregate(runs: Sequence[dict]) -> list[Row]:
                 st = str(st) if st is not None else "no status"
                 incomplete[st] = incomplete.get(st, 0) + 1
         stats = {}
-        for key, _, get, _kind in COLUMNS:
+        for key, _, get, _kind in columns:
             vals = [number(get(r["summary"])) for r in done]
             stats[key] = mean_std([v for v in vals if v is not None])
         seeds = sorted((r["summary"].get("seed") for r in done), key=lambda x: (x is None, str(x)))
@@ -177,32 +197,32 @@ def _fmt_stat(st: Stat | None, kind: str, n_row: int) -> str:
     return f"{st.mean:.3g}"
 
 
-def _text_cells(row: Row) -> list[str]:
+def _text_cells(row: Row, columns: Sequence[Column]) -> list[str]:
     seeds = ",".join("?" if x is None else str(x) for x in row.seeds)
     cells = [row.setting, row.method, f"{row.n_completed}/{row.n_runs}", seeds]
-    cells += [_fmt_stat(row.stats.get(k), kind, row.n_completed) for k, _, _, kind in COLUMNS]
+    cells += [_fmt_stat(row.stats.get(k), kind, row.n_completed) for k, _, _, kind in columns]
     cells.append("; ".join(row.flags))
     return cells
 
 
-_TEXT_HEADERS = ["setting", "method", "n ok/all", "seeds"] + [h for _, h, _, _ in COLUMNS] + ["flags"]
-_LEFT = {0, 1, 3, len(_TEXT_HEADERS) - 1}  # left-aligned text columns
+def _text_headers(columns: Sequence[Column]) -> list[str]:
+    return ["setting", "method", "n ok/all", "seeds"] + [h for _, h, _, _ in columns] + ["flags"]
 
 
-def _csv_headers() -> list[str]:
+def _csv_headers(columns: Sequence[Column]) -> list[str]:
     hs = ["setting", "method", "n_runs", "n_completed", "n_incomplete", "incomplete", "seeds"]
-    for key, _, _, kind in COLUMNS:
+    for key, _, _, kind in columns:
         unit = "_pct" if kind == "pct" else ""
         hs += [f"{key}{unit}_mean", f"{key}{unit}_std", f"{key}_n"]
     return hs + ["flags"]
 
 
-def _csv_cells(row: Row) -> list:
+def _csv_cells(row: Row, columns: Sequence[Column]) -> list:
     cells: list = [row.setting, row.method, row.n_runs, row.n_completed,
                    sum(row.incomplete.values()),
                    ";".join(f"{st}={c}" for st, c in sorted(row.incomplete.items())),
                    ";".join("?" if x is None else str(x) for x in row.seeds)]
-    for key, _, _, kind in COLUMNS:
+    for key, _, _, kind in columns:
         st = row.stats.get(key)
         if st is None:
             cells += ["", "", 0]
@@ -212,8 +232,8 @@ def _csv_cells(row: Row) -> list:
     return cells + ["; ".join(row.flags)]
 
 
-def format_table(rows: Sequence[Row], fmt: str = "text") -> str:
-    """Render rows as an aligned text table, a Markdown table or CSV.
+def format_table(rows: Sequence[Row], fmt: str = "text", columns: Sequence[Column] = COLUMNS) -> str:
+    """Render rows (aggregated with the same `columns`) as an aligned text table, a Markdown table or CSV.
 
     Accuracies are percentages, mean ± sample std over the completed seeds; "n ok/all" counts
     completed runs over all runs of the group; flags name runs that were not averaged.
@@ -221,27 +241,29 @@ def format_table(rows: Sequence[Row], fmt: str = "text") -> str:
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(_csv_headers())
+        w.writerow(_csv_headers(columns))
         for r in rows:
-            w.writerow(_csv_cells(r))
+            w.writerow(_csv_cells(r, columns))
         return buf.getvalue()
-    body = [_text_cells(r) for r in rows]
+    headers = _text_headers(columns)
+    left = {0, 1, 3, len(headers) - 1}  # left-aligned text columns
+    body = [_text_cells(r, columns) for r in rows]
     if fmt == "markdown":
         def esc(c: str) -> str:
             return c.replace("|", "\\|")
-        lines = ["| " + " | ".join(_TEXT_HEADERS) + " |",
-                 "|" + "|".join(":---" if i in _LEFT else "---:" for i in range(len(_TEXT_HEADERS))) + "|"]
+        lines = ["| " + " | ".join(headers) + " |",
+                 "|" + "|".join(":---" if i in left else "---:" for i in range(len(headers))) + "|"]
         lines += ["| " + " | ".join(esc(c) for c in cells) + " |" for cells in body]
         return "\n".join(lines) + "\n"
     if fmt != "text":
         raise ValueError(f"unknown table format {fmt!r} (expected 'text', 'markdown' or 'csv')")
-    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(_TEXT_HEADERS)]
+    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, h in enumerate(headers)]
 
     def line(cells: list[str]) -> str:
-        out = [c.ljust(w) if i in _LEFT else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        out = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
         return "  ".join(out).rstrip()
 
-    lines = [line(_TEXT_HEADERS), "  ".join("-" * w for w in widths)]
+    lines = [line(headers), "  ".join("-" * w for w in widths)]
     prev = None
     for r, cells in zip(rows, body):
         if prev is not None and r.setting == prev:
@@ -251,20 +273,23 @@ def format_table(rows: Sequence[Row], fmt: str = "text") -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_main(paths: Sequence[str | Path], out: str | Path | None = None) -> int:
+def report_main(paths: Sequence[str | Path], out: str | Path | None = None, metric: str = "consensus") -> int:
     """Print the aggregated table; write report.md and report.csv into ``out``.
 
-    ``out`` defaults to the first path when it is a directory.  Returns 0, or 2 when no run was
-    found.
+    ``out`` defaults to the first path when it is a directory; ``metric`` (a key of METRICS) is the
+    accuracy the first column shows.  Returns 0, or 2 when no run was found.
     """
     paths = as_list(paths)
     runs = collect(paths)
     if not runs:
         return no_runs(paths)
-    rows = aggregate(runs)
+    columns = columns_for(metric)
+    rows = aggregate(runs, columns)
     note = ("accuracies in %, mean ± sample std (ddof=1) over completed seeds; "
             "runs not completed are counted in 'n ok/all' and flagged, not averaged")
-    print(format_table(rows, "text"), end="")
+    if metric != "consensus":
+        note = f"'{columns[0][1]}': {METRICS[metric][1]}; {note}"
+    print(format_table(rows, "text", columns), end="")
     print(f"({len(runs)} runs; {note})")
     bad = [r for row in rows for r in row.runs if r["summary"].get("status") != "completed"]
     for r in bad:
@@ -274,12 +299,12 @@ def report_main(paths: Sequence[str | Path], out: str | Path | None = None) -> i
         make_dir(out_dir)
         md = ["# crossgrad results", "",
               f"Runs: {len(runs)} from {', '.join(f'`{p}`' for p in paths)}.", "",
-              note[0].upper() + note[1:] + ".", "", format_table(rows, "markdown")]
+              note[0].upper() + note[1:] + ".", "", format_table(rows, "markdown", columns)]
         if bad:
             md += ["## Runs not averaged", ""]
             md += [f"- `{r['path']}`: {r['summary'].get('status')}" for r in bad]
             md.append("")
         atomic_write_text(out_dir / "report.md", "\n".join(md))
-        atomic_write_text(out_dir / "report.csv", format_table(rows, "csv"))
+        atomic_write_text(out_dir / "report.csv", format_table(rows, "csv", columns))
         print(f"wrote {out_dir / 'report.md'} and {out_dir / 'report.csv'}")
     return 0

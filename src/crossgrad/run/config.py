@@ -170,6 +170,9 @@ class TrainingConfig:
     #: evaluate on this many test samples (a seeded random subset, the same at every evaluation); None: all
     eval_subset: int | None = None
     eval_at_start: bool = True  # evaluate the initial model (step 0) before training
+    #: after the last step, evaluate every agent again after this many gossip-only rounds x <- P x (no gradient;
+    #: on a time-varying topology the graphs of the steps that would follow); 0: none
+    final_gossip_rounds: int = 0
     log_every: int = 10  # steps between two rows of steps.csv (taken at the next sync point)
     seed: int = 0
     checkpoint_every: int = 1  # epochs; 0 = only on Ctrl-C and at the end
@@ -231,7 +234,7 @@ class Config:
             raise ConfigError(
                 f"training.lr_schedule must be one of {', '.join(SCHEDULES)}, not {tr.lr_schedule!r}"
             )
-        for key in ("warmup_steps", "checkpoint_every", "threads"):
+        for key in ("warmup_steps", "checkpoint_every", "threads", "final_gossip_rounds"):
             if getattr(tr, key) < 0:
                 raise ConfigError(f"training.{key} must be >= 0, not {getattr(tr, key)}")
         if tr.eval_every < 1:

@@ -39,6 +39,9 @@ METRIC_KEYS = (
     "steps_per_s",
     "peak_mem_mb",
 )
+#: keys the last record adds with training.final_gossip_rounds = K > 0 (the agents after K gossip-only rounds)
+FINAL_GOSSIP_KEYS = ("final_gossip_rounds", "final_gossip_acc_mean", "final_gossip_acc_min", "final_gossip_acc_max",
+                     "final_gossip_acc", "final_gossip_consensus_distance")
 #: metrics that depend on the machine and the clock (not compared between runs)
 TIMING_KEYS = ("wall_time_s", "steps_per_s", "peak_mem_mb")
 
@@ -202,6 +205,50 @@ def gather_stats(engine: Any, cluster: Any) -> RunStats | None:
         return None
     total = counters.sum(0).tolist()
     return RunStats(e.stats.steps, len(sent), int(total[0]), sent.cpu(), int(total[1]))
+
+
+def gossiped_models(engine: Any, rounds: int) -> Tensor:
+    """The local agents' models after `rounds` gossip-only rounds x <- P x from the engine's rows, P the run's
+    gossip matrix (1 - gamma) I + gamma W, uncompressed for every algorithm; on a time-varying topology round k
+    uses the graph of step steps + k, the steps that would follow. A collective under torch.distributed.
+
+    The engine is left as it was, its byte counters included: these rounds are not training steps.
+    """
+    e = engine
+    comm = e.comm
+    counters = {k: getattr(comm, k).clone() for k in ("bytes_sent", "wire_bytes") if hasattr(comm, k)}
+    steps = e.stats.steps
+    if e.time_varying:  # the engine builds (and caches) the wiring of each step's graph
+        mixes = (e._wiring_at(steps + k).mix for k in range(rounds))
+    else:
+        mixes = (e.wiring.mix for _ in range(rounds))
+    models = e.algorithm.gossip_only(e.x, e.algo_state, mixes)
+    for k, saved in counters.items():  # one set of counters for all of a run's graphs (Engine._wiring_at)
+        getattr(comm, k).copy_(saved)
+    return models
+
+
+@torch.no_grad()
+def evaluate_after_gossip(engine: Any, p: Any, cluster: Any, rounds: int, batch_size: int) -> dict | None:
+    """Every agent's test accuracy after `rounds` gossip-only rounds (gossiped_models), with their consensus
+    distance, on the main process (None elsewhere); a collective. The consensus model is not re-scored: a
+    doubly stochastic P keeps the agents' mean."""
+    e, x, y = engine, p.x_test, p.y_test
+    models = gossiped_models(e, rounds)
+    correct, _ = score_models(p.model, e.layout, models, e.buffers, x, y, batch_size)
+    per_agent = cluster.gather(correct.double())
+    xs = cluster.gather(models)
+    if per_agent is None:
+        return None
+    acc = (per_agent.cpu() / len(y)).tolist()
+    return {
+        "final_gossip_rounds": rounds,
+        "final_gossip_acc_mean": sum(acc) / len(acc),
+        "final_gossip_acc_min": min(acc),
+        "final_gossip_acc_max": max(acc),
+        "final_gossip_acc": acc,
+        "final_gossip_consensus_distance": float(((xs - xs.mean(0, keepdim=True)) ** 2).sum(1).mean()),
+    }
 
 
 @torch.no_grad()

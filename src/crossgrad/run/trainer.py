@@ -39,7 +39,7 @@ from crossgrad.run.checkpoint import (
 from crossgrad.run.cluster import Interrupt, open_cluster
 from crossgrad.run.config import Config
 from crossgrad.run.data import AgentBatches, Prepared, prepare
-from crossgrad.run.evaluate import TrainTotals, evaluate, gather_stats, peak_memory_mb
+from crossgrad.run.evaluate import TrainTotals, evaluate, evaluate_after_gossip, gather_stats, peak_memory_mb
 from crossgrad.run.rundir import (
     CHECKPOINT,
     METRICS,
@@ -188,7 +188,8 @@ class Trainer:
         if stats is None:
             return None
         cfg = self.cfg
-        final = {k: v for k, v in (self.metrics[-1] if self.metrics else {}).items() if k != "local_acc"}
+        final = {k: v for k, v in (self.metrics[-1] if self.metrics else {}).items()
+                 if k not in ("local_acc", "final_gossip_acc")}
         accs = [m["consensus_acc"] for m in self.metrics if m.get("consensus_acc") is not None]
         stats.steps = self.step  # a diverged run counts the steps before the failing one
         bpas = stats.bytes_per_agent_per_step
@@ -207,6 +208,8 @@ class Trainer:
                 "final": final,
                 "consensus_acc": final.get("consensus_acc"),
                 "local_acc_mean": final.get("local_acc_mean"),
+                "final_gossip_rounds": cfg.training.final_gossip_rounds,
+                "final_gossip_acc_mean": final.get("final_gossip_acc_mean"),
                 "best_consensus_acc": max(accs) if accs else None,
                 "bytes_per_agent_per_step": bpas,
                 "bytes_per_agent_total": [b * self.step for b in bpas],
@@ -240,6 +243,9 @@ class Trainer:
             f"train loss {'-' if tl is None else f'{tl:.4f}'} "
             f"consensus dist {rec['consensus_distance']:.3g}"
         )
+        if "final_gossip_acc_mean" in rec:
+            line += (f"; after {rec['final_gossip_rounds']} gossip rounds: local acc "
+                     f"{100 * rec['final_gossip_acc_mean']:.2f}% (min {100 * rec['final_gossip_acc_min']:.1f})")
         if bar is not None:
             bar.write(line)
         else:
@@ -325,6 +331,11 @@ class Trainer:
                                         loss=f"{float(losses.mean()):.4f}", refresh=False)
                 if evaluate_now:
                     rec = self._evaluate(t0, steps_at_t0)
+                    if self.step == self.total_steps and tr.final_gossip_rounds:
+                        gossiped = evaluate_after_gossip(self.engine, self.p, cluster, tr.final_gossip_rounds,
+                                                         tr.eval_batch_size)
+                        if rec is not None:
+                            rec.update(gossiped)
                     self._logged = (0.0, 0)  # the evaluation restarted the running totals
                     if rec is not None:
                         self.metrics.append(rec)
