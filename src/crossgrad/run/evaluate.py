@@ -209,8 +209,9 @@ def gather_stats(engine: Any, cluster: Any) -> RunStats | None:
 
 def gossiped_models(engine: Any, rounds: int) -> Tensor:
     """The local agents' models after `rounds` gossip-only rounds x <- P x from the engine's rows, P the run's
-    gossip matrix (1 - gamma) I + gamma W, uncompressed for every algorithm; on a time-varying topology round k
-    uses the graph of step steps + k, the steps that would follow. A collective under torch.distributed.
+    gossip matrix (1 - gamma) I + gamma W (gamma as in force at the end), uncompressed for every algorithm; on
+    a time-varying topology round k uses the graph of step steps + k, the steps that would follow. A collective
+    under torch.distributed.
 
     The engine is left as it was, its byte counters included: these rounds are not training steps.
     """
@@ -219,11 +220,11 @@ def gossiped_models(engine: Any, rounds: int) -> Tensor:
     counters = {k: getattr(comm, k).clone() for k in ("bytes_sent", "wire_bytes") if hasattr(comm, k)}
     steps = e.stats.steps
     if e.time_varying:  # the engine builds (and caches) the wiring of each step's graph
-        mixes = (e._wiring_at(steps + k).mix for k in range(rounds))
+        mixes = (e.wirings.at(steps + k, current=e.wiring).mix for k in range(rounds))
     else:
         mixes = (e.wiring.mix for _ in range(rounds))
     models = e.algorithm.gossip_only(e.x, e.algo_state, mixes)
-    for k, saved in counters.items():  # one set of counters for all of a run's graphs (Engine._wiring_at)
+    for k, saved in counters.items():  # one set of counters for all of a run's graphs (RUN_WIDE)
         getattr(comm, k).copy_(saved)
     return models
 
