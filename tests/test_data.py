@@ -1,4 +1,5 @@
 import gzip
+import importlib
 import io
 import struct
 import tarfile
@@ -190,6 +191,106 @@ def test_partition_errors():
         partition(y, 2, "bogus")
     with pytest.raises(PartitionError):
         partition(y, 2, "dirichlet", beta=0)
+
+
+def pcode_dirichlet(y, n_agents, alpha, seed):
+    """The pcode partitioner as the issue describes it, written out loop by loop (an independent re-derivation)."""
+    rs = np.random.RandomState(seed)
+    rows = np.stack([np.arange(len(y)), y], axis=1)
+    rs.shuffle(rows)  # shuffle (index, label) pairs, as the reference does
+    n_groups = -(-n_agents // 10)
+    lists = []
+    start = 0
+    for g in range(n_groups):
+        m = min(10, n_agents - 10 * g)
+        stop = len(y) if g == n_groups - 1 else start + int(10 / n_agents * len(y))
+        chunk = rows[start:stop]
+        start = stop
+        smallest = 0
+        while smallest < int(0.5 * len(chunk) / m):
+            agents = [[] for _ in range(m)]
+            for c in range(int(y.max()) + 1):
+                of_c = [int(i) for i, label in chunk if label == c]
+                p = rs.dirichlet([alpha] * m)
+                p = np.array([p[a] if len(agents[a]) < len(chunk) / m else 0.0 for a in range(m)])
+                if p.sum() == 0:
+                    continue
+                ends = [int(v) for v in np.cumsum(p / p.sum()) * len(of_c)]
+                begin = 0
+                for a in range(m):
+                    end = len(of_c) if a == m - 1 else ends[a]
+                    agents[a] += of_c[begin:end]
+                    begin = max(begin, end)
+            smallest = min(len(a) for a in agents)
+        lists += agents
+    flat = [i for a in lists for i in a]
+    out, total = [], len(flat)
+    for a in range(n_agents):  # contiguous slices; the first N mod n take one sample more (as relaysgd cuts)
+        size = total // n_agents + (a < total % n_agents)
+        out.append(sorted(flat[:size]))
+        flat = flat[size:]
+    return out
+
+
+@pytest.mark.parametrize("n_samples,n_agents,alpha,seed", [(600, 4, 0.3, 0), (1000, 16, 0.1, 12), (999, 25, 1.0, 3)])
+def test_dirichlet_even_is_the_pcode_partition(n_samples, n_agents, alpha, seed):
+    y = np.random.default_rng(seed).integers(0, 10, n_samples)
+    parts = partition(y, n_agents, "dirichlet_even", seed, beta=alpha)
+    assert [p.tolist() for p in parts] == pcode_dirichlet(y, n_agents, alpha, seed)
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == n_samples  # N/n each (999 = 24 x 40 + 39)
+    assert torch.equal(torch.cat(parts).sort().values, torch.arange(n_samples))
+    again = partition(y, n_agents, "dirichlet_even", seed, beta=alpha)
+    assert all(torch.equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = partition(y, n_agents, "dirichlet_even", seed + 1, beta=alpha)
+    assert any(not torch.equal(a, b) for a, b in zip(parts, other))
+
+
+def test_dirichlet_even_skews_classes_and_refuses_the_impossible(monkeypatch):
+    y = np.repeat(np.arange(10), 100)
+    skewed = class_histogram(y, partition(y, 10, "dirichlet_even", 0, beta=0.05), 10)
+    even = class_histogram(y, partition(y, 10, "dirichlet_even", 0, beta=1000.0), 10)
+    assert (skewed.sum(1) == 100).all() and (even.sum(1) == 100).all()
+    # an agent's largest class: about half its data at beta 0.05, near the 1/10 of a uniform mix at beta 1000
+    assert skewed.max(1).values.float().mean() > 40 and (even.max(1).values < 25).all()
+    monkeypatch.setattr(importlib.import_module("crossgrad.data.partition"), "_MAX_DRAWS", 50)  # (10000: 1 s)
+    with pytest.raises(PartitionError, match="dirichlet_even: 50 draws.*larger beta"):
+        partition(np.zeros(40, np.int64), 4, "dirichlet_even", 0, beta=0.01)  # one class: no draw is balanced
+    for beta in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(PartitionError, match="dirichlet_even beta must be a positive number"):
+            partition(y, 2, "dirichlet_even", beta=beta)
+    assert len(partition(y, 3, "dirichlet_even", 2**40)) == 3  # seeds past RandomState's 32 bits
+
+
+@pytest.mark.parametrize("n_agents,k", [(8, 4), (5, 2), (3, 10), (12, 1)])
+def test_classes_gives_every_agent_exactly_k_classes(n_agents, k):
+    y = torch.arange(1200) % 10
+    parts = partition(y, n_agents, "classes", seed=4, classes_per_agent=k)
+    assert torch.equal(torch.cat(parts).sort().values, torch.arange(1200))
+    hist = class_histogram(y, parts, 10)
+    assert ((hist > 0).sum(1) == k).all()
+    holders = (hist > 0).sum(0)
+    assert holders.min() == n_agents * k // 10 and holders.max() == -(-n_agents * k // 10)
+    for c in range(10):  # a class's 120 samples split evenly among its holders
+        shares = hist[:, c][hist[:, c] > 0]
+        assert shares.sum() == 120 and shares.max() - shares.min() <= 1
+    again = partition(y, n_agents, "classes", seed=4, classes_per_agent=k)
+    assert all(torch.equal(a, b) for a, b in zip(parts, again))
+
+
+def test_classes_errors():
+    y = torch.arange(100) % 10
+    with pytest.raises(PartitionError, match="classes_per_agent=11 exceeds the 10 classes"):
+        partition(y, 2, "classes", classes_per_agent=11)
+    with pytest.raises(PartitionError, match="4 agents x classes_per_agent=2 cover only 8 of the 10 classes"):
+        partition(y, 4, "classes", classes_per_agent=2)
+    with pytest.raises(PartitionError, match="class 0 has 10 samples for the 20 agents"):
+        partition(y, 20, "classes", classes_per_agent=10)
+    with pytest.raises(PartitionError, match="needs classes_per_agent"):
+        partition(y, 2, "classes")
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(PartitionError, match="classes_per_agent must be a positive integer"):
+            partition(y, 2, "classes", classes_per_agent=bad)
 
 
 def test_augment_is_seeded_and_correct():

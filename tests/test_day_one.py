@@ -170,6 +170,26 @@ def test_partition_prints_the_class_histogram(capsys):
     assert main(["partition", "--set", "data.name=nope"]) == 2
 
 
+def test_partition_shows_dirichlet_even_and_classes(capsys):
+    def rows(out: str) -> list[list[int]]:  # the histogram's per-class counts and the total, one row per agent
+        return [[int(v) for v in line.replace("|", " ").split()[1:]] for line in out.splitlines()[3:]]
+
+    assert main(["partition", "--set", "data.partition=dirichlet_even", "--set", "data.beta=0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "digits/dirichlet_even-0.1/ring-5" in out
+    totals = [r[-1] for r in rows(out)]
+    assert len(totals) == 5 and max(totals) - min(totals) <= 1  # N/n each
+    assert main(["partition", "--set", "data.partition=classes", "--set", "data.classes_per_agent=3"]) == 0
+    out = capsys.readouterr().out
+    assert "digits/classes-3/ring-5" in out
+    assert [sum(v > 0 for v in r[:-1]) for r in rows(out)] == [3] * 5
+    assert main(["partition", "--set", "data.partition=classes"]) == 2
+    assert "needs data.classes_per_agent" in capsys.readouterr().err
+    assert main(["partition", "--set", "data.partition=classes", "--set", "data.classes_per_agent=11"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "crossgrad: error: classes_per_agent=11 exceeds the 10 classes" in err
+
+
 def test_every_bench_flag_is_described(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])

@@ -142,9 +142,9 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     d = cfg.data
-    train, _ = load_dataset(d.name, d.data_dir)
+    train, _ = load_dataset(d.name, d.data_dir, **d.loader_options())
     parts = partition(train.y, cfg.topology.n_agents, d.partition, cfg.training.seed, beta=d.beta,
-                      shards_per_agent=d.shards_per_agent)
+                      shards_per_agent=d.shards_per_agent, classes_per_agent=d.classes_per_agent)
     print(f"{cfg.setting} (seed {cfg.training.seed}): training samples of each class per agent")
     print(format_histogram(class_histogram(train.y, parts, train.num_classes), train.classes))
     return 0

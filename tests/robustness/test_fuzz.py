@@ -47,12 +47,14 @@ def test_topology_factory(name, n, kw):
 
 
 @FUZZ
-@given(st.integers(1, 60), st.integers(-1, 70), st.sampled_from(["iid", "label_sorted", "dirichlet", "shards", "?"]),
+@given(st.integers(1, 60), st.integers(-1, 70),
+       st.sampled_from(["iid", "label_sorted", "dirichlet", "shards", "classes", "?"]),
        st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0.01, 10)), st.integers(-1, 5))
 def test_partitions(n_samples, n_agents, method, beta, shards):
     labels = torch.arange(n_samples) % 7
     try:
-        parts = partition(labels, n_agents, method, seed=0, beta=beta, shards_per_agent=shards)
+        parts = partition(labels, n_agents, method, seed=0, beta=beta, shards_per_agent=shards,
+                          classes_per_agent=shards)
     except PartitionError:
         return
     assert len(parts) == n_agents and all(len(p) > 0 for p in parts)

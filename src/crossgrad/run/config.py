@@ -5,11 +5,13 @@ A config file has the sections below (every key optional; defaults shown by `Con
     backend = "sim"                 # "sim" (in-process simulator) or "dist" (torch.distributed)
 
     [data]
-    name = "digits"                 # digits | mnist | fashion-mnist | cifar10 | synthetic ...
+    name = "digits"                 # digits | mnist | fashion-mnist | cifar10 | cifar100 | imagenette | synthetic
     data_dir = "shared/data/mnist"  # where the files are (not needed for digits)
-    partition = "label_sorted"      # label_sorted | iid | dirichlet | shards
-    beta = 0.5                      # Dirichlet concentration
+    image_size = 32                 # imagenette: side of the square images in pixels (32 unless set)
+    partition = "label_sorted"      # label_sorted | iid | dirichlet | dirichlet_even | shards | classes
+    beta = 0.5                      # Dirichlet concentration (dirichlet, dirichlet_even)
     shards_per_agent = 2            # shards partition
+    classes_per_agent = 4           # classes partition (required there): each agent holds exactly this many
     augment = false                 # random crop + flip (image datasets)
 
     [model]
@@ -98,7 +100,15 @@ class DataConfig:
     partition: str = "label_sorted"
     beta: float = 0.5
     shards_per_agent: int = 2
+    #: the `classes` partition's k (no default: it is the setting); unset for the other partitions
+    classes_per_agent: int | None = None
     augment: bool = False
+    #: imagenette's image side in pixels (its loader's default, 32, when unset)
+    image_size: int | None = None
+
+    def loader_options(self) -> dict[str, Any]:
+        """The keyword arguments for crossgrad.data.load_dataset that this section sets."""
+        return {} if self.image_size is None else {"image_size": self.image_size}
 
 
 @dataclass
@@ -218,10 +228,16 @@ class Config:
         d, t, tr = self.data, self.topology, self.training
         if d.partition not in PARTITIONS:
             raise ConfigError(f"data.partition must be one of {', '.join(PARTITIONS)}, not {d.partition!r}")
-        if d.partition == "dirichlet" and not (d.beta > 0 and math.isfinite(d.beta)):
+        if d.partition in ("dirichlet", "dirichlet_even") and not (d.beta > 0 and math.isfinite(d.beta)):
             raise ConfigError(f"data.beta must be a positive number, not {d.beta}")
         if d.partition == "shards" and d.shards_per_agent < 1:
             raise ConfigError(f"data.shards_per_agent must be >= 1, not {d.shards_per_agent}")
+        if d.partition == "classes" and d.classes_per_agent is None:
+            raise ConfigError('data.partition = "classes" needs data.classes_per_agent (the classes each agent holds)')
+        if d.classes_per_agent is not None and d.classes_per_agent < 1:
+            raise ConfigError(f"data.classes_per_agent must be >= 1, not {d.classes_per_agent}")
+        if d.image_size is not None and d.image_size < 1:
+            raise ConfigError(f"data.image_size must be >= 1, not {d.image_size}")
         if t.n_agents < 1:
             raise ConfigError(f"topology.n_agents must be >= 1, not {t.n_agents}")
         if tr.batch_size < 1:
@@ -373,10 +389,12 @@ def _algorithm_label(cfg: Config) -> str:
 def setting_label(cfg: Config) -> str:
     """E.g. "digits/label_sorted/ring-5" (Dirichlet adds its beta)."""
     part = cfg.data.partition
-    if part == "dirichlet":
+    if part in ("dirichlet", "dirichlet_even"):
         part += f"-{_fmt_num(cfg.data.beta)}"
     elif part == "shards":
         part += f"-{cfg.data.shards_per_agent}"
+    elif part == "classes":
+        part += f"-{cfg.data.classes_per_agent}"
     return f"{cfg.data.name}/{part}/{cfg.topology.name}-{cfg.topology.n_agents}"
 
 

@@ -57,9 +57,10 @@ def prepare(cfg: Config, device: torch.device, quiet: bool = False) -> Prepared:
     algorithm.check_topology(topo)
     algorithm.check_mixing(topo.at(0) if is_time_varying(topo) else topo)
     d = cfg.data
-    train, test = load_dataset(d.name, d.data_dir, progress=not quiet)
+    train, test = load_dataset(d.name, d.data_dir, progress=not quiet, **d.loader_options())
     shards = partition(
-        train.y, topo.n, d.partition, cfg.training.seed, beta=d.beta, shards_per_agent=d.shards_per_agent
+        train.y, topo.n, d.partition, cfg.training.seed, beta=d.beta, shards_per_agent=d.shards_per_agent,
+        classes_per_agent=d.classes_per_agent,
     )
     if cfg.training.batch_size > len(train.y):
         raise ConfigError(
