@@ -1,6 +1,7 @@
 import gzip
 import importlib
 import io
+import pickle
 import struct
 import tarfile
 from pathlib import Path
@@ -313,3 +314,152 @@ def test_normalize():
     x = torch.full((2, 1, 2, 2), 255, dtype=torch.uint8)
     out = normalize(x, ((0.5,), (0.25,)))
     assert out.dtype == torch.float32 and torch.allclose(out, torch.full_like(out, 2.0))
+
+
+# ------------------------------------------------------------------------------ CIFAR-100 and Imagenette
+def write_cifar100(root: Path, n_train=6, n_test=4) -> tuple[np.ndarray, list[int]]:
+    """The official layout (cifar-100-python/{train,test,meta}) with tiny batches; returns train's data and labels."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    out = None
+    for split, n in (("train", n_train), ("test", n_test)):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        fine = [int(v) for v in rng.integers(0, 100, n)]
+        (folder / split).write_bytes(pickle.dumps({b"filenames": [b"x.png"] * n, b"batch_label": b"b",
+                                                  b"fine_labels": fine, b"coarse_labels": [v // 5 for v in fine],
+                                                  b"data": data}, protocol=2))
+        out = out or (data, fine)
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+                                                b"coarse_label_names": [f"s{i}".encode() for i in range(20)]}))
+    return out
+
+
+def test_cifar100_reads_the_official_batches_with_fine_labels(tmp_path):
+    data, fine = write_cifar100(tmp_path)
+    train, test = load_dataset("cifar100", tmp_path)
+    assert train.x.shape == (6, 3, 32, 32) and len(test) == 4 and train.num_classes == 100
+    assert train.classes[:2] == ["c0", "c1"] and train.y.tolist() == fine
+    # row-major 3072 bytes: the 1024 red values, then green, then blue, each 32 rows of 32
+    assert train.x[1, 2, 3, 4] == data[1, 2048 + 3 * 32 + 4] and train.x[0, 0, 0, 31] == data[0, 31]
+    assert load_dataset("cifar-100", tmp_path / "cifar-100-python")[0].y.tolist() == fine  # the folder itself
+
+
+def test_cifar100_refuses_bad_files_without_running_them(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    with pytest.raises(DataError, match="cifar-100-python/.train,test,meta. .official python batches. not found"):
+        load_dataset("cifar100", tmp_path)
+    write_cifar100(tmp_path)
+    folder = tmp_path / "cifar-100-python"
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": Evil()}))
+    with pytest.raises(DataError, match="meta: not a readable CIFAR-100 meta file .*refusing to load"):
+        load_dataset("cifar100", tmp_path)
+    assert not (tmp_path / "pwned").exists()
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"a"] * 20}))
+    with pytest.raises(DataError, match="meta: not a CIFAR-100 meta file"):
+        load_dataset("cifar100", tmp_path)
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"a"] * 100}))
+    (folder / "test").write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [100]}))
+    with pytest.raises(DataError, match="test: label out of range 0..99"):
+        load_dataset("cifar100", tmp_path)
+    (folder / "test").write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [1]}))
+    with pytest.raises(DataError, match="test: not a readable CIFAR-100 batch .KeyError"):
+        load_dataset("cifar100", tmp_path)
+    (folder / "train").write_bytes(b"\x80\x02truncated")
+    with pytest.raises(DataError, match="train: not a readable CIFAR-100 batch"):
+        load_dataset("cifar100", tmp_path)
+
+
+def write_imagenette(root: Path) -> Path:
+    """train/ and val/ with two WordNet-id class folders of tiny JPEGs; the tench images are 40x20 and striped
+    red | green (the middle half) | blue, the springer images solid grey."""
+    from PIL import Image
+
+    folder = root / "imagenette2-160"
+    stripes = np.zeros((20, 40, 3), np.uint8)
+    stripes[:, :10, 0] = stripes[:, 10:30, 1] = stripes[:, 30:, 2] = 255
+    for split, n in (("train", 3), ("val", 1)):
+        grey = Image.new("RGB", (24, 30), (128, 128, 128))
+        for wnid, img in (("n01440764", Image.fromarray(stripes)), ("n02102040", grey)):
+            (folder / split / wnid).mkdir(parents=True)
+            for k in range(n):
+                img.save(folder / split / wnid / f"{k}.JPEG", quality=95)
+    (folder / "train" / "n01440764" / "notes.txt").write_text("not an image: ignored")
+    return folder
+
+
+def test_imagenette_decodes_resizes_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("CROSSGRAD_CACHE", str(tmp_path / "cache"))
+    folder = write_imagenette(tmp_path)
+    train, test = load_dataset("imagenette", tmp_path, image_size=8)
+    assert train.x.shape == (6, 3, 8, 8) and train.x.dtype == torch.uint8 and test.x.shape == (2, 3, 8, 8)
+    assert train.y.tolist() == [0, 0, 0, 1, 1, 1] and test.y.tolist() == [0, 1]
+    assert train.classes == ["tench", "English springer"]
+    # shorter side to 8, then the centre 8x8: of the striped 40x20 image, the green middle half only
+    tench = train.x[0].int()
+    assert (tench[1] > 200).all() and (tench[0] < 60).all() and (tench[2] < 60).all()
+    assert ((train.x[3].int() - 128).abs() <= 3).all()
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    datasets = importlib.import_module("crossgrad.data.datasets")
+    with monkeypatch.context() as m:
+        m.setattr(datasets, "_open_rgb", lambda *a: pytest.fail("decoded again"))
+        cached = load_dataset("imagenette", tmp_path, image_size=8)  # the cache, not one JPEG opened
+        assert torch.equal(cached[0].x, train.x) and torch.equal(cached[1].y, test.y)
+        (folder / "train" / "n01440764" / "0.JPEG").unlink()
+        with pytest.raises(pytest.fail.Exception, match="decoded again"):  # a changed tree is never served stale
+            load_dataset("imagenette", tmp_path, image_size=8)
+    again = load_dataset("imagenette", tmp_path, image_size=8)
+    assert len(again[0]) == 5 and len(list((tmp_path / "cache").iterdir())) == 2
+    for f in (tmp_path / "cache").iterdir():
+        f.write_bytes(b"broken")  # a broken cache is rebuilt
+    assert torch.equal(load_dataset("imagenette", folder, image_size=8)[0].x, again[0].x)
+    big = load_dataset("imagenette", tmp_path, image_size=24)[0]
+    assert big.x.shape == (5, 3, 24, 24)
+
+
+def test_imagenette_refuses_bad_trees_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("CROSSGRAD_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="imagenette: no folder with train/ and val/"):
+        load_dataset("imagenette", tmp_path)
+    folder = write_imagenette(tmp_path)
+    for bad in (0, -3, 2.5, True, "big"):
+        with pytest.raises(DataError, match="image_size must be a positive integer"):
+            load_dataset("imagenette", tmp_path, image_size=bad)
+    with pytest.raises(DataError, match="takes only the option image_size"):
+        load_dataset("imagenette", tmp_path, size=8)
+    with pytest.raises(DataError, match="cifar10 takes no options"):
+        load_dataset("cifar10", tmp_path, image_size=8)
+    (folder / "val" / "n09999999").mkdir()
+    with pytest.raises(DataError, match="n09999999: class folder not in the training split"):
+        load_dataset("imagenette", tmp_path)
+    (folder / "val" / "n09999999").rmdir()
+    (folder / "train" / "n03000684").mkdir()
+    with pytest.raises(DataError, match="n03000684: holds no .JPEG"):
+        load_dataset("imagenette", tmp_path)
+    (folder / "train" / "n03000684" / "0.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    with pytest.raises(DataError, match=r"n03000684/0.JPEG: JPEG cannot be decoded") as e:
+        load_dataset("imagenette", tmp_path)
+    assert "\n" not in str(e.value)
+    good = (folder / "train" / "n01440764" / "0.JPEG").read_bytes()
+    (folder / "train" / "n03000684" / "0.JPEG").write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(DataError, match=r"n03000684/0.JPEG: JPEG cannot be decoded"):
+        load_dataset("imagenette", tmp_path)
+
+
+@pytest.mark.parametrize("name,extra", [("cifar100", []), ("imagenette", ["data.image_size=16"])])
+def test_new_datasets_train_with_crossgrad_run(tmp_path, monkeypatch, name, extra):
+    from crossgrad.run import run_experiment
+    from crossgrad.run.config import load_config
+
+    monkeypatch.setenv("CROSSGRAD_CACHE", str(tmp_path / "cache"))
+    (write_cifar100 if name == "cifar100" else write_imagenette)(tmp_path / "data")
+    cfg = load_config(None, [f"data.name={name}", f'data.data_dir="{tmp_path / "data"}"', "data.augment=true",
+                             "data.partition=iid", "topology.n_agents=2", "training.batch_size=2",
+                             "training.steps=2", "training.threads=1", "model.name=mlp",
+                             f'output.out_dir="{tmp_path / "runs"}"', *extra])
+    result = run_experiment(cfg, quiet=True)
+    assert result.summary["status"] == "completed"
+    assert 0 <= result.summary["final"]["consensus_acc"] <= 1

@@ -9,6 +9,8 @@ _STATS = {
     "mnist": ((0.1307,), (0.3081,)),
     "fashion_mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenette": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's, as Imagenette code uses
     "synthetic": ((0.0,), (1.0,)),
 }
 
@@ -61,8 +63,8 @@ class Augment:
 
     @classmethod
     def for_dataset(cls, name: str) -> Augment:
-        """Crop + flip for natural images (CIFAR-10); a small crop only for digits, never a flip."""
-        if name.lower().replace("-", "") == "cifar10":
+        """Crop + flip for natural images (CIFAR-10/100, Imagenette); a small crop only for digits, never a flip."""
+        if name.lower().replace("-", "") in ("cifar10", "cifar100", "imagenette"):
             return cls(4, True)
         return cls(2, False)
 

@@ -235,19 +235,31 @@ class _BatchUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _unpickle_data(path: Path, what: str) -> dict:
+    """A CIFAR pickle's dict, loaded by _BatchUnpickler (no code runs); any failure is a one-line DataError."""
     try:
         with open(path, "rb") as f:
             d = _BatchUnpickler(f, encoding="bytes").load()
-        data = np.asarray(d[b"data"], dtype=np.uint8)
-        labels = np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:  # noqa: BLE001 - a hostile pickle can raise almost anything (even MemoryError
         # for a huge declared length); for a 30 MB batch file, every one of them means "bad file"
-        raise DataError(f"{path}: not a readable CIFAR-10 batch ({type(e).__name__}: {e})") from None
-    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
-        raise DataError(f"{path}: unexpected CIFAR-10 batch shape {data.shape}")
-    if len(labels) and (labels.min() < 0 or labels.max() > 9):
-        raise DataError(f"{path}: label out of range 0..9")
+        raise DataError(f"{path}: not a readable {what} ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: not a readable {what} (holds a {type(d).__name__}, not a dict)")
+    return d
+
+
+def _read_cifar_batch(path: Path, labels_key: bytes = b"labels", num_classes: int = 10,
+                      what: str = "CIFAR-10") -> tuple[np.ndarray, np.ndarray]:
+    d = _unpickle_data(path, f"{what} batch")
+    try:
+        data = np.asarray(d[b"data"], dtype=np.uint8)
+        labels = np.asarray(d[labels_key], dtype=np.int64)
+    except Exception as e:  # noqa: BLE001 - missing keys, ragged or non-numeric contents: all "bad file"
+        raise DataError(f"{path}: not a readable {what} batch ({type(e).__name__}: {e})") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(data) != len(labels):
+        raise DataError(f"{path}: unexpected {what} batch shape {data.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{path}: label out of range 0..{num_classes - 1}")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -261,17 +273,59 @@ def _load_cifar_py(folder: Path) -> tuple[Dataset, Dataset]:
             Dataset(torch.from_numpy(test[0].copy()), torch.from_numpy(test[1]), classes, "cifar10"))
 
 
+# ------------------------------------------------------------------------------------------------
+# CIFAR-100: official python batches (train, test, meta), fine labels
+# ------------------------------------------------------------------------------------------------
+
+CIFAR100_PY_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+
+
+def _read_cifar100_names(path: Path) -> list[str]:
+    d = _unpickle_data(path, "CIFAR-100 meta file")
+    names = d.get(b"fine_label_names")
+    if not isinstance(names, list) or len(names) != 100 or not all(isinstance(v, (bytes, str)) for v in names):
+        raise DataError(f"{path}: not a CIFAR-100 meta file (no list of 100 fine_label_names)")
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in names]
+
+
+def _load_cifar100(root: Path, download: bool) -> tuple[Dataset, Dataset]:
+    folder = next((f for f in (root / "cifar-100-python", root) if (f / "meta").is_file()), None)
+    if folder is None and download:
+        archive = root / "cifar-100-python.tar.gz"
+        _download([CIFAR100_URL], archive, CIFAR100_PY_MD5)
+        _safe_extract(archive, root)
+        folder = root / "cifar-100-python"
+    if folder is None:
+        raise DataError(f"cifar100: cifar-100-python/{{train,test,meta}} (official python batches) not found under "
+                        f"{root}; point data.data_dir at them (or fetch them with "
+                        "crossgrad.data.load_dataset('cifar100', DIR, download=True))")
+    classes = _read_cifar100_names(folder / "meta")
+    out = []
+    for split in ("train", "test"):
+        x, y = _read_cifar_batch(folder / split, b"fine_labels", 100, "CIFAR-100")
+        out.append(Dataset(torch.from_numpy(x.copy()), torch.from_numpy(y), classes, "cifar100"))
+    return out[0], out[1]
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("CROSSGRAD_CACHE", Path.home() / ".cache" / "crossgrad"))
 
 
-def _decode_jpeg(data: bytes, where: str) -> np.ndarray:
+def _open_rgb(source: bytes | Path, where: str):
+    """A decoded RGB PIL image; a file that is not an image (or a decompression bomb) is a DataError."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        img.load()
+        return img.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise DataError(f"{where}: JPEG cannot be decoded ({e})") from None
+
+
+def _decode_jpeg(data: bytes, where: str) -> np.ndarray:
+    img = np.asarray(_open_rgb(data, where))
     if img.shape != (32, 32, 3):
         raise DataError(f"{where}: image is {img.shape}, expected 32x32 RGB")
     return img
@@ -366,6 +420,95 @@ def _load_cifar10(root: Path, download: bool, verify: bool, progress: bool) -> t
 
 
 # ------------------------------------------------------------------------------------------------
+# Imagenette: an ImageFolder tree (train/ and val/, one folder per class), resized and cached
+# ------------------------------------------------------------------------------------------------
+
+IMAGENETTE_DIRS = ("imagenette2-320", "imagenette2-160", "imagenette2", "imagenette")
+_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+#: the readable names of Imagenette's ten ImageNet classes (its folders are WordNet ids)
+_IMAGENETTE_NAMES = {
+    "n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
+    "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn", "n03417042": "garbage truck",
+    "n03425413": "gas pump", "n03445777": "golf ball", "n03888605": "parachute",
+}
+
+
+def _image_folder(split_dir: Path, classes: list[str] | None) -> tuple[list[str], list[Path], list[int]]:
+    """(class folders, image files, labels) of one split, in sorted order; `classes` fixes the train split's."""
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise DataError(f"{split_dir}: no class folders")
+    if classes is None:
+        classes = found
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise DataError(f"{split_dir / unknown[0]}: class folder not in the training split")
+    files, labels = [], []
+    for c in found:
+        imgs = sorted(f for f in (split_dir / c).iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES)
+        if not imgs:
+            raise DataError(f"{split_dir / c}: holds no .JPEG, .jpg or .png image")
+        files += imgs
+        labels += [classes.index(c)] * len(imgs)
+    return classes, files, labels
+
+
+def _square(img, size: int) -> np.ndarray:
+    """The shorter side resized to `size` (bilinear, antialiased), then the centre size x size crop: HWC uint8."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    w2, h2 = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((w2, h2), Image.Resampling.BILINEAR)
+    left, top = (w2 - size) // 2, (h2 - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def _load_imagenette(root: Path, image_size: int, progress: bool) -> tuple[Dataset, Dataset]:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"imagenette: image_size must be a positive integer, not {image_size!r}")
+    folder = next((f for f in [root / d for d in IMAGENETTE_DIRS] + [root]
+                   if (f / "train").is_dir() and (f / "val").is_dir()), None)
+    if folder is None:
+        raise DataError(f"imagenette: no folder with train/ and val/ (one subfolder per class) among "
+                        f"{', '.join(str(root / d) for d in IMAGENETTE_DIRS)}, {root}; point data.data_dir at it")
+    classes, train_files, train_labels = _image_folder(folder / "train", None)
+    _, test_files, test_labels = _image_folder(folder / "val", classes)
+    names = [_IMAGENETTE_NAMES.get(c, c) for c in classes]
+    # the cache is keyed by every file's path, size and mtime (cheap to read, changes when the tree does)
+    # and by the image size; hashing 1.5 GB of JPEGs on every start would cost more than it protects
+    h = hashlib.md5(f"imagenette v1 {image_size}\n".encode())
+    for f in train_files + test_files:
+        st = f.stat()
+        h.update(f"{f.relative_to(folder)} {st.st_size} {st.st_mtime_ns}\n".encode())
+    cache = _cache_dir() / f"imagenette-{image_size}px-{h.hexdigest()}.pt"
+    if cache.is_file():
+        try:
+            d = torch.load(cache, weights_only=True)
+            return (Dataset(d["x_train"], d["y_train"], names, "imagenette"),
+                    Dataset(d["x_test"], d["y_test"], names, "imagenette"))
+        except Exception:  # a broken cache is rebuilt, never trusted
+            pass
+    from tqdm import tqdm
+
+    def decode(files: list[Path], labels: list[int], split: str) -> Dataset:
+        x = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
+        for i, f in enumerate(tqdm(files, desc=f"decoding imagenette {split}", unit="img", leave=False,
+                                   disable=not progress or len(files) < 1000)):
+            x[i] = _square(_open_rgb(f, str(f)), image_size)
+        return Dataset(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels, dtype=torch.long),
+                       names, "imagenette")
+
+    train, test = decode(train_files, train_labels, "train"), decode(test_files, test_labels, "val")
+    with contextlib.suppress(OutputError):  # no writable cache (or a link planted in it): decode again next time
+        atomic_write(make_dir(cache.parent) / cache.name,
+                     lambda f: torch.save({"x_train": train.x, "y_train": train.y, "x_test": test.x,
+                                           "y_test": test.y}, f))
+    return train, test
+
+
+# ------------------------------------------------------------------------------------------------
 # embedded and synthetic data
 # ------------------------------------------------------------------------------------------------
 
@@ -452,8 +595,9 @@ def _safe_extract(archive: Path, root: Path) -> None:
 # registry
 # ------------------------------------------------------------------------------------------------
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "digits", "synthetic")
-_ALIASES = {"fashion-mnist": "fashion_mnist", "fashionmnist": "fashion_mnist", "cifar-10": "cifar10"}
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagenette", "digits", "synthetic")
+_ALIASES = {"fashion-mnist": "fashion_mnist", "fashionmnist": "fashion_mnist", "cifar-10": "cifar10",
+            "cifar-100": "cifar100"}
 
 
 def available_datasets() -> list[str]:
@@ -462,20 +606,27 @@ def available_datasets() -> list[str]:
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = False, verify: bool = True,
                  progress: bool = True, **options) -> tuple[Dataset, Dataset]:
-    """(train, test) of a named dataset. `synthetic` takes make_synthetic's options.
+    """(train, test) of a named dataset. `synthetic` takes make_synthetic's options, `imagenette` an
+    `image_size` (the side of its square images in pixels, 32 by default; the GUT setting uses 224).
 
-    `progress=False` silences the bar of the one slow step, decoding the CIFAR-10 JPEG tarball on first use.
+    `progress=False` silences the bar of the slow step, decoding JPEGs (CIFAR-10's tarball, Imagenette) on first use.
     """
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     if key == "synthetic":
         return make_synthetic(**options)
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    if key == "imagenette":
+        if set(options) - {"image_size"}:
+            raise DataError(f"imagenette takes only the option image_size, got {sorted(options)}")
+        return _load_imagenette(root, options.get("image_size", 32), progress)
     if options:
         raise DataError(f"{key} takes no options, got {sorted(options)}")
     if key == "digits":
         return _load_digits()
-    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    if key == "cifar100":
+        return _load_cifar100(root, download)
     if key == "cifar10":
         return _load_cifar10(root, download, verify, progress)
     return _load_idx(key, root, download, verify)
