@@ -188,6 +188,10 @@ def test_partition_shows_dirichlet_even_and_classes(capsys):
     assert main(["partition", "--set", "data.partition=classes", "--set", "data.classes_per_agent=11"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "crossgrad: error: classes_per_agent=11 exceeds the 10 classes" in err
+    for bad, msg in (("data.classes_per_agent=0", "data.classes_per_agent must be >= 1"),
+                     ("data.image_size=0", "data.image_size must be >= 1")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, [bad])
 
 
 def test_every_bench_flag_is_described(capsys):

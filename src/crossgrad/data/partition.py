@@ -90,11 +90,15 @@ def _by_classes(y: np.ndarray, n_agents: int, k: int, rng: np.random.Generator) 
     if n_agents * k < c:
         raise PartitionError(f"{n_agents} agents x classes_per_agent={k} cover only {n_agents * k} of the {c} "
                              "classes; use more agents or more classes per agent")
-    # agent a takes k consecutive places of a seeded cyclic order of the classes: its k classes are distinct
-    # (k <= c) and every class goes to floor(nk/c) or ceil(nk/c) agents; the windows are dealt to the agents
-    # in a seeded order, so that agents with overlapping classes are not neighbours by index (on a ring)
-    cyclic = rng.permutation(classes)
-    held = cyclic[(np.arange(n_agents)[:, None] * k + np.arange(k)) % c][rng.permutation(n_agents)]
+    # each agent in turn takes the k classes held by the fewest agents so far, ties broken at random: so every
+    # class goes to floor(nk/c) or ceil(nk/c) agents; the turns go in a seeded order, so that which agents
+    # share classes does not follow their index (their neighbours on a ring)
+    held = np.empty((n_agents, k), dtype=classes.dtype)
+    count = np.zeros(c, dtype=np.int64)
+    for a in rng.permutation(n_agents):
+        pick = np.lexsort((rng.random(c), count))[:k]
+        held[a] = classes[pick]
+        count[pick] += 1
     lists: list[list[np.ndarray]] = [[] for _ in range(n_agents)]
     for cls in classes:
         holders = np.flatnonzero((held == cls).any(axis=1))
