@@ -252,7 +252,7 @@ class Engine:
             # round 1 and gossip (steps 1-2)
             received, index = own if own is not None else wiring.round1(x, out=x_half)
         view = StepView(x_half=x_half, lr=self.lr, step=self.stats.steps, mix=wiring.mix, direction=self._direction,
-                        x=x)
+                        x=x, mean=wiring.global_mean)
         at = algo.gradient_rows(self.ctx, view, self.algo_state)  # x_half itself, but push-sum's x_half / w
         rows = PairRows(at, received, index) if algo.cross_gradients else PairRows(at)
         clock.tick("gossip")

@@ -186,9 +186,12 @@ def chain(*transforms: Transform) -> Chain:
 
 
 def transforms_for(algorithm: Algorithm, x0: Tensor, lr: float) -> Chain:
-    """Steps 7-8 as the algorithm's weight_decay, momentum, nesterov and qgm ask: decay, then momentum or QGM."""
+    """Steps 7-8 as the algorithm's weight_decay, momentum, nesterov and qgm ask: decay, then momentum or QGM
+    (none for an algorithm with its own momentum, Algorithm.own_momentum)."""
     a = algorithm
     parts: list[Transform] = []
+    if a.own_momentum:  # its momentum and weight decay are in its combine
+        return chain()
     if a.transform_weight_decay:
         parts.append(WeightDecay(a.transform_weight_decay))
     if a.qgm:

@@ -141,6 +141,10 @@ class Wiring:
         self.round1(rows, out)
         return out
 
+    def global_mean(self, rows: Tensor) -> Tensor:
+        """The mean of rows over all n agents, [1, P] (Comm.global_mean: a collective, not an edge message)."""
+        return self.comm.global_mean(rows)
+
 
 class WiringCache:
     """The wirings of a time-varying topology's graphs, one per distinct W, built when a graph first occurs.

@@ -17,7 +17,10 @@ from crossgrad.algorithms.base import (
 from crossgrad.algorithms.cga import CGA, CGAState, CompCGA
 from crossgrad.algorithms.choco import Choco, ChocoState
 from crossgrad.algorithms.d2 import D2, D2State
+from crossgrad.algorithms.decentlam import DecentLaM, DecentLaMState
 from crossgrad.algorithms.dsgd import DSGD
+from crossgrad.algorithms.gut import GUT, GUTState
+from crossgrad.algorithms.momentum_tracking import MomentumTracking, MomentumTrackingState
 from crossgrad.algorithms.ngc import NGC, CompNGC
 from crossgrad.algorithms.sgp import SGP, PushSumState
 from crossgrad.algorithms.tracking import GT, TrackingState
@@ -30,7 +33,7 @@ def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
     return cls
 
 
-for _cls in (DSGD, NGC, CompNGC, CGA, CompCGA, GT, D2, Choco, SGP):
+for _cls in (DSGD, NGC, CompNGC, CGA, CompCGA, GT, D2, Choco, SGP, GUT, MomentumTracking, DecentLaM):
     register_algorithm(_cls)
 
 
@@ -59,7 +62,8 @@ def make_algorithm(name: str, **kwargs: Any) -> Algorithm:
 
 __all__ = [
     "ALGORITHMS", "Algorithm", "AlgorithmState", "CGA", "CGAState", "Choco", "ChocoState", "CombineContext",
-    "CompCGA", "CompNGC", "ConfigError", "CrossGradientAlgorithm", "D2", "D2State", "DSGD", "GT", "NGC", "NoState",
+    "CompCGA", "CompNGC", "ConfigError", "CrossGradientAlgorithm", "D2", "D2State", "DSGD", "DecentLaM",
+    "DecentLaMState", "GT", "GUT", "GUTState", "MomentumTracking", "MomentumTrackingState", "NGC", "NoState",
     "PushSumState", "SGP", "StepView", "TrackingState", "algorithm_options", "combine_weights", "make_algorithm",
     "register_algorithm",
 ]

@@ -53,7 +53,9 @@ class StepView:
     direction: a block shaped like x_half, kept across steps, that combine may write its result into
     (on a big model a fresh block of that size costs page faults on every step). x: the rows before
     this step's gossip (the stored models), for the forms that take the gradient there (DIGing, Choco's
-    overlap); read-only, and dead once the step ends.
+    overlap); read-only, and dead once the step ends. mean(rows): the mean over all n agents of a block
+    [n_local, P], as [1, P] (one collective under torch.distributed; not in the byte counters, which count
+    messages along edges).
     """
 
     x_half: Tensor
@@ -62,6 +64,7 @@ class StepView:
     mix: Callable[..., Tensor]
     direction: Tensor | None = None
     x: Tensor | None = None
+    mean: Callable[[Tensor], Tensor] | None = None
 
 
 def nothing_received(ctx: CombineContext, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -200,6 +203,10 @@ class Algorithm:
     #: when it can; the default is refusal, so a new method opts in
     local_steps_refusal: ClassVar[str | None] = (
         "its update needs every communication round (a tracked or corrected quantity goes stale between them)")
+    #: the algorithm keeps its own momentum and weight decay (GUT, Momentum Tracking, DecentLaM): the engine
+    #: builds no direction transforms and applies what combine returns as it is, x_half <- x_half - lr d
+    #: (d is not modified, so it may be the algorithm's own state)
+    own_momentum: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -56,6 +56,16 @@ class TrackingState:
         return {}
 
 
+def check_doubly_stochastic(name: str, topology: Any, why: str) -> None:
+    """Refuse a W whose columns do not sum to 1: tracking methods need the gossip to keep sums (`why`)."""
+    if not topology.is_column_stochastic:
+        sums = topology.W.sum(0)
+        raise ConfigError(
+            f"{name} needs a doubly stochastic W (columns summing to 1 too), so that {why}; the columns of the "
+            f"{topology.name} topology's W (n={topology.n}) sum to {sums.min().item():.4g} to "
+            f"{sums.max().item():.4g}. Use topology.weights = 'metropolis' on an undirected graph, or a regular graph")
+
+
 @dataclass
 class GT(Algorithm):
     """Gradient tracking (DSGT): steps along y, which gossips and tracks the mean gradient.
@@ -84,13 +94,7 @@ class GT(Algorithm):
 
     def check_mixing(self, topology: Any) -> None:
         super().check_mixing(topology)
-        if not topology.is_column_stochastic:
-            sums = topology.W.sum(0)
-            raise ConfigError(
-                f"gt needs a doubly stochastic W (columns summing to 1 too), so that the tracked direction's mean "
-                f"stays the agents' mean gradient; the columns of the {topology.name} topology's W (n={topology.n}) "
-                f"sum to {sums.min().item():.4g} to {sums.max().item():.4g}. Use topology.weights = 'metropolis' "
-                "on an undirected graph, or a regular graph")
+        check_doubly_stochastic(self.name, topology, "the tracked direction's mean stays the agents' mean gradient")
 
     def init_state(self, ctx: CombineContext, device: torch.device) -> TrackingState:
         return TrackingState.zeros(ctx, device)

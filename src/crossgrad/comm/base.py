@@ -73,6 +73,11 @@ class Comm(Protocol):
         other agents the local ones receive from, ascending; in-edge e's message is pool row index[e]."""
         ...
 
+    def global_mean(self, rows: Tensor) -> Tensor:
+        """The mean over all n agents of rows [n_local, P], as [1, P]: one collective over every agent (Momentum
+        Tracking's first step). Not counted in bytes_sent, which counts messages along edges."""
+        ...
+
 
 @runtime_checkable
 class SharedMemoryComm(Comm, Protocol):

@@ -46,6 +46,7 @@ from crossgrad.comm.base import EdgePlan, agent_blocks, count_round1, count_roun
 
 ROUND1 = "round 1 (models)"
 ROUND2 = "round 2 (cross-gradients)"
+GLOBAL = "global average (all-reduce)"
 
 Spans = tuple[tuple[int, int], ...]  # (first agent, one past the last) of every rank's block
 
@@ -328,6 +329,24 @@ class DistComm:
         parts = [_unpack(buffer, payload, rows) for buffer, rows in received]
         return tuple(torch.cat([t, *(p[k] for p in parts)]).index_select(0, self._pool2)
                      for k, t in enumerate(payload))
+
+    def global_mean(self, rows: Tensor) -> Tensor:
+        """The mean over all agents: this rank's sum, all-reduced over the process group, over n. Bounded by
+        the same time-out as a round; an all-reduce's traffic depends on its algorithm, and it is not counted."""
+        if self.failed:
+            earlier = self.failed[0]
+            raise CommTimeoutError(self.rank, earlier.peers, GLOBAL, f"an earlier round failed ({earlier})",
+                                   self.spans)
+        total = rows.sum(0, keepdim=True)
+        others = [r for r in range(len(self.spans)) if r != self.rank]
+        if others:
+            work = dist.all_reduce(total, async_op=True)
+            deadline = time.monotonic() + self.timeout
+            wait = self._poll_works if self._poll else self._wait_works
+            failed, detail = wait([work], [others], deadline)
+            if failed:
+                self._fail(others, GLOBAL, detail)
+        return total.div_(self.plan.n)
 
     # -- posting and waiting -------------------------------------------------------------------
 

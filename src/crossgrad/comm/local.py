@@ -41,6 +41,9 @@ class LocalComm:
         count_round1_payload(self, payload)
         return payload, self.sources
 
+    def global_mean(self, rows: Tensor) -> Tensor:
+        return rows.sum(0, keepdim=True).div_(self.plan.n)
+
     def share_edges(self, payload: Payload) -> Tensor:
         count_round2(self, payload)
         return self._back
