@@ -383,6 +383,15 @@ def _algorithm_label(cfg: Config) -> str:
         return base + tracked
     if name == "d2":
         return "D²"
+    if name == "gut":  # the GUT paper's names: mu = 0 with momentum is its QG-DSGDm baseline
+        if a["momentum"] == 0:
+            return "GUT" if a["mu"] > 0 else "DSGD (gut, mu=0)"
+        base = "QG-GUTm" if a["mu"] > 0 else "QG-DSGDm"
+        return base + "-N" if a["nesterov"] else base
+    if name == "momentum_tracking":
+        return "Momentum Tracking"
+    if name == "decentlam":
+        return "DecentLaM"
     return cfg.algorithm.name
 
 
