@@ -52,14 +52,18 @@ PUSH_GRAPHS = {
     "push_directed": lambda: Topology.from_edges(WORLD, [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2)], directed=True,
                                                  weights="out_uniform"),
 }
-#: gradient tracking and D² on graphs they accept (gt: doubly stochastic W, also directed or time-varying;
-#: d2: symmetric W): (label, topology, algorithm, options), one agent per rank
+#: gradient tracking, D², GUT, Momentum Tracking (its first step's global average included) and DecentLaM on graphs
+#: they accept (gt: doubly stochastic W, also directed or time-varying; d2: symmetric W): (label, topology,
+#: algorithm, options), one agent per rank
 TRACKING_RUNS = [
     ("gt_ring", lambda: Topology.ring(WORLD), "gt", dict(momentum=0.9, nesterov=True)),
     ("gt_directed_ring", lambda: Topology.directed_ring(WORLD), "gt", dict(qgm=True, weight_decay=1e-3)),
     ("gt_one_peer_exponential", lambda: OnePeerExponential(WORLD), "gt", dict(momentum=0.9, nesterov=False)),
     ("d2_ring", lambda: Topology.ring(WORLD), "d2", dict(weight_decay=1e-3)),
     ("d2_chain_metropolis", lambda: Topology.chain(WORLD, weights="metropolis"), "d2", dict()),
+    ("gut_ring", lambda: Topology.ring(WORLD), "gut", dict(mu=0.5, momentum=0.9, nesterov=True, gamma=0.7)),
+    ("momentum_tracking_ring", lambda: Topology.ring(WORLD), "momentum_tracking", dict(weight_decay=1e-3)),
+    ("decentlam_directed_ring", lambda: Topology.directed_ring(WORLD), "decentlam", dict(gamma=0.8)),
 ]
 
 #: the baselines' published forms (docs/algorithms.md), run and checked as TRACKING_RUNS are
@@ -279,6 +283,10 @@ BLOCK_TRACKING_RUNS = [  # as TRACKING_RUNS, 7 or 8 agents over 3 ranks
     ("gt_random_matching", lambda: RandomMatching(8), "gt", dict()),
     ("d2_torus", lambda: Topology.torus(2, 4), "d2", dict(weight_decay=1e-3)),
     ("d2_star_metropolis", lambda: Topology.star(7, weights="metropolis"), "d2", dict(gamma=0.9)),
+    ("gut_torus", lambda: Topology.torus(2, 4), "gut", dict(weight_decay=1e-3)),
+    ("momentum_tracking_ring", lambda: Topology.ring(7), "momentum_tracking", dict(gamma=0.6)),
+    ("momentum_tracking_random_matching", lambda: RandomMatching(8), "momentum_tracking", dict(init="zero")),
+    ("decentlam_star", lambda: Topology.star(7), "decentlam", dict(weight_decay=1e-3)),
 ]
 
 
@@ -523,7 +531,8 @@ def _check_tracking_runs(runs: list, results: dict) -> None:
 
 @pytest.mark.timeout(200)
 def test_gt_and_d2_distributed_equal_the_simulator(dist_results):
-    """gt's extra round-1 message (y) and d2's correction, one agent per rank, static and time-varying graphs."""
+    """gt's extra round-1 message (y), d2's correction, GUT's recovered steps, Momentum Tracking's c and its first
+    step's all-reduce, DecentLaM's z: one agent per rank, static and time-varying graphs."""
     _check_tracking_runs(TRACKING_RUNS, dist_results)
 
 

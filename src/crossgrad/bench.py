@@ -42,6 +42,11 @@ BENCH_ALGORITHMS: dict[str, tuple[str, dict]] = {
     "choco": ("choco", dict(momentum=0.9, nesterov=True)),
     "choco(top-k)": ("choco", dict(codec="top-k", gamma=0.05, momentum=0.9, nesterov=True)),
     "choco(random-k)": ("choco", dict(codec="random-k", gamma=0.05, momentum=0.9, nesterov=True)),
+    # own momentum in combine: the passes over [n, P] of the recovered neighbour steps and the buffer
+    "gut": ("gut", dict()),
+    "qg-gutm": ("gut", dict(momentum=0.9, mu=0.06)),
+    "momentum_tracking": ("momentum_tracking", dict()),  # a second round-1 message per edge: c - m
+    "decentlam": ("decentlam", dict()),  # round 1 carries the local step z instead of the model
 }
 
 
