@@ -365,3 +365,14 @@ def test_report_labels():
     assert label("algorithm.name=gut", "algorithm.momentum=0.9", "algorithm.mu=0") == "QG-DSGDm"
     assert label("algorithm.name=momentum_tracking") == "Momentum Tracking"
     assert label("algorithm.name=decentlam") == "DecentLaM"
+
+
+def test_a_nan_in_decentlam_is_named_without_a_round_1_of_models():
+    """DecentLaM sends no models, so a non-finite loss is blamed on the agent's own loss, not on a sender."""
+    from crossgrad.engine import NonFiniteError
+
+    batches = make_batches(4, 1)[0]
+    batches[2] = (torch.full_like(batches[2][0], float("nan")), batches[2][1])
+    sim = cg.Simulator(tiny_model(), Topology.ring(4), cg.make_algorithm("decentlam", lr=0.1))
+    with pytest.raises(NonFiniteError, match="non-finite loss at step 0, agent 2"):
+        sim.step(batches)
