@@ -70,7 +70,10 @@ def test_gossip_uses_W_even_when_the_combine_uses_uniform_weights():
 
 #: algorithms whose method fixes some common options otherwise (D²: no momentum, exact diffusion's (I + W) / 2)
 OWN_DEFAULTS = {"d2": dict(gamma=0.5, momentum=0.0, nesterov=False),
-                "choco": dict(gamma=0.5)}  # compressed gossip needs a consensus step below 1
+                "choco": dict(gamma=0.5),  # compressed gossip needs a consensus step below 1
+                "gut": dict(momentum=0.0, nesterov=False),  # the authors' GUT (QG-GUTm: momentum 0.9, mu 0.06)
+                "momentum_tracking": dict(nesterov=False),  # their momentum is heavy ball
+                "decentlam": dict(nesterov=False)}
 
 
 def test_defaults_are_the_papers_setting_for_every_algorithm():
