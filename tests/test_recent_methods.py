@@ -331,6 +331,7 @@ def test_defaults_and_config():
     ("decentlam", dict(nesterov=True), "decentlam has its own heavy-ball momentum"),
     ("decentlam", dict(init="zero"), "decentlam does not take init"),
     ("gut", dict(alpha=1.0), "gut does not take alpha"),
+    ("gut", dict(gamma=0.09, gamma_schedule="exponential"), "gut needs a constant gamma"),
 ])
 def test_bad_options_are_one_line_config_errors(name, kw, match):
     with pytest.raises(cg.ConfigError, match=match) as e:
@@ -343,6 +344,12 @@ def test_tracking_methods_need_a_doubly_stochastic_W(name):
     with pytest.raises(cg.ConfigError, match=rf"{name} needs a doubly stochastic W.*star topology's W \(n=5\)"):
         cg.Simulator(tiny_model(), Topology.star(5), cg.make_algorithm(name))
     cg.Simulator(tiny_model(), Topology.star(5), cg.make_algorithm("decentlam"))  # row-stochastic is enough
+
+
+@pytest.mark.parametrize("name", ["gut", "momentum_tracking", "decentlam"])
+def test_local_steps_are_refused_with_a_reason(name):
+    with pytest.raises(cg.ConfigError, match=f"training.local_steps=2 .*{name} cannot"):
+        load_config(None, [f'algorithm.name="{name}"', "training.local_steps=2"])
 
 
 def test_bad_option_on_the_command_line_is_one_line(capsys):
