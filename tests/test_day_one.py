@@ -23,7 +23,10 @@ def tiny(tmp_path, *overrides):
 def test_step_zero_scores_identical_models_once_and_says_so(tmp_path, monkeypatch, capsys):
     """Issue 17.2: the step-0 evaluation scored n identical models and the consensus: n + 1 passes, in silence."""
     import crossgrad.run.evaluate as ev
+    import crossgrad.run.trainer as trainer
 
+    # the "loading" line waits SLOW_S; on a machine busy with other jobs digits may take longer than 1 s
+    monkeypatch.setattr(trainer, "SLOW_S", 60.0)
     calls = []
     real = ev.score_rows
     monkeypatch.setattr(ev, "score_rows", lambda model, layout, rows, *a, **k: (
