@@ -212,7 +212,7 @@ def test_dist_run_on_cuda_without_cuda_is_the_simulators_error(tmp_path, capsys,
     from crossgrad.cli import main
 
     args = ["run", "--quiet", "--out-dir", str(tmp_path), "--set", "training.device=cuda", "--set",
-            "topology.n_agents=1", "--set", "training.steps=1"]
+            "topology.n_agents=2", "--set", "training.steps=1"]
     assert main(args) == 2
     sim_err = capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")

@@ -9,6 +9,7 @@ Exit codes: 0 success; 1 a run diverged (NaN/Inf) or failed; 2 a configuration o
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
@@ -110,8 +111,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     from crossgrad.run.config import dump_toml, load_config
+    from crossgrad.run.inputs import check_inputs
 
     cfg = load_config(args.config, args.set)
+    check_inputs(cfg)  # what `crossgrad run` refuses before loading the data, this refuses too
     print(f"# the resolved configuration{f' of {args.config}' if args.config else ' (the defaults)'}; "
           f"runs into {Path(cfg.output.out_dir) / cfg.run_name()}")
     data = cfg.to_dict()
@@ -237,6 +240,31 @@ QUICKSTART_BASE = {
 QUICKSTART_RUNS = (("ngc", {"name": "ngc", "alpha": 1.0}), ("dsgdm-n", {"name": "dsgd"}))
 
 
+#: what a jump in a quickstart run's consensus distance is (issue 30.6: measured, not a fault; README "The quickstart")
+QUICKSTART_JUMP = {
+    "dsgdm-n": "This is DSGDm-N itself at lr 0.05 on full label skew, not a fault: one agent's loss grows "
+               "within a few steps at a constant lr, then the others'; with momentum 0, lr 0.02, GroupNorm or "
+               "IID data it does not happen, and NGC, which corrects the skew, stays stable (see the README)",
+}
+
+
+def consensus_jump(records: list[dict], factor: float = 10.0) -> str | None:
+    """The first evaluation at which the consensus distance grew `factor`-fold over the previous one to above
+    1 (the agents' models flew apart), said in words; None if there is none. Step 0 is no baseline: every
+    agent starts from the same model."""
+    for prev, rec in zip(records, records[1:]):
+        a, b = prev.get("consensus_distance"), rec.get("consensus_distance")
+        if prev["step"] > 0 and a is not None and b is not None and b > 1 and b > factor * a:
+            last = records[-1]
+            settled = (last.get("consensus_distance") or b) < b / factor  # None: the run ended non-finite
+            back = (f", then fell back to {last['consensus_distance']:.3g} (final consensus accuracy "
+                    f"{100 * last['consensus_acc']:.1f}%)" if settled else "")
+            return (f"the consensus distance jumped from {a:.3g} to {b:.3g} at epoch {rec['epoch']:g} "
+                    f"(consensus accuracy {100 * prev['consensus_acc']:.1f}% -> {100 * rec['consensus_acc']:.1f}%)"
+                    f"{back}")
+    return None
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     import copy
 
@@ -266,6 +294,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     rc = report_main([str(out)], out=str(out))
     if rc:
         return rc
+    for d in dirs:
+        records = [json.loads(line) for line in (d / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+        jump = consensus_jump(records)
+        if jump is not None:
+            print(f"\nnote: {d.name}: {jump}. " + QUICKSTART_JUMP.get(d.name, ""))
     rc = plot_main([str(out)], out=str(out))
     print(
         f"\nquickstart finished in {time.perf_counter() - start:.1f} s. Learning curves: {out}/curves_*.png, "

@@ -81,13 +81,21 @@ def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
 
 
 def append_text(path: Path, text: str) -> None:
-    """Append to `path` (created if missing), never through a link."""
+    """Append to `path` (created if missing), never through a link; all of `text` or nothing.
+
+    A write cut short (disk full) is cut off again: a torn last line would read as a corrupt record.
+    """
     fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
-        with os.fdopen(fd, "a", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {describe(e)}") from None
+        size, data = os.fstat(fd).st_size, memoryview(text.encode("utf-8"))
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            os.ftruncate(fd, size)
+            raise OutputError(f"cannot write {path}: {describe(e)}") from None
+    finally:
+        os.close(fd)
 
 
 def open_append(path: Path, newline: str | None = None) -> IO[str]:

@@ -46,6 +46,8 @@ class CGAState:
 
 @dataclass
 class CGA(CrossGradientAlgorithm):
+    """Cross-gradient aggregation: per layer, a QP projects the own gradient to agree with the cross-gradients."""
+
     margin: float = 0.5
     eps: float = 1e-12
 

@@ -349,7 +349,7 @@ def read_cifar_jpeg_tar(tar_path: Path, order_csv: Path | None, progress: bool =
                 f = tar.extractfile(m)
                 images[m.name] = _decode_jpeg(f.read(), f"{tar_path}:{m.name}")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{tar_path}: cannot read the tar archive ({e})") from None
+        raise DataError(f"{tar_path}: cannot read the tar archive ({' '.join(str(e).split())})") from None
 
     def split(name: str) -> tuple[list[str], list[int]]:
         keys = sorted(k for k in images if k.split("/")[-3:-2] == [name])
@@ -588,7 +588,8 @@ def _safe_extract(archive: Path, root: Path) -> None:
             else:  # pragma: no cover
                 tar.extractall(base)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{archive}: cannot extract the archive ({e})") from None
+        # tarfile's "could not be opened" lists one line per method it tried: one line here
+        raise DataError(f"{archive}: cannot extract the archive ({' '.join(str(e).split())})") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -600,8 +601,35 @@ _ALIASES = {"fashion-mnist": "fashion_mnist", "fashionmnist": "fashion_mnist", "
             "cifar-100": "cifar100"}
 
 
+#: each dataset's (input shape, class count), known without reading it, so a config is checked before its
+#: data loads (synthetic: make_synthetic's defaults, which is what a config gets; imagenette: its 10 classes
+#: at the default image_size, see `dataset_shape`)
+SHAPES = {"mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10),
+          "cifar100": ((3, 32, 32), 100), "imagenette": ((3, 32, 32), 10), "digits": ((1, 8, 8), 10),
+          "synthetic": ((1, 8, 8), 10)}
+
+
+def dataset_shape(name: str, image_size: int | None = None) -> tuple[tuple[int, int, int], int]:
+    """(input shape, class count) of dataset `name` loaded with these options, without loading it."""
+    key = dataset_key(name)
+    shape, classes = SHAPES[key]
+    if image_size is None:
+        return shape, classes
+    if key != "imagenette":
+        raise DataError(f"{key} takes no options, got ['image_size']")
+    return (shape[0], image_size, image_size), classes
+
+
 def available_datasets() -> list[str]:
     return list(DATASETS)
+
+
+def dataset_key(name: str) -> str:
+    """The registered name of dataset `name` (case and aliases such as "fashion-mnist" allowed), or a DataError."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    return key
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = False, verify: bool = True,
@@ -611,9 +639,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
 
     `progress=False` silences the bar of the slow step, decoding JPEGs (CIFAR-10's tarball, Imagenette) on first use.
     """
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    key = dataset_key(name)
     if key == "synthetic":
         return make_synthetic(**options)
     root = Path(data_dir) if data_dir is not None else default_data_dir()

@@ -28,6 +28,7 @@ from .registry import (
     get_model_spec,
     list_models,
     make_model,
+    model_options,
     register_model,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "list_models",
     "make_model",
     "make_norm",
+    "model_options",
     "norm_act",
     "register_model",
 ]

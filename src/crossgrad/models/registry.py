@@ -11,6 +11,7 @@ for the architecture.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ __all__ = [
     "make_model",
     "list_models",
     "get_model_spec",
+    "model_options",
     "count_parameters",
     "describe_models",
     "check_min_size",
@@ -73,6 +75,12 @@ def get_model_spec(name: str) -> ModelSpec:
         raise ValueError(
             f"unknown model {name!r}; available models: {', '.join(list_models())}"
         ) from None
+
+
+def model_options(name: str) -> list[str]:
+    """The keyword options model `name`'s builder takes besides input shape, class count and norm."""
+    params = inspect.signature(get_model_spec(name).builder).parameters
+    return [p for p in params if p not in ("input_shape", "num_classes", "norm")]
 
 
 def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:

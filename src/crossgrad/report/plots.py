@@ -199,8 +199,7 @@ def plot_main(paths: Sequence[str | Path], out: str | Path | None = None,
     runs = collect(paths)
     if not runs:
         return no_runs(paths)
-    out_dir = default_out(paths, out) or Path(".")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_dir(default_out(paths, out) or Path("."))
     rows = aggregate(runs)
     plt = _pyplot()
     methods = sorted({r.method for r in rows})

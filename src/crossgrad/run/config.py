@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from crossgrad.algorithms import ConfigError
+from crossgrad.console import warn
 from crossgrad.data.partition import PARTITIONS
 
 if sys.version_info >= (3, 11):
@@ -238,8 +239,9 @@ class Config:
             raise ConfigError(f"data.classes_per_agent must be >= 1, not {d.classes_per_agent}")
         if d.image_size is not None and d.image_size < 1:
             raise ConfigError(f"data.image_size must be >= 1, not {d.image_size}")
-        if t.n_agents < 1:
-            raise ConfigError(f"topology.n_agents must be >= 1, not {t.n_agents}")
+        if t.n_agents < 2:
+            raise ConfigError(f"topology.n_agents must be >= 2 (decentralized training needs two agents), "
+                              f"not {t.n_agents}")
         if tr.batch_size < 1:
             raise ConfigError(f"training.batch_size must be >= 1, not {tr.batch_size}")
         if tr.steps is None and tr.epochs < 1:
@@ -253,6 +255,8 @@ class Config:
         for key in ("warmup_steps", "checkpoint_every", "threads", "final_gossip_rounds"):
             if getattr(tr, key) < 0:
                 raise ConfigError(f"training.{key} must be >= 0, not {getattr(tr, key)}")
+        if tr.steps is not None and tr.warmup_steps > tr.steps:
+            raise ConfigError(warmup_error(tr.warmup_steps, tr.steps))
         if tr.eval_every < 1:
             raise ConfigError(f"training.eval_every must be >= 1 (epochs), not {tr.eval_every}")
         if tr.eval_every_steps is not None and tr.eval_every_steps < 1:
@@ -278,6 +282,8 @@ class Config:
         for where, value in _strings(self.to_dict()):
             if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in value):
                 raise ConfigError(f"{where} must not contain control characters or invalid UTF-8, not {value!r}")
+        if not self.output.out_dir.strip():
+            raise ConfigError("output.out_dir must name a folder (\".\" for the current one), not ''")
         if self.output.name is not None and (
             not self.output.name or "/" in self.output.name or self.output.name in (".", "..")
         ):
@@ -313,6 +319,12 @@ class Config:
 
 
 MAX_THREADS = 512
+
+
+def warmup_error(warmup: int, total: int) -> str:
+    """The message for a warm-up longer than the run (checked on the steps once they are known)."""
+    return (f"training.warmup_steps={warmup} is longer than the run ({total} steps): the learning rate "
+            "would never reach algorithm.lr; shorten the warm-up or train longer")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -542,10 +554,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply `section.key=value` overrides to nested plain data (a copy is returned)."""
+    """Apply `section.key=value` overrides to nested plain data (a copy is returned).
+
+    An override of algorithm.name drops the file's hyperparameters of the algorithm it replaces that
+    the new one does not take (see `_switch_algorithm`).
+    """
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    given: set[str] = set()  # the [algorithm] keys set on the command line
     for text in overrides or []:
         path, value = parse_override(text)
+        if path[0] == "algorithm" and len(path) == 2:
+            given.add(path[1])
         if len(path) == 1:
             if path[0] in _SECTIONS:
                 raise ConfigError(f"--set {text!r}: {path[0]!r} is a section; use {path[0]}.KEY=VALUE")
@@ -562,7 +581,33 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             if len(path) == 3:
                 value = _into_table(text, section, key, out[section].get(key), path[2], value)
             out[section][key] = value
-    return out
+    return _switch_algorithm(data, out, given)
+
+
+def _switch_algorithm(before: dict[str, Any], after: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """`after` without the [algorithm] keys of `before` that belong to the algorithm an override switched away from.
+
+    Comparing algorithms from one example config (`--set algorithm.name=dsgd` on an NGC file) must not
+    fail on NGC's alpha; a key that neither algorithm takes is left in, so a misspelling stays an error,
+    and so is a key given on the command line. One warning line names what was dropped.
+    """
+    from crossgrad.algorithms import ALGORITHMS, algorithm_options
+
+    old_section, new_section = before.get("algorithm"), after.get("algorithm")
+    if "name" not in given or not isinstance(old_section, dict) or not isinstance(new_section, dict):
+        return after
+    old, new = old_section.get("name", AlgorithmConfig.name), new_section["name"]
+    known = all(isinstance(n, str) and n.lower() in ALGORITHMS for n in (old, new))
+    if not known or old.lower() == new.lower():
+        return after  # an unknown name is reported by resolve_algorithm
+    theirs, mine = algorithm_options(old), algorithm_options(new)
+    dropped = [k for k in old_section if k not in given and k in theirs and k not in mine]
+    if dropped:
+        keys = ", ".join(f"algorithm.{k}" for k in dropped)
+        warn(f"algorithm.name={new} (set on the command line) does not take {keys} from the config ({old}'s); "
+             f"ignoring {'it' if len(dropped) == 1 else 'them'}")
+        after["algorithm"] = {k: v for k, v in new_section.items() if k not in dropped}
+    return after
 
 
 def _into_table(text: str, section: str, key: str, table: Any, entry: str, value: Any) -> dict[str, Any]:

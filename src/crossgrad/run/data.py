@@ -19,7 +19,7 @@ from torch import Tensor
 
 from crossgrad.algorithms import ConfigError
 from crossgrad.data.streams import AgentStream, agent_seeds
-from crossgrad.run.config import Config
+from crossgrad.run.config import Config, warmup_error
 
 
 @dataclass
@@ -43,21 +43,16 @@ class Prepared:
 
 def prepare(cfg: Config, device: torch.device, quiet: bool = False) -> Prepared:
     """Load data, partition it, build model, topology and algorithm. Raises user errors only for bad input."""
+    from crossgrad import console
     from crossgrad.data import load_dataset, normalized, partition
     from crossgrad.models import make_model
-    from crossgrad.topology import is_time_varying, make_topology
+    from crossgrad.run.inputs import check_inputs
+    from crossgrad.run.schedule import run_length
 
-    cfg.validate()
-    topo = make_topology(
-        cfg.topology.name, cfg.topology.n_agents, weights=cfg.topology.weights, **cfg.topology.options
-    )
-    algorithm = cfg.make_algorithm()
-    # what the algorithm refuses of this graph (cga on a time-varying one, d2 on a non-symmetric W), before
-    # the data loads; the engine checks every later graph of a time-varying topology as it meets it
-    algorithm.check_topology(topo)
-    algorithm.check_mixing(topo.at(0) if is_time_varying(topo) else topo)
+    topo, algorithm = check_inputs(cfg)  # before the data loads
     d = cfg.data
-    train, test = load_dataset(d.name, d.data_dir, progress=not quiet, **d.loader_options())
+    train, test = load_dataset(d.name, d.data_dir, progress=not quiet and console.bars_wanted(),
+                               **d.loader_options())
     shards = partition(
         train.y, topo.n, d.partition, cfg.training.seed, beta=d.beta, shards_per_agent=d.shards_per_agent,
         classes_per_agent=d.classes_per_agent,
@@ -75,6 +70,9 @@ def prepare(cfg: Config, device: torch.device, quiet: bool = False) -> Prepared:
             f"{', '.join(map(str, empty))} without any training sample; use fewer agents "
             "or another partition"
         )
+    total = run_length(cfg, shards)[1]
+    if cfg.training.warmup_steps > total:
+        raise ConfigError(warmup_error(cfg.training.warmup_steps, total))
     input_shape = tuple(int(s) for s in train.input_shape)
     torch.manual_seed(cfg.training.seed)  # fixes the initialisation
     try:

@@ -128,7 +128,8 @@ def open_run_dir(run_dir: Path, cfg: Config, *, resume: bool, overwrite: bool) -
         (run_dir / SUMMARY).unlink(missing_ok=True)  # a diverged run's verdict no longer holds
         return
     if (run_dir / SUMMARY).exists() and not overwrite:
-        raise RunError(f"{run_dir} already holds a finished run; pick another output.name or out_dir")
+        raise RunError(f"{run_dir} already holds a finished run; name this one with --name NEW (output.name), "
+                       "or replace that one with --overwrite")
     if (run_dir / CHECKPOINT).exists() and not overwrite:
         raise RunError(f"{run_dir} holds an unfinished run; continue it with: crossgrad run --resume {run_dir}")
     for stale in (SUMMARY, CHECKPOINT, METRICS):

@@ -2,8 +2,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sized
 
 from crossgrad.run.config import Config
+
+
+def run_length(cfg: Config, shards: list[Sized]) -> tuple[int, int]:
+    """(steps per epoch, steps in all): an epoch is one pass over the largest shard; training.steps wins."""
+    per_epoch = max(1, math.ceil(max(len(s) for s in shards) / cfg.training.batch_size))
+    tr = cfg.training
+    return per_epoch, tr.steps if tr.steps is not None else tr.epochs * per_epoch
 
 
 def lr_at(cfg: Config, step: int, total: int) -> float:

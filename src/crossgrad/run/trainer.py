@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from crossgrad import console
 from crossgrad.files import OutputError
 from crossgrad.run.checkpoint import (
     environment,
@@ -56,7 +57,7 @@ from crossgrad.run.rundir import (
     write_metrics,
 )
 from crossgrad.run.scalars import ScalarLog
-from crossgrad.run.schedule import gamma_at, lr_at
+from crossgrad.run.schedule import gamma_at, lr_at, run_length
 
 
 @dataclass
@@ -89,8 +90,7 @@ class Trainer:
         self.engine = cluster.build_engine(prepared)
         self.batches = AgentBatches(prepared, cluster.local, tr.batch_size)
         self.totals = TrainTotals(len(cluster.local), self.engine.x.device)
-        self.steps_per_epoch = max(1, math.ceil(max(len(s) for s in prepared.shards) / tr.batch_size))
-        self.total_steps = tr.steps if tr.steps is not None else tr.epochs * self.steps_per_epoch
+        self.steps_per_epoch, self.total_steps = run_length(cfg, prepared.shards)
         self.step = 0
         self.saved_step: int | None = None  # the step of the checkpoint on disk (only ever a finite state)
         self.metrics: list[dict] = []
@@ -252,8 +252,8 @@ class Trainer:
             print(line, flush=True)
 
     def _progress_bar(self) -> Any:
-        if self.quiet or not self.cluster.main:
-            return None
+        if self.quiet or not self.cluster.main or not console.bars_wanted():
+            return None  # then each evaluation's log line is the progress
         from tqdm import tqdm
 
         return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
@@ -339,11 +339,13 @@ class Trainer:
                     self._logged = (0.0, 0)  # the evaluation restarted the running totals
                     if rec is not None:
                         self.metrics.append(rec)
-                        append_metrics(metrics_path, rec)
+                        try:
+                            append_metrics(metrics_path, rec)
+                        except OutputError as e:  # a resumed run rewrites metrics.jsonl from its checkpoint
+                            raise OutputError(f"{e}; {self._kept('the previous checkpoint')}") from None
                         if scalars is not None:
                             scalars.evaluation(rec)
-                        if self.quiet or bar is not None:
-                            self._log(rec, bar)
+                        self._log(rec, bar)
                     cluster.barrier()  # rank 0's evaluation must not count against the next round's time-out
                 if checkpoint_now:
                     self.elapsed += time.perf_counter() - t0
@@ -355,10 +357,8 @@ class Trainer:
         if verdict.failure is not None:
             step, agent, what = verdict.failure
             self.step = step
-            kept = ("no checkpoint had been written yet" if self.saved_step is None else
-                    f"the last finite checkpoint (step {self.saved_step}) is kept in {self.run_dir / CHECKPOINT} "
-                    f"(crossgrad run --resume {self.run_dir} continues from it)")
-            message = (f"training diverged: non-finite {what} at step {step + 1} on agent {agent}; {kept}; "
+            message = (f"training diverged: non-finite {what} at step {step + 1} on agent {agent}; "
+                       f"{self._kept('the last finite checkpoint')}; "
                        "a smaller algorithm.lr or algorithm.gamma usually helps")
             return self._finish("diverged", message)
         if (status == "stopped" or verdict.interrupted) and self.step < self.total_steps:
@@ -370,6 +370,13 @@ class Trainer:
             return RunResult("interrupted" if verdict.interrupted else "stopped", self.run_dir, None, message,
                              cluster.main)
         return self._finish("completed", "")
+
+    def _kept(self, which: str) -> str:
+        """What a run that ends now leaves to resume from."""
+        if self.saved_step is None:
+            return "no checkpoint had been written yet"
+        return (f"{which} (step {self.saved_step}) is kept in {self.run_dir / CHECKPOINT} "
+                f"(crossgrad run --resume {self.run_dir} continues from it)")
 
     def _finish(self, status: str, message: str) -> RunResult:
         summary = self.summary(status, message)
