@@ -307,6 +307,9 @@ CASES = {
 ELSEWHERE = {
     "a real file modified or truncated": "test_bad_inputs_cli.py::test_truncated_real_file_is_named",
     "JPEG that does not decode": "test_corrupt_data.py::test_bad_jpeg_in_the_tarball_is_named",
+    "image that does not decode": "tests/test_data.py::test_imagenette_refuses_bad_trees_in_one_line",
+    "CIFAR-100 `meta`": "tests/test_data.py::test_cifar100_refuses_bad_files_without_running_them",
+    "a `classes` partition": "tests/test_data.py::test_classes_errors, test_dirichlet_even_skews_classes_and_…",
     "checkpoint that would run code": "test_safe_loading.py::test_malicious_checkpoint_is_refused_and_not_executed",
     "checkpoint without its embedded": "test_safe_loading.py::test_tampered_checkpoint_is_one_clear_error",
     "resuming with another thread count": "test_kill_resume.py",
