@@ -85,7 +85,7 @@ class Wiring:
                                                                      plan.out_src))),
             layout=layout, self_w=self_w.to(dev), in_w=in_w.to(dev), out_w=out_w.to(dev),
             in_k=edges_per_agent(plan.in_dst, plan.n_local), out_k=edges_per_agent(plan.out_src, plan.n_local),
-            dtype=dtype,
+            dtype=dtype, topology=topology,
         )
         #: W's gossip weights before the averaging rate: set_gamma scales them (the rate may follow a schedule)
         self._mixing = (gossip_self, gossip_in)

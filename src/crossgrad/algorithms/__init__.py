@@ -22,6 +22,7 @@ from crossgrad.algorithms.dsgd import DSGD
 from crossgrad.algorithms.gut import GUT, GUTState
 from crossgrad.algorithms.momentum_tracking import MomentumTracking, MomentumTrackingState
 from crossgrad.algorithms.ngc import NGC, CompNGC
+from crossgrad.algorithms.relay import RelaySGD, RelayState
 from crossgrad.algorithms.sgp import SGP, PushSumState
 from crossgrad.algorithms.tracking import GT, TrackingState
 
@@ -33,7 +34,7 @@ def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
     return cls
 
 
-for _cls in (DSGD, NGC, CompNGC, CGA, CompCGA, GT, D2, Choco, SGP, GUT, MomentumTracking, DecentLaM):
+for _cls in (DSGD, NGC, CompNGC, CGA, CompCGA, GT, D2, Choco, SGP, GUT, MomentumTracking, DecentLaM, RelaySGD):
     register_algorithm(_cls)
 
 
@@ -64,6 +65,6 @@ __all__ = [
     "ALGORITHMS", "Algorithm", "AlgorithmState", "CGA", "CGAState", "Choco", "ChocoState", "CombineContext",
     "CompCGA", "CompNGC", "ConfigError", "CrossGradientAlgorithm", "D2", "D2State", "DSGD", "DecentLaM",
     "DecentLaMState", "GT", "GUT", "GUTState", "MomentumTracking", "MomentumTrackingState", "NGC", "NoState",
-    "PushSumState", "SGP", "StepView", "TrackingState", "algorithm_options", "combine_weights", "make_algorithm",
-    "register_algorithm",
+    "PushSumState", "RelaySGD", "RelayState", "SGP", "StepView", "TrackingState", "algorithm_options",
+    "combine_weights", "make_algorithm", "register_algorithm",
 ]

@@ -31,6 +31,7 @@ class CombineContext:
     in-edge e; out_w[e]: weight of the data-variant gradient arriving on out-edge e. in_k / out_k: the
     number of in- / out-edges of every local agent when they all have the same (a regular graph), else None.
     dtype: the dtype of the parameter rows, for algorithm state kept in rows (init_state).
+    topology: the step's graph, for algorithms that need more of it than W (RelaySGD's spanning trees).
     """
 
     plan: EdgePlan
@@ -41,6 +42,7 @@ class CombineContext:
     in_k: int | None = None
     out_k: int | None = None
     dtype: torch.dtype = torch.float32
+    topology: Any = None
 
 
 @dataclass(frozen=True)
@@ -297,7 +299,8 @@ class Algorithm:
         models in round 1 (Choco sends compressed differences through comm.exchange_payload): write
         the rows the gradients are taken at into `out` and return (rows, index) as the engine's round
         1 does: in-edge e's sender as this agent knows it is rows[index[e]] (read to blame a
-        non-finite step on a sender). None, the default: the engine exchanges and gossips x itself."""
+        non-finite step on a sender); an empty index says that nothing was received (RelaySGD, which
+        communicates after its local step). None, the default: the engine exchanges and gossips x itself."""
         return None
 
     def combine(
@@ -314,6 +317,12 @@ class Algorithm:
     def after_update(self, ctx: CombineContext, view: StepView, state: AlgorithmState) -> None:
         """Runs after step 9, when view.x_half holds the updated rows: algorithms that correct the
         update (D²) do it here, in place."""
+
+    def exchange_after_update(self, ctx: CombineContext, comm: Any, x: Tensor, view: StepView,
+                              state: AlgorithmState) -> None:
+        """Runs after after_update, for methods whose local step comes before their communication
+        (RelaySGD): exchange through `comm` (a Comm) what the update made and write the step's result
+        into view.x_half in place; x holds the rows before the step (read only). Nothing by default."""
 
     def hyperparameters(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

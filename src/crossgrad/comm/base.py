@@ -78,6 +78,11 @@ class Comm(Protocol):
         Tracking's first step). Not counted in bytes_sent, which counts messages along edges."""
         ...
 
+    def restrict(self, edges: list[tuple[int, int]]) -> Comm:
+        """A comm over a subset of this one's edges (RelaySGD's two trees inside the double-binary-trees
+        graph) that counts into the same bytes_sent (and on torch.distributed shares the failure state)."""
+        ...
+
 
 @runtime_checkable
 class SharedMemoryComm(Comm, Protocol):

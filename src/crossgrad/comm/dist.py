@@ -277,6 +277,13 @@ class DistComm:
                                    dtype=torch.long, device=dev)
         self.peers = peers  # the ranks this rank exchanges with
 
+    def restrict(self, edges: list[tuple[int, int]]) -> DistComm:
+        """A comm over a subset of the edges: the same blocks of agents, so the same counters (and one
+        failure state: after a failed round neither may go on)."""
+        sub = DistComm(edges, self.plan.n, timeout=self.timeout, device=self.device)
+        sub.bytes_sent, sub.wire_bytes, sub.failed = self.bytes_sent, self.wire_bytes, self.failed
+        return sub
+
     def exchange(self, x: Tensor) -> Tensor:
         """Round 1: one message of rows per peer rank each way; returns one row per in-edge (in-edge order)."""
         count_round1(self, x)

@@ -28,6 +28,11 @@ class LocalComm:
         self.sources = self.plan.in_src.to(device)
         self._buffers: dict[int, Tensor] = {}
 
+    def restrict(self, edges: list[tuple[int, int]]) -> LocalComm:
+        sub = LocalComm(edges, self.plan.n, device=self.sources.device)
+        sub.bytes_sent = self.bytes_sent
+        return sub
+
     def exchange(self, x: Tensor) -> Tensor:
         count_round1(self, x)
         return x.index_select(0, self.sources)

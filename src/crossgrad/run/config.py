@@ -404,6 +404,8 @@ def _algorithm_label(cfg: Config) -> str:
         return "Momentum Tracking"
     if name == "decentlam":
         return "DecentLaM"
+    if name == "relaysgd":
+        return "RelaySGD" if a["relay"] == "model" else "RelaySum/Grad"
     return cfg.algorithm.name
 
 

@@ -28,6 +28,7 @@ from crossgrad.topology.basegraph import BaseGraph
 from crossgrad.topology.checks import MAX_AGENTS, TopologyError, check_int
 from crossgrad.topology.graph import Topology
 from crossgrad.topology.timevarying import OnePeerExponential, RandomMatching, TimeVaryingTopology
+from crossgrad.topology.trees import binary_tree, double_binary_trees
 
 
 def _make_ring(n: int, weights: str = "uniform") -> Topology:
@@ -182,6 +183,9 @@ TOPOLOGIES: dict[str, Callable[..., Topology | TimeVaryingTopology]] = {
     "full": _make_full,
     "chain": _make_chain,
     "star": _make_star,
+    # RelaySGD's spanning trees (crossgrad.topology.trees)
+    "binary_tree": binary_tree,
+    "double_binary_trees": double_binary_trees,
     "exponential": _make_exponential,
     "erdos_renyi": _make_erdos_renyi,
     "circulant": _make_circulant,
