@@ -21,6 +21,7 @@ from torch import nn
 
 import crossgrad as cg
 from crossgrad.topology import OnePeerExponential, RandomMatching, Topology
+from crossgrad.topology.trees import binary_tree, double_binary_trees
 
 WORLD = 4
 STEPS = 3
@@ -52,9 +53,9 @@ PUSH_GRAPHS = {
     "push_directed": lambda: Topology.from_edges(WORLD, [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2)], directed=True,
                                                  weights="out_uniform"),
 }
-#: gradient tracking, D², GUT, Momentum Tracking (its first step's global average included) and DecentLaM on graphs
-#: they accept (gt: doubly stochastic W, also directed or time-varying; d2: symmetric W): (label, topology,
-#: algorithm, options), one agent per rank
+#: gradient tracking, D², GUT, Momentum Tracking (its first step's global average included), DecentLaM and RelaySGD
+#: on graphs they accept (gt: doubly stochastic W, also directed or time-varying; d2: symmetric W; relaysgd:
+#: trees): (label, topology, algorithm, options), one agent per rank
 TRACKING_RUNS = [
     ("gt_ring", lambda: Topology.ring(WORLD), "gt", dict(momentum=0.9, nesterov=True)),
     ("gt_directed_ring", lambda: Topology.directed_ring(WORLD), "gt", dict(qgm=True, weight_decay=1e-3)),
@@ -64,6 +65,9 @@ TRACKING_RUNS = [
     ("gut_ring", lambda: Topology.ring(WORLD), "gut", dict(mu=0.5, momentum=0.9, nesterov=True, gamma=0.7)),
     ("momentum_tracking_ring", lambda: Topology.ring(WORLD), "momentum_tracking", dict(weight_decay=1e-3)),
     ("decentlam_directed_ring", lambda: Topology.directed_ring(WORLD), "decentlam", dict(gamma=0.8)),
+    ("relaysgd_chain", lambda: Topology.chain(WORLD), "relaysgd", dict()),
+    ("relaysgd_grad_double_binary_trees", lambda: double_binary_trees(WORLD), "relaysgd",
+     dict(relay="grad")),
 ]
 
 #: the baselines' published forms (docs/algorithms.md), run and checked as TRACKING_RUNS are
@@ -282,6 +286,12 @@ BLOCK_TRACKING_RUNS = [  # as TRACKING_RUNS, 7 or 8 agents over 3 ranks
     ("gt_directed_exponential", lambda: Topology.exponential(7, directed=True), "gt", dict(qgm=True)),
     ("gt_random_matching", lambda: RandomMatching(8), "gt", dict()),
     ("d2_torus", lambda: Topology.torus(2, 4), "d2", dict(weight_decay=1e-3)),
+    # a message per tree edge, int64 counts packed with the rows; the two trees cross the ranks differently
+    ("relaysgd_binary_tree", lambda: binary_tree(7), "relaysgd", dict(nesterov=False)),
+    ("relaysgd_double_binary_trees", lambda: double_binary_trees(8), "relaysgd",
+     dict(weight_decay=1e-3)),
+    ("relaysgd_grad_double_binary_trees", lambda: double_binary_trees(7), "relaysgd",
+     dict(relay="grad")),
     ("d2_star_metropolis", lambda: Topology.star(7, weights="metropolis"), "d2", dict(gamma=0.9)),
     ("gut_torus", lambda: Topology.torus(2, 4), "gut", dict(weight_decay=1e-3)),
     ("momentum_tracking_ring", lambda: Topology.ring(7), "momentum_tracking", dict(gamma=0.6)),
@@ -532,7 +542,8 @@ def _check_tracking_runs(runs: list, results: dict) -> None:
 @pytest.mark.timeout(200)
 def test_gt_and_d2_distributed_equal_the_simulator(dist_results):
     """gt's extra round-1 message (y), d2's correction, GUT's recovered steps, Momentum Tracking's c and its first
-    step's all-reduce, DecentLaM's z: one agent per rank, static and time-varying graphs."""
+    step's all-reduce, DecentLaM's z, relaysgd's per-edge relay: one agent per rank, static and time-varying
+    graphs."""
     _check_tracking_runs(TRACKING_RUNS, dist_results)
 
 
