@@ -47,7 +47,11 @@ BENCH_ALGORITHMS: dict[str, tuple[str, dict]] = {
     "qg-gutm": ("gut", dict(momentum=0.9, mu=0.06)),
     "momentum_tracking": ("momentum_tracking", dict()),  # a second round-1 message per edge: c - m
     "decentlam": ("decentlam", dict()),  # round 1 carries the local step z instead of the model
+    # no gossip: the local step, then a message per tree edge (a row and a count), on the graph below
+    "relaysgd(chain)": ("relaysgd", dict()),
 }
+#: labels that run only on a spanning tree: the per-algorithm table runs them on this graph of the same agents
+BENCH_TREES: dict[str, str] = {"relaysgd(chain)": "chain"}
 
 
 #: models the bench can name beyond the registry's: (registry name, norm, options)
@@ -220,7 +224,8 @@ def throughput_table(model_name: str, input_shape: tuple[int, ...], n: int = 16,
     topo = make_topology(topology, n)
     rows = []
     for label in algorithms or list(BENCH_ALGORITHMS):
-        res = measure(model_name, input_shape, topo, label, batch, steps, repeats, dev, evaluator)
+        graph = make_topology(BENCH_TREES[label], n) if label in BENCH_TREES else topo
+        res = measure(model_name, input_shape, graph, label, batch, steps, repeats, dev, evaluator)
         rows.append({
             "model": model_name, "algorithm": label, "agents": n, "passes/agent/step": res.passes_per_step,
             "sim samples/s": res.samples_per_s, "bound samples/s": res.bound_samples_per_s,
