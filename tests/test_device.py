@@ -14,6 +14,7 @@ from torch import nn
 import crossgrad as cg
 from crossgrad.algorithms import ALGORITHMS
 from crossgrad.topology import OnePeerExponential, RandomMatching
+from crossgrad.topology.trees import double_binary_trees
 from device_guard import no_implicit_device
 
 TOPOLOGIES = {"ring": lambda: cg.Topology.ring(4), "star": lambda: cg.Topology.star(4),
@@ -23,7 +24,9 @@ TOPOLOGIES = {"ring": lambda: cg.Topology.ring(4), "star": lambda: cg.Topology.s
               # symmetric and doubly stochastic on an irregular graph (gt and d2 need one)
               "star_metropolis": lambda: cg.Topology.star(4, weights="metropolis"),
               # time-varying: every step's graph and wiring is built while the run steps
-              "one_peer_exponential": lambda: OnePeerExponential(4), "random_matching": lambda: RandomMatching(4)}
+              "one_peer_exponential": lambda: OnePeerExponential(4), "random_matching": lambda: RandomMatching(4),
+              # two spanning trees (relaysgd only): per-tree comms, messages and counts
+              "double_binary_trees": lambda: double_binary_trees(4)}
 
 
 def _problem(device: str = "cpu", dtype=torch.float32):
@@ -38,7 +41,8 @@ def _problem(device: str = "cpu", dtype=torch.float32):
 def _train(name: str, topo: cg.Topology, evaluator: str, device: str = "cpu", guard: bool = False):
     model, batches = _problem(device)
     with no_implicit_device() if guard else torch.device(device):
-        sim = cg.Simulator(model, topo, cg.make_algorithm(name, lr=0.05, gamma=0.5), device=device,
+        gamma = {} if name == "relaysgd" else dict(gamma=0.5)  # relaysgd does not gossip: it takes no gamma
+        sim = cg.Simulator(model, topo, cg.make_algorithm(name, lr=0.05, **gamma), device=device,
                            evaluator=evaluator)
         for b in batches[:2]:
             sim.step(b)
@@ -57,7 +61,8 @@ def test_the_guard_catches_a_tensor_made_without_a_device():
 
 # every algorithm with both evaluators on a regular graph; the irregular and directed paths (padded QP rows,
 # directed data-variant weights) with the algorithms that have them
-CASES = [(name, "ring", ev) for name in sorted(ALGORITHMS) for ev in ("loop", "vmap")]
+CASES = [(name, "double_binary_trees" if name == "relaysgd" else "ring", ev) for name in sorted(ALGORITHMS)
+         for ev in ("loop", "vmap")]
 CASES += [(name, topo, "loop") for name in ("ngc", "cga", "compcga") for topo in ("star", "directed_ring")]
 CASES += [("sgp", "star_out", "loop")]  # push-sum weights that move off 1
 CASES += [(name, topo, "loop") for name in ("dsgd", "ngc", "gt")

@@ -401,7 +401,8 @@ def test_pickle_and_copy_roundtrip():
 def test_make_topology(tmp_path):
     assert set(TOPOLOGIES) == {"ring", "directed_ring", "torus", "full", "chain", "star", "exponential",
                                "erdos_renyi", "circulant", "petersen", "dyck", "edges", "file",
-                               "one_peer_exponential", "random_matching", "base_graph"}
+                               "one_peer_exponential", "random_matching", "base_graph",
+                               "binary_tree", "double_binary_trees"}
     assert make_topology("ring", 5) == Topology.ring(5)
     assert make_topology("Directed-Ring", 4) == Topology.directed_ring(4)
     assert make_topology("torus", 12) == Topology.torus(3, 4)
