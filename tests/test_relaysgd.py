@@ -282,6 +282,8 @@ def test_graphs_that_are_not_trees_are_refused_naming_the_accepted_ones():
     ('algorithm.relay="sum"', "relay must be 'model'"),
     ("algorithm.gamma=0.5", "relaysgd takes no gamma"),
     ("algorithm.qgm=true", "relaysgd takes no qgm"),
+    ('algorithm.gamma_schedule="cosine"', "relaysgd takes no gamma_schedule"),
+    ("training.local_steps=2", "relaysgd cannot: its relay sends"),
 ])
 def test_bad_options_are_one_line_errors(setting, message, capsys):
     with pytest.raises(cg.ConfigError, match=message):

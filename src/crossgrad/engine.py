@@ -284,7 +284,8 @@ class Engine:
         clock.tick("combine")
         self.transforms.apply(d, x_half, self.lr)
         algo.after_update(self.ctx, view, self.algo_state)
-        algo.exchange_after_update(self.ctx, wiring.comm, x, view, self.algo_state)  # RelaySGD's relay
+        if communicate:
+            algo.exchange_after_update(self.ctx, wiring.comm, view, self.algo_state)  # RelaySGD's relay
         # one host sync per step: a NaN or Inf anywhere in a loss or a row makes its sum non-finite
         bad_loss = ~torch.isfinite(losses[:n])
         bad_row = ~torch.isfinite(x_half.sum(1))
@@ -318,8 +319,6 @@ class Engine:
         if received is None:  # a local step received nothing
             return None
         plan = self.ctx.plan
-        if not len(index):  # nothing arrived in round 1 (see Algorithm.gossip)
-            return None
         for k in ks:
             for e in (plan.in_dst == k).nonzero().flatten().tolist():
                 if not torch.isfinite(received[index[e]]).all():

@@ -299,8 +299,7 @@ class Algorithm:
         models in round 1 (Choco sends compressed differences through comm.exchange_payload): write
         the rows the gradients are taken at into `out` and return (rows, index) as the engine's round
         1 does: in-edge e's sender as this agent knows it is rows[index[e]] (read to blame a
-        non-finite step on a sender); an empty index says that nothing was received (RelaySGD, which
-        communicates after its local step). None, the default: the engine exchanges and gossips x itself."""
+        non-finite step on a sender). None, the default: the engine exchanges and gossips x itself."""
         return None
 
     def combine(
@@ -318,11 +317,10 @@ class Algorithm:
         """Runs after step 9, when view.x_half holds the updated rows: algorithms that correct the
         update (D²) do it here, in place."""
 
-    def exchange_after_update(self, ctx: CombineContext, comm: Any, x: Tensor, view: StepView,
-                              state: AlgorithmState) -> None:
-        """Runs after after_update, for methods whose local step comes before their communication
-        (RelaySGD): exchange through `comm` (a Comm) what the update made and write the step's result
-        into view.x_half in place; x holds the rows before the step (read only). Nothing by default."""
+    def exchange_after_update(self, ctx: CombineContext, comm: Any, view: StepView, state: AlgorithmState) -> None:
+        """Runs after after_update on a communicating step, for methods whose local step comes before their
+        communication (RelaySGD): exchange through `comm` (a Comm) what the update made and write the step's
+        result into view.x_half in place (view.x: the rows before the step). Nothing by default."""
 
     def hyperparameters(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

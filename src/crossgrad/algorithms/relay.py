@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from crossgrad.algorithms.base import Algorithm, CombineContext, ConfigError, StepView
+from crossgrad.algorithms.base import Algorithm, CombineContext, ConfigError, StepView, nothing_received
 from crossgrad.comm.base import Comm, EdgePlan
 from crossgrad.topology.trees import Pairs, relay_trees
 from crossgrad.transforms import _load_rows
@@ -93,6 +93,9 @@ class RelaySGD(Algorithm):
     relay: str = "model"
 
     name: ClassVar[str] = "relaysgd"
+    local_steps_refusal: ClassVar[str | None] = (
+        "its relay sends every agent's contribution along the tree one hop per step, so a step without the "
+        "messages would stall the sums and counts in flight")
 
     def validate(self) -> None:
         super().validate()
@@ -102,6 +105,9 @@ class RelaySGD(Algorithm):
         if self.gamma != 1:
             raise ConfigError(f"relaysgd takes no gamma (got {self.gamma:g}): it does not gossip, it averages "
                               "exactly over a tree; leave gamma at 1")
+        if self.gamma_schedule != "constant":
+            raise ConfigError(f"relaysgd takes no gamma_schedule (got {self.gamma_schedule!r}): it has no "
+                              "averaging rate to schedule; use gamma_schedule = 'constant'")
         if self.qgm:
             raise ConfigError("relaysgd takes no qgm: quasi-global momentum corrects gossip's averaging, and "
                               "relaysgd averages exactly; use momentum (local Nesterov momentum, as the authors)")
@@ -135,10 +141,11 @@ class RelaySGD(Algorithm):
         if state.steps == 0 and len(state.x0):  # every agent starts from the same weights
             state.x0.copy_(x[0])
         out.copy_(x)
-        return out, torch.empty(0, dtype=torch.long, device=x.device)
+        return nothing_received(ctx, x)
 
-    def exchange_after_update(self, ctx: CombineContext, comm: Comm, x: Tensor, view: StepView,
-                              state: RelayState) -> None:
+    def exchange_after_update(self, ctx: CombineContext, comm: Comm, view: StepView, state: RelayState) -> None:
+        x = view.x
+        assert x is not None  # the engine always passes the rows before the step
         if not state.comms:
             state.comms = [comm] if len(state.trees) == 1 else [comm.restrict(_directed(t)) for t in state.trees]
         x_half, n, K = view.x_half, ctx.plan.n, len(state.trees)
