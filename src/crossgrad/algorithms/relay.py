@@ -123,12 +123,12 @@ class RelaySGD(Algorithm):
     def init_state(self, ctx: CombineContext, device: torch.device) -> RelayState:
         trees = relay_trees(ctx.topology)
         assert trees is not None  # check_topology refused the rest
+        # the plans the trees' comms will have (EdgePlan.build is what every backend orders its edges with)
         plans = [EdgePlan.build(_directed(t), ctx.plan.n, ctx.plan.local) for t in trees]
         for plan in plans:  # undirected: in-edge e and out-edge e join the same two agents
             assert torch.equal(plan.in_dst, plan.out_src) and torch.equal(plan.in_src, plan.out_dst)
         P, K = ctx.layout.size, len(trees)
         sizes = [len(range(t, P, K)) for t in range(K)]
-        # the plans the trees' comms will have (EdgePlan.build is what every backend orders its edges with)
         return RelayState(
             received=[torch.zeros(len(p.in_src), c, dtype=ctx.dtype, device=device) for p, c in zip(plans, sizes)],
             counts=[torch.zeros(len(p.in_src), dtype=torch.long, device=device) for p in plans],
