@@ -36,14 +36,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.stop_after is not None and args.stop_after < 0:
         return _error(f"--stop-after takes a number of steps >= 0, not {args.stop_after}")
     if args.resume:
-        if args.config or args.set or args.out_dir or args.name or args.backend:
+        if args.config or args.set or args.out_dir or args.name or args.overwrite or args.resume_if_exists:
             return _error(
-                "--resume DIR takes no config file and no --set/--out-dir/--name/--backend "
-                "(the run continues with the config saved in DIR)"
+                "--resume DIR takes no config file and no --set/--out-dir/--name/--overwrite/--resume-if-exists "
+                "(the run continues with the config saved in DIR; --backend may change)"
             )
-        result = resume_experiment(args.resume, quiet=args.quiet, stop_after=args.stop_after)
+        result = resume_experiment(args.resume, quiet=args.quiet, stop_after=args.stop_after, backend=args.backend)
     else:
+        if args.overwrite and args.resume_if_exists:
+            return _error("--overwrite replaces an unfinished run, --resume-if-exists continues it: pick one")
         overrides = list(args.set or [])
+        if args.resume_if_exists:
+            overrides.append('output.resume="auto"')
         if args.out_dir:
             overrides.append(f"output.out_dir={_toml_str(args.out_dir)}")
         if args.name:
@@ -331,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)"
     )
-    r.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its checkpoint")
+    r.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its checkpoint "
+                   "(on any number of processes: --backend sim, or dist under torchrun)")
+    r.add_argument("--resume-if-exists", action="store_true",
+                   help="continue the run if its directory holds an unfinished one, else start it "
+                   "(same as --set output.resume=auto; a torchrun restart always does this)")
     r.add_argument("--out-dir", help="same as --set output.out_dir=DIR")
     r.add_argument("--name", help="run directory name (same as --set output.name=NAME)")
     r.add_argument("--backend", choices=("sim", "dist"), help="same as --set backend=...")
@@ -481,15 +489,13 @@ def _main(argv: list[str]) -> int:
         if not func:
             parser.print_help()
             return 2
-    from crossgrad.run import RunBusyError, user_errors
+    from crossgrad.run import user_errors
 
     try:
         return int(func(args) or 0)
-    except RunBusyError as e:
+    except user_errors() as e:  # one line; 2 unless the error has its own code (a busy run dir: 75, ...)
         _error(str(e))
-        return RunBusyError.exit_code
-    except user_errors() as e:
-        return _error(str(e))
+        return getattr(e, "exit_code", 2)
     except BrokenPipeError:
         return 0
     except OSError as e:  # a path the checks above did not foresee: still one line, not a traceback

@@ -23,17 +23,25 @@ from crossgrad.evaluators import LossFn
 from crossgrad.topology import TimeVaryingTopology, Topology
 from crossgrad.wiring import comm_for
 
-__all__ = ["CommTimeoutError", "DistComm", "gather_rows", "gather_state", "init_from_env", "is_main",
-           "make_engine", "shutdown"]
+__all__ = ["CommTimeoutError", "DistComm", "StartupError", "gather_rows", "gather_state", "init_from_env",
+           "is_main", "make_engine", "shutdown"]
 
 
-def init_from_env(backend: str | None = None, timeout: float = 60.0) -> torch.device:
+class StartupError(RuntimeError):
+    """The processes could not form their group (rendezvous, store or connections); the text is one line
+    that leads with the cause and says what to do."""
+
+
+def init_from_env(backend: str | None = None, timeout: float = 60.0,
+                  startup_timeout: float | None = None) -> torch.device:
     """Initialise the default process group from torchrun's environment; returns this rank's device.
 
     Reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and LOCAL_RANK for the GPU). The backend is
     NCCL when CUDA is available (one GPU per local rank), gloo otherwise; `backend="gloo"` forces
-    the CPU. `timeout` (seconds) bounds collectives and connection set-up: the control points of a
-    run (start-up, evaluation, checkpoints), not its training rounds, which `DistComm` bounds itself.
+    the CPU. `startup_timeout` (seconds, default `timeout`) bounds forming the group: the store and
+    the connections between the ranks; a failure there raises `StartupError`. `timeout` then bounds
+    the collectives: the control points of a run (evaluation, checkpoints), not its training rounds,
+    which `DistComm` bounds itself.
     """
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
@@ -49,9 +57,37 @@ def init_from_env(backend: str | None = None, timeout: float = 60.0) -> torch.de
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout),
-                                device_id=device if cuda else None)
+        limit = timeout if startup_timeout is None else startup_timeout
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=limit), device_id=device if cuda else None)
+        except (RuntimeError, OSError) as e:  # torch's DistError family are RuntimeErrors
+            raise StartupError(_startup_failure(e, limit)) from None
+        if limit != timeout:  # the group's collectives get the control time-out, not the start-up one
+            dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout))
     return device
+
+
+def _startup_failure(e: BaseException, limit: float) -> str:
+    """What went wrong while the group formed, cause first, then what to do."""
+    detail = " ".join(str(e).split())[:300] or type(e).__name__
+    low = detail.lower()
+    rank, world = os.environ["RANK"], os.environ["WORLD_SIZE"]
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    if "address already in use" in low or "eaddrinuse" in low:
+        cause = f"port {where} is taken by another program"
+        advice = "pick a free port (torchrun --master-port or --rdzv-endpoint), or let --standalone choose one"
+    elif "timed out" in low or "timeout" in low:
+        cause = f"not all {world} processes arrived within {limit:g} s"
+        advice = (f"check that every process (every node's torchrun) was started and can reach {where}, "
+                  "or raise training.startup_timeout")
+    elif "refused" in low or "connect" in low or "reset by peer" in low:
+        cause = f"a peer was not there ({where} or another rank refused the connection)"
+        advice = ("the other processes exited or were never started: start them all (with torchrun, all nodes "
+                  "use the same --rdzv-endpoint)")
+    else:
+        cause = "the process group could not be formed"
+        advice = "check the launch (docs/distributed.md)"
+    return f"start-up failed: {cause} (rank {rank} of {world}: {detail}); {advice}"
 
 
 def is_main() -> bool:

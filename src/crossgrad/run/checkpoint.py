@@ -42,9 +42,9 @@ def pack(common: dict[str, Any], parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {"version": CHECKPOINT_VERSION, **common, **layout}
 
 
-def split(state: dict[str, Any], n_processes: int) -> list[dict[str, Any]]:
-    """The parts of a checkpoint, one per process (inverse of `pack`)."""
-    return [state] if n_processes == 1 else list(state["ranks"])
+def split(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The parts of a checkpoint, one per process that wrote it (inverse of `pack`)."""
+    return list(state["ranks"]) if "ranks" in state else [state]
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -63,9 +63,9 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f), what="checkpoint")
 
 
-def read_checkpoint(path: Path, cfg_dict: dict[str, Any], total_steps: int, n: int,
-                    n_processes: int) -> dict[str, Any]:
-    """Load and check a checkpoint of this run (config, step range, one part per process); RunError otherwise."""
+def read_checkpoint(path: Path, cfg_dict: dict[str, Any], total_steps: int, n: int) -> dict[str, Any]:
+    """Load and check a checkpoint of this run (config, step range, one part per process that wrote it, each
+    with its agents' entries); RunError otherwise. It may come from any number of processes (see reblock)."""
     if not path.is_file():
         raise RunError(f"nothing to resume in {path.parent} (no {path.name})")
     try:  # data only: a checkpoint whose pickle refers to any code is refused, never executed
@@ -88,7 +88,7 @@ def read_checkpoint(path: Path, cfg_dict: dict[str, Any], total_steps: int, n: i
         raise RunError(f"cannot read {path}: corrupt or truncated ({reason})") from None
     if not isinstance(state, dict):
         raise RunError(f"cannot read {path}: not a crossgrad checkpoint")
-    _check(state, path, cfg_dict, total_steps, n, n_processes)
+    _check(state, path, cfg_dict, total_steps, n)
     return state
 
 
@@ -111,12 +111,15 @@ def _first_global(path: Path) -> str | None:
     return None
 
 
-def _check(state: dict[str, Any], path: Path, cfg_dict: dict[str, Any], total_steps: int, n: int,
-           n_processes: int) -> None:
+def _check(state: dict[str, Any], path: Path, cfg_dict: dict[str, Any], total_steps: int, n: int) -> None:
     """Refuse a checkpoint that is not this run's, before touching any state."""
-    if state.get("version") != CHECKPOINT_VERSION:
+    version = state.get("version")
+    if version != CHECKPOINT_VERSION:
+        older = isinstance(version, int) and version < CHECKPOINT_VERSION
         raise RunError(
-            f"{path}: checkpoint version {state.get('version')} is not supported (expected {CHECKPOINT_VERSION})"
+            f"cannot resume from {path}: checkpoint version {version!r} "
+            f"({'an older crossgrad' if older else 'not this crossgrad'}'s format) is not supported; this crossgrad "
+            f"reads version {CHECKPOINT_VERSION}: finish the run with the crossgrad that wrote it, or start it again"
         )
     mine, theirs = comparable_config(cfg_dict), comparable_config(saved_config_data(state.get("config")))
     if theirs is None:  # without it an edited config.toml would silently continue someone else's run
@@ -127,18 +130,17 @@ def _check(state: dict[str, Any], path: Path, cfg_dict: dict[str, Any], total_st
             f"cannot resume from {path}: it was written by another configuration "
             f"(differs in {', '.join(diff[:6])}{', ...' if len(diff) > 6 else ''})"
         )
-    layout = ("ranks",) if n_processes > 1 else PART_KEYS
+    layout = ("ranks",) if "ranks" in state else PART_KEYS
     missing = [k for k in ("step", "metrics", *layout) if k not in state]
     if missing:
         raise RunError(f"cannot resume from {path}: not a complete checkpoint (missing {', '.join(missing)})")
     step = state["step"]
     if not isinstance(step, int) or not 0 <= step <= total_steps:
         raise RunError(f"cannot resume from {path}: step {step!r} is outside this run's 0..{total_steps}")
-    if n_processes > 1:
-        ranks = state["ranks"]
-        if not isinstance(ranks, (list, tuple)) or len(ranks) != n_processes:
-            raise RunError(f"cannot resume from {path}: it does not hold one state per rank ({n_processes})")
-    for part, block in zip(split(state, n_processes), agent_blocks(n, n_processes)):
+    written_by = len(state["ranks"]) if isinstance(state.get("ranks"), (list, tuple)) else 1
+    if "ranks" in state and not 1 < written_by <= n:
+        raise RunError(f"cannot resume from {path}: it does not hold one state per process (1 < processes <= {n})")
+    for part, block in zip(split(state), agent_blocks(n, written_by)):
         if not isinstance(part, dict) or any(k not in part for k in PART_KEYS):
             raise RunError(f"cannot resume from {path}: not a complete checkpoint (a rank's state is incomplete)")
         for key in ("streams", "aug_gens"):

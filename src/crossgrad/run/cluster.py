@@ -13,7 +13,9 @@ The trainer talks only to this interface and never asks which backend it runs on
 - `gather_parts` / `scatter_parts`: checkpoint parts to and from the main process;
 - `broadcast_error(err)`: the main process's set-up error (or None) raised on every process;
 - `interrupt()`: a context that turns Ctrl-C into a flag the trainer agrees on between steps;
-- `failures`: the exceptions that mean a peer died or hung (the run fails, the checkpoint is kept).
+- `failures`: the exceptions that mean a peer died or hung (the run fails, the checkpoint is kept);
+- `restarts`: how many times the launcher restarted the worker group (torchrun's elastic restarts); a
+  restarted group continues its run from the last checkpoint.
 """
 from __future__ import annotations
 
@@ -31,6 +33,20 @@ from crossgrad.algorithms import ConfigError
 from crossgrad.devices import resolve_device
 from crossgrad.run.config import Config
 from crossgrad.run.data import Prepared
+
+
+class StartupFailure(ConfigError):
+    """The processes of a dist run could not form their group: one line, exit 1 (the run failed, retry it)."""
+
+    exit_code = 1
+
+
+def elastic_restarts() -> int:
+    """How many times torchrun has restarted this worker group (0 on its first start, and without torchrun)."""
+    try:
+        return max(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), 0)
+    except ValueError:
+        return 0
 
 
 class Interrupt:
@@ -66,6 +82,7 @@ class LocalCluster:
     n_processes = 1
     sync_every = 1  # agreeing costs nothing here: a divergence stops the run at the failing step
     failures: tuple[type[BaseException], ...] = ()
+    restarts = 0
 
     def __init__(self, cfg: Config):
         self.n = cfg.topology.n_agents
@@ -123,7 +140,7 @@ class DistCluster:
 
         from crossgrad.comm.base import agent_blocks
         from crossgrad.comm.dist import CommTimeoutError
-        from crossgrad.distributed import init_from_env
+        from crossgrad.distributed import StartupError, init_from_env
 
         n = cfg.topology.n_agents
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -139,8 +156,13 @@ class DistCluster:
             )
         wanted = resolve_device(cfg.training.device)  # the simulator's check: no silent fall-back to the CPU
         self.cfg = cfg
-        self.device = init_from_env("nccl" if wanted.type == "cuda" else "gloo",
-                                    timeout=cfg.training.control_timeout)
+        try:
+            self.device = init_from_env("nccl" if wanted.type == "cuda" else "gloo",
+                                        timeout=cfg.training.control_timeout,
+                                        startup_timeout=cfg.training.startup_timeout)
+        except StartupError as e:
+            raise StartupFailure(str(e)) from None
+        self.restarts = elastic_restarts()
         self.n, self.n_processes = n, world
         self.rank = dist.get_rank()
         self.local = list(agent_blocks(n, world)[self.rank])

@@ -92,6 +92,7 @@ __all__ = [
 
 SCHEDULES = ("constant", "multistep", "cosine")
 BACKENDS = ("sim", "dist")
+RESUME_MODES = ("never", "auto")
 
 
 @dataclass
@@ -190,9 +191,12 @@ class TrainingConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     threads: int = 0  # torch CPU threads; 0 = torch's default
     comm_timeout: float = 60.0  # backend "dist": seconds a rank waits for a neighbour before failing
-    #: backend "dist": seconds a rank waits at a control point (evaluation, checkpoint, start-up) for the others;
+    #: backend "dist": seconds a rank waits at a control point (evaluation, checkpoint, set-up) for the others;
     #: generous because rank 0 evaluates and writes files there while the others wait
     control_timeout: float = 1800.0
+    #: backend "dist": seconds the processes have to find each other (rendezvous, store, connections) before
+    #: start-up fails with one line: a restarted worker group must not wait the control time-out for a dead peer
+    startup_timeout: float = 120.0
 
 
 @dataclass
@@ -200,6 +204,10 @@ class OutputConfig:
     out_dir: str = "runs"
     name: str | None = None
     tensorboard: bool = False  # also write TensorBoard event files (pip install 'crossgrad[tensorboard]')
+    #: "never": an unfinished run in the run directory is an error; "auto": continue it from its checkpoint
+    #: (after the usual checks), or start when there is none (for scripted relaunches; torchrun restarts
+    #: always resume)
+    resume: str = "never"
 
 
 @dataclass
@@ -265,7 +273,7 @@ class Config:
             raise ConfigError(f"training.seed must be an integer in [0, 2**63), not {tr.seed}")
         if tr.threads > MAX_THREADS:
             raise ConfigError(f"training.threads must be at most {MAX_THREADS}, not {tr.threads}")
-        for key in ("comm_timeout", "control_timeout"):
+        for key in ("comm_timeout", "control_timeout", "startup_timeout"):
             value = getattr(tr, key)
             if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
                 raise ConfigError(f"training.{key} must be a positive number of seconds, not {value!r}")
@@ -288,6 +296,8 @@ class Config:
             not self.output.name or "/" in self.output.name or self.output.name in (".", "..")
         ):
             raise ConfigError(f"output.name must be a plain directory name, not {self.output.name!r}")
+        if self.output.resume not in RESUME_MODES:
+            raise ConfigError(f"output.resume must be one of {', '.join(RESUME_MODES)}, not {self.output.resume!r}")
         if self.output.tensorboard:
             from crossgrad.run.scalars import require_tensorboard
 

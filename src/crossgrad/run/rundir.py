@@ -68,9 +68,10 @@ def one_line(text: Any, limit: int) -> str:
 
 # ------------------------------------------------------------------------------ configuration
 #: config keys that may differ between a checkpoint and its resumption (where and how fast, not what)
-RESUMABLE_KEYS = {"output", "training.device", "training.threads", "training.eval_batch_size",
-                  "training.comm_timeout", "training.control_timeout", "training.eval_at_start",
-                  "training.log_every"}
+#: (the backend too: agent state is per agent, so a checkpoint resumes on any number of processes)
+RESUMABLE_KEYS = {"output", "backend", "training.device", "training.threads", "training.eval_batch_size",
+                  "training.comm_timeout", "training.control_timeout", "training.startup_timeout",
+                  "training.eval_at_start", "training.log_every"}
 
 
 def comparable_config(d: Any) -> dict[str, Any] | None:
@@ -119,6 +120,11 @@ def check_resumable(run_dir: Path) -> None:
     if not (run_dir / CHECKPOINT).is_file():
         raise RunError(f"nothing to resume in {run_dir} (no {CHECKPOINT}"
                        + ("; it diverged before its first checkpoint)" if status else ")"))
+
+
+def holds_unfinished_run(run_dir: Path) -> bool:
+    """A run with a checkpoint and no verdict yet: what output.resume = "auto" (and a torchrun restart) continues."""
+    return finished_status(run_dir) is None and (run_dir / CHECKPOINT).is_file()
 
 
 def open_run_dir(run_dir: Path, cfg: Config, *, resume: bool, overwrite: bool) -> None:

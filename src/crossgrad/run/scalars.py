@@ -3,8 +3,8 @@
 The trainer hands over numbers it already holds at its sync points (the running loss sums it
 reads there anyway), so logging adds no device synchronisation to the steps in between. A run
 that dies in its first epoch still leaves a training curve. Under torch.distributed the main
-process logs the training loss of its own agents; the per-epoch records in metrics.jsonl hold
-every agent's.
+process logs the mean over every agent, as the simulator does: the processes' loss sums travel with
+the flags they agree on at the sync point anyway.
 """
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ from crossgrad.run.cluster import Interrupt, open_cluster
 from crossgrad.run.config import Config
 from crossgrad.run.data import AgentBatches, Prepared, prepare
 from crossgrad.run.evaluate import TrainTotals, evaluate, evaluate_after_gossip, gather_stats, peak_memory_mb
+from crossgrad.run.reblock import reblock
 from crossgrad.run.rundir import (
     CHECKPOINT,
     METRICS,
@@ -50,6 +51,7 @@ from crossgrad.run.rundir import (
     atomic_write_text,
     check_resumable,
     claim_run_dir,
+    holds_unfinished_run,
     jsonable,
     load_run_config,
     one_line,
@@ -58,6 +60,7 @@ from crossgrad.run.rundir import (
 )
 from crossgrad.run.scalars import ScalarLog
 from crossgrad.run.schedule import gamma_at, lr_at, run_length
+from crossgrad.topology.timevarying import is_time_varying
 
 
 @dataclass
@@ -131,15 +134,14 @@ class Trainer:
         path, error, shares = self.run_dir / CHECKPOINT, None, None
         if self.cluster.main:
             try:
-                state = read_checkpoint(path, self.cfg.to_dict(), self.total_steps, self.cluster.n,
-                                        self.cluster.n_processes)
+                state = read_checkpoint(path, self.cfg.to_dict(), self.total_steps, self.cluster.n)
                 progress = {k: state[k] for k in ("step", "metrics", "elapsed")}
                 changes = environment_changes(state.get("environment"), environment(self.p.device))
                 if changes:  # e.g. other thread counts sum in another order: close, but not bit-identical
                     print(f"crossgrad: warning: resuming with {', '.join(changes)} (the checkpoint's "
                           "environment); the result may differ in the last bits from an uninterrupted run",
                           file=sys.stderr)
-                shares = [{"progress": progress, "part": part} for part in split(state, self.cluster.n_processes)]
+                shares = [{"progress": progress, "part": part} for part in self._recut(split(state))]
             except (RunError, KeyError) as e:
                 error = e if isinstance(e, RunError) else RunError(f"cannot resume from {path}: missing {e}")
         self.cluster.broadcast_error(error)
@@ -154,6 +156,15 @@ class Trainer:
             raise RunError(
                 f"cannot resume from {path}: the checkpoint does not fit this run ({one_line(e, 200)})"
             ) from None
+
+    def _recut(self, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A checkpoint's parts for this run's number of processes: agent state is per agent (see reblock)."""
+        if len(parts) != self.cluster.n_processes:
+            self._say(f"[{self.run_dir.name}] the checkpoint was written by {len(parts)} process(es), this run has "
+                      f"{self.cluster.n_processes}: its agents' state is re-cut for the new blocks")
+        topo = self.p.topology
+        return reblock(parts, self.cluster.n, None if is_time_varying(topo) else topo.edges,
+                       self.cluster.n_processes, margin=float(getattr(self.p.algorithm, "margin", 0.0)))
 
     # -------------------------------------------------------------- evaluation and summary
     def _evaluate(self, t0: float, steps_at_t0: int) -> dict[str, Any] | None:
@@ -224,14 +235,19 @@ class Trainer:
         )
 
     # -------------------------------------------------------------- the loop
-    def _agree(self, intr: Interrupt) -> Verdict:
+    def _agree(self, intr: Interrupt, loss: bool = False) -> Verdict:
+        """The flags of every process; with `loss`, also the sum of every agent's training losses so far
+        (`self.loss_sum`, for steps.csv: one all-gather carries both)."""
         e = self.engine.nonfinite
-        mine = (intr.hit, None if e is None else (e.step, e.agent, e.what))
+        mine = (intr.hit, None if e is None else (e.step, e.agent, e.what),
+                float(self.totals.loss.sum()) if loss else 0.0)
         everyone = self.cluster.share(mine)
-        failures = [f for _, f in everyone if f is not None]
+        if loss:
+            self.loss_sum = math.fsum(s for _, _, s in everyone)
+        failures = [f for _, f, _ in everyone if f is not None]
         # the earliest step; within it an agent's own failure before what its neighbours received from it
         first = min(failures, key=lambda f: (f[0], "received" in f[2], f[1])) if failures else None
-        return Verdict(first, any(hit for hit, _ in everyone))
+        return Verdict(first, any(hit for hit, _, _ in everyone))
 
     def _log(self, rec: dict, bar: Any) -> None:
         tl = rec["train_loss"]
@@ -283,14 +299,19 @@ class Trainer:
             print(text, file=sys.stderr, flush=True)
 
     def _log_scalars(self, scalars: ScalarLog, t0: float) -> None:
-        """One steps.csv row: the mean training loss since the previous row, from sums the loop already has."""
-        loss_sum, steps = float(self.totals.loss.sum()), self.totals.steps
+        """One steps.csv row: every agent's mean training loss since the previous row, from the sums `_agree`
+        just gathered."""
+        loss_sum, steps = self.loss_sum, self.totals.steps
         done = steps - self._logged[1]
         if done:
-            mean = (loss_sum - self._logged[0]) / (done * self.totals.n_local)
+            mean = (loss_sum - self._logged[0]) / (done * self.cluster.n)
             scalars.step(self.step, self.step / self.steps_per_epoch, self.engine.lr, mean,
                          self.elapsed + time.perf_counter() - t0)
         self._logged = (loss_sum, steps)
+
+    def _all_losses(self) -> float:
+        """The sum of every agent's running training loss (a collective)."""
+        return math.fsum(self.cluster.share(float(self.totals.loss.sum())))
 
     def _loop(self, stop_after: int | None, scalars: ScalarLog | None, t0: float, steps_at_t0: int) -> RunResult:
         cfg, tr, cluster = self.cfg, self.cfg.training, self.cluster
@@ -298,7 +319,7 @@ class Trainer:
         eval_steps = tr.eval_every_steps or tr.eval_every * self.steps_per_epoch
         ckpt_steps = tr.checkpoint_every * self.steps_per_epoch if tr.checkpoint_every else 0
         metrics_path = self.run_dir / METRICS
-        self._logged, last_log = (float(self.totals.loss.sum()), self.totals.steps), self.step
+        self._logged, last_log = (self._all_losses(), self.totals.steps), self.step
         bar = self._progress_bar()
         status, verdict = "completed", Verdict(None, False)
         with cluster.interrupt() as intr, (bar if bar is not None else contextlib.nullcontext()):
@@ -317,12 +338,14 @@ class Trainer:
                 self.totals.add(losses, self.engine, bias=evaluate_now or self.step % tr.log_every == 0)
                 checkpoint_now = self.step == self.total_steps or (ckpt_steps and self.step % ckpt_steps == 0)
                 if evaluate_now or checkpoint_now or self.step % cluster.sync_every == 0:
-                    verdict = self._agree(intr)
+                    # on crossing a multiple of log_every, so a resumed run logs the steps an uninterrupted one does
+                    log_now = self.step // tr.log_every > last_log // tr.log_every or evaluate_now
+                    verdict = self._agree(intr, loss=log_now)
                     if verdict.failure is not None:
                         break
-                    # on crossing a multiple of log_every, so a resumed run logs the steps an uninterrupted one does
-                    if scalars is not None and (self.step // tr.log_every > last_log // tr.log_every or evaluate_now):
-                        self._log_scalars(scalars, t0)
+                    if log_now:
+                        if scalars is not None:
+                            self._log_scalars(scalars, t0)
                         last_log = self.step
                 if bar is not None:
                     bar.update(1)
@@ -441,18 +464,28 @@ def _train(cfg: Config, run_dir: Path, cluster: Any, *, quiet: bool, stop_after:
     warning = prepared.topology.consensus_warning(prepared.algorithm.gamma)
     if warning and cluster.main:
         print(f"crossgrad: warning: {warning}", file=sys.stderr)
+    # a restarted torchrun worker group reruns the first command line: it continues the run, never replaces it
+    auto = not resume and (cluster.restarts > 0 or (cfg.output.resume == "auto" and not overwrite))
+    overwrite = overwrite and not cluster.restarts
     with contextlib.ExitStack() as stack:
         error = None
         if cluster.main:  # only the main process touches the run directory; the others hear its verdict
             try:
                 stack.enter_context(claim_run_dir(run_dir))
+                resume = resume or (auto and holds_unfinished_run(run_dir))
                 open_run_dir(run_dir, cfg, resume=resume, overwrite=overwrite)
             except (RunError, OutputError) as e:
                 error = e
         cluster.broadcast_error(error)
+        if auto:
+            resume = cluster.share(resume)[0]  # what the main process found in the run directory
         trainer = Trainer(cfg, run_dir, cluster, prepared, quiet=quiet)
         if resume:
             trainer.load_checkpoint()
+            if auto:
+                why = f" (torchrun restart {cluster.restarts})" if cluster.restarts else ""
+                trainer._say(f"[{run_dir.name}] continuing the unfinished run from its checkpoint at step "
+                             f"{trainer.step}{why}")
         try:
             return trainer.train(stop_after=stop_after)
         except cluster.failures as e:
@@ -469,11 +502,19 @@ def run_experiment(
     return _run(cfg, run_dir, quiet=quiet, stop_after=stop_after, resume=False, overwrite=overwrite)
 
 
-def resume_experiment(run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None) -> RunResult:
-    """Continue a stopped or interrupted run from its checkpoint; the result equals an uninterrupted run (CPU)."""
+def resume_experiment(run_dir: str | Path, *, quiet: bool = False, stop_after: int | None = None,
+                      backend: str | None = None) -> RunResult:
+    """Continue a stopped or interrupted run from its checkpoint; the result equals an uninterrupted run (CPU).
+
+    `backend` ("sim" or "dist") runs it on another backend than the one that wrote it; the checkpoint's
+    agent state is re-cut for this run's number of processes.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"cannot resume: {run_dir} is not a directory")
     cfg = load_run_config(run_dir)
+    if backend is not None:
+        cfg.backend = backend
+        cfg.validate()
     check_resumable(run_dir)  # before loading the data, which takes minutes for CIFAR-10
     return _run(cfg, run_dir, quiet=quiet, stop_after=stop_after, resume=True)
