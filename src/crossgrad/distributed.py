@@ -59,12 +59,25 @@ def init_from_env(backend: str | None = None, timeout: float = 60.0,
     if not dist.is_initialized():
         limit = timeout if startup_timeout is None else startup_timeout
         try:
-            dist.init_process_group(backend, timeout=timedelta(seconds=limit), device_id=device if cuda else None)
+            _init_group(backend, timedelta(seconds=limit), device if cuda else None)
         except (RuntimeError, OSError) as e:  # torch's DistError family are RuntimeErrors
             raise StartupError(_startup_failure(e, limit)) from None
         if limit != timeout:  # the group's collectives get the control time-out, not the start-up one
             dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout))
     return device
+
+
+def _init_group(backend: str, timeout: timedelta, device: torch.device | None) -> None:
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend, timeout=timeout, device_id=device)
+        return
+    # torchrun keeps its store when it restarts the worker group: the dead group's keys (its ranks' gloo
+    # addresses among them) are still there, and a new rank that reads them connects to a dead peer
+    # ("connectFullMesh failed ... Connection refused") or waits on it. Each attempt gets its own keys.
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"crossgrad/attempt_{attempt}/", store), rank=rank,
+                            world_size=world, timeout=timeout, device_id=device)
 
 
 def _startup_failure(e: BaseException, limit: float) -> str:
