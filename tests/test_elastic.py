@@ -21,8 +21,8 @@ import torch
 from crossgrad.cli import main
 from crossgrad.run import load_config, resume_experiment, run_experiment
 from crossgrad.run.checkpoint import pack, split, write_checkpoint
-from crossgrad.run.evaluate import TIMING_KEYS
 from crossgrad.run.data import prepare
+from crossgrad.run.evaluate import TIMING_KEYS
 from crossgrad.run.reblock import reblock
 
 N = 4
@@ -104,7 +104,6 @@ def test_resume_if_exists_continues_an_unfinished_run_and_starts_a_new_one(tmp_p
 # ------------------------------------------------------------------------------ another number of processes
 FAMILIES = [
     ["algorithm.name=dsgd", "algorithm.qgm=true"],
-    ["algorithm.name=ngc", "algorithm.alpha=1"],
     ["algorithm.name=compngc", "algorithm.compress_self=true"],
     ["algorithm.name=compcga"],
     ["algorithm.name=gt"],
@@ -116,11 +115,13 @@ FAMILIES = [
 
 @pytest.mark.parametrize("family", FAMILIES, ids=[f[0].split("=")[1] for f in FAMILIES])
 def test_a_checkpoint_recut_for_other_process_counts_and_back_resumes_exactly(tmp_path, family):
-    """5 agents: the simulator's checkpoint at step 3 cut in blocks for 3, then 2 processes, then joined again,
-    continues to the uninterrupted run's records and parameters bit for bit."""
-    sets = [*SETS, "topology.n_agents=5", "training.epochs=1", "training.eval_every_steps=3", *family]
+    """5 agents: the simulator's checkpoint at step 2 cut in blocks for 3, then 2 processes, then joined again,
+    continues to the uninterrupted run's records and parameters bit for bit (every rule of reblock.RULES is
+    met by one of the families)."""
+    sets = [*SETS, "topology.n_agents=5", "training.epochs=1", "training.eval_every_steps=4",
+            "training.eval_at_start=false", *family]
     ref = simulated(tmp_path, sets)
-    run = simulated(tmp_path, sets, "r", stop_after=3)
+    run = simulated(tmp_path, sets, "r", stop_after=2)
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     prepared = prepare(load_config(None, sets).validate(), torch.device("cpu"), quiet=True)
     e, margin = prepared.topology.edges, float(getattr(prepared.algorithm, "margin", 0.0))
@@ -190,11 +191,13 @@ def test_torchrun_restart_after_a_worker_is_killed_continues_the_run(tmp_path):
     run_dir = tmp_path / "out" / "r"
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     close(records(ref), records(run_dir))  # every record once: those after the checkpoint were redone
-    ours, theirs = step_rows(run_dir), step_rows(ref)
-    assert [r[0] for r in ours] == [str(s) for s in range(1, 9)]
-    assert [float(r[3]) for r in ours] == pytest.approx([float(r[3]) for r in theirs], rel=1e-5)  # every agent's
+    # dist logs at its sync points, here the evaluations: each row is every agent's mean loss since the last
+    rows, evaluated = step_rows(run_dir), {r["step"]: r["train_loss"] for r in records(ref)}
+    assert [int(r[0]) for r in rows] == [2, 4, 6, 8]
+    assert [float(r[3]) for r in rows] == pytest.approx([evaluated[int(r[0])] for r in rows], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_simulator_checkpoint_continues_on_two_processes_and_back(tmp_path):
     """The simulator stops at step 3; torchrun continues on 2 processes to step 6; the simulator finishes."""
     ref = simulated(tmp_path / "sim", SETS)
