@@ -210,3 +210,16 @@ def test_a_simulator_checkpoint_continues_on_two_processes_and_back(tmp_path):
     close(records(ref), records(run))
     torch.testing.assert_close(torch.load(run / "checkpoint.pt", weights_only=True)["sim"]["x"],
                                torch.load(ref / "checkpoint.pt", weights_only=True)["sim"]["x"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_run_says_the_cause_first_then_who_saw_it_and_how_to_go_on(tmp_path):
+    from crossgrad.comm.dist import CommTimeoutError
+    from crossgrad.run.trainer import _failure_message
+
+    spans = ((0, 2), (2, 4), (4, 6))
+    error = CommTimeoutError(0, [2], "round 1 (models)", "rank 2 (agents 4-5) is silent: no answer within 10 s", spans)
+    message = _failure_message(error, 4, tmp_path)
+    assert message.startswith("cause: rank 2 (agents 4-5) is silent: no answer within 10 s; seen by rank 0 "
+                              "(agents 0-1) in round 1 (models); the checkpoint of step 4 is kept")
+    assert f"crossgrad run --resume {tmp_path}" in message
+    assert "no checkpoint had been written yet" in _failure_message(error, None, tmp_path)

@@ -489,8 +489,19 @@ def _train(cfg: Config, run_dir: Path, cluster: Any, *, quiet: bool, stop_after:
         try:
             return trainer.train(stop_after=stop_after)
         except cluster.failures as e:
-            return RunResult("failed", run_dir, None, f"{e}; the latest checkpoint (if any) is kept",
-                             cluster.main)
+            return RunResult("failed", run_dir, None, _failure_message(e, trainer.saved_step, run_dir), cluster.main)
+
+
+def _failure_message(e: BaseException, saved_step: int | None, run_dir: Path) -> str:
+    """A peer died or hung: the cause first (which peer, silent or gone), then who saw it, then how to go on."""
+    from crossgrad.comm.dist import CommTimeoutError, label
+
+    head = (f"cause: {e.detail}; seen by {label(e.rank, e.spans)} in {e.round_name}"
+            if isinstance(e, CommTimeoutError) else str(e))
+    kept = ("no checkpoint had been written yet" if saved_step is None else
+            f"the checkpoint of step {saved_step} is kept: torchrun --max-restarts continues from it by itself, "
+            f"or crossgrad run --resume {run_dir}")
+    return f"{head}; {kept}"
 
 
 def run_experiment(
