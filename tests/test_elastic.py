@@ -188,6 +188,8 @@ def test_torchrun_restart_after_a_worker_is_killed_continues_the_run(tmp_path):
     proc = torchrun(tmp_path, str(script), "run", "--quiet", *(f"--set={s}" for s in SETS), "--backend", "dist",
                     "--out-dir", "out", "--name", "r", restarts=1)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # the survivor said why it stopped: the launcher's SIGTERM, or its dead neighbour if it noticed first
+    assert "crossgrad: rank 0 (agents 0-1): stopped by SIGTERM" in proc.stderr or "crossgrad: cause:" in proc.stderr
     run_dir = tmp_path / "out" / "r"
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     close(records(ref), records(run_dir))  # every record once: those after the checkpoint were redone

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -56,15 +57,25 @@ class Interrupt:
     torchrun the launcher forwards the signal again, so a second one only keeps the flag set.
     """
 
-    def __init__(self, abort_on_second: bool) -> None:
+    def __init__(self, abort_on_second: bool, on_sigterm: str | None = None) -> None:
         self.hit = False
         self.abort_on_second = abort_on_second
+        self.on_sigterm = on_sigterm
         self._old: Any = None
+        self._old_term: Any = None
 
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handle)
+            if self.on_sigterm is not None:
+                self._old_term = signal.signal(signal.SIGTERM, self._terminated)
         return self
+
+    def _terminated(self, signum: int, frame: Any) -> None:
+        """Say why this process stops, then die of the signal as before (the launcher sees the same exit)."""
+        print(self.on_sigterm, file=sys.stderr, flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.hit and self.abort_on_second:
@@ -74,6 +85,8 @@ class Interrupt:
     def __exit__(self, *exc: Any) -> None:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
+        if self._old_term is not None:
+            signal.signal(signal.SIGTERM, self._old_term)
 
 
 class LocalCluster:
@@ -208,7 +221,15 @@ class DistCluster:
             raise box[0]
 
     def interrupt(self) -> Interrupt:
-        return Interrupt(abort_on_second=False)
+        from crossgrad.comm.base import agent_blocks
+        from crossgrad.comm.dist import label
+
+        spans = tuple((b.start, b.stop) for b in agent_blocks(self.n, self.n_processes))
+        # torchrun stops the whole group with SIGTERM when one of its processes fails
+        return Interrupt(abort_on_second=False, on_sigterm=(
+            f"crossgrad: {label(self.rank, spans)}: stopped by SIGTERM from the launcher (torchrun stops the group "
+            "when one of its processes fails; with --max-restarts it starts the group again, which continues from "
+            "the last checkpoint; otherwise continue with crossgrad run --resume RUN_DIR)"))
 
 
 @contextlib.contextmanager
