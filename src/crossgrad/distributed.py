@@ -57,13 +57,15 @@ def init_from_env(backend: str | None = None, timeout: float = 60.0,
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        limit = timeout if startup_timeout is None else startup_timeout
+        # torch sets a group's time-out once, at creation; `_set_pg_timeout` (torch >= 2.2) changes it after
+        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+        limit = timeout if startup_timeout is None or set_timeout is None else startup_timeout
         try:
             _init_group(backend, timedelta(seconds=limit), device if cuda else None)
         except (RuntimeError, OSError) as e:  # torch's DistError family are RuntimeErrors
             raise StartupError(_startup_failure(e, limit)) from None
         if limit != timeout:  # the group's collectives get the control time-out, not the start-up one
-            dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout))
+            set_timeout(timedelta(seconds=timeout))
     return device
 
 
