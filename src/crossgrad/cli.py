@@ -104,7 +104,7 @@ REPORT_METRICS = ("consensus", "local", "worst", "gossip")
 def cmd_report(args: argparse.Namespace) -> int:
     from crossgrad.report import report_main
 
-    return report_main(args.dirs, out=args.out, metric=args.metric)
+    return report_main(args.dirs, out=args.out, metric=args.metric, target=args.target)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -393,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the accuracy the first column shows: the consensus model (default), the mean of "
                                 "the agents' local models, the worst agent, or the mean after "
                                 "training.final_gossip_rounds gossip-only rounds")
+            c.add_argument("--target", type=float, metavar="ACC",
+                           help="add a column: the first simulated time (runs with a [network] section) at which "
+                                "the consensus accuracy reached ACC percent")
         c.set_defaults(func=func)
 
     for name, func, what in (

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from crossgrad.algorithms import Algorithm
 from crossgrad.comm.dist import CommTimeoutError, DistComm, label
+from crossgrad.comm.network import NetworkModel
 from crossgrad.engine import Engine
 from crossgrad.evaluators import LossFn
 from crossgrad.topology import TimeVaryingTopology, Topology
@@ -119,7 +120,7 @@ def shutdown() -> None:
 def make_engine(model: nn.Module, topology: Topology | TimeVaryingTopology, algorithm: Algorithm,
                 loss_fn: LossFn = nn.functional.cross_entropy, timeout: float = 60.0,
                 device: torch.device | str | None = None, evaluator: str = "auto",
-                check_init: bool = True, on_nonfinite: str = "raise") -> Engine:
+                check_init: bool = True, on_nonfinite: str = "raise", network: NetworkModel | None = None) -> Engine:
     """The same engine as the simulator's, holding this rank's block of agents, on a `DistComm`.
 
     n agents over W ranks: rank r holds the agents `engine.plan.local` (`agent_blocks(n, W)[r]`;
@@ -135,7 +136,7 @@ def make_engine(model: nn.Module, topology: Topology | TimeVaryingTopology, algo
     device = torch.device(device) if device is not None else next(model.parameters()).device
     comm = comm_for(topology, lambda edges: DistComm(edges, topology.n, timeout=timeout, device=device))
     engine = Engine(model, topology, algorithm, comm, loss_fn, device=device, evaluator=evaluator,
-                    on_nonfinite=on_nonfinite)
+                    on_nonfinite=on_nonfinite, network=network)
     if check_init:
         _check_same_init(engine.x[0], engine.comm.spans)  # the local rows start equal: one per rank says it all
     return engine

@@ -26,6 +26,7 @@ from crossgrad.algorithms import Algorithm, CombineContext
 from crossgrad.algorithms.base import StepView
 from crossgrad.codecs import ErrorFeedback, Payload, make_codec
 from crossgrad.comm.base import Comm, EdgePlan
+from crossgrad.comm.network import NetworkModel
 from crossgrad.evaluators import Batch, LoopEvaluator, LossFn, PairRows, VmapEvaluator
 from crossgrad.flat import ParamLayout
 from crossgrad.topology import Topology
@@ -107,6 +108,9 @@ class Engine:
     "record" never raises mid-step: it keeps the first such error in `nonfinite` and completes the
     step, every communication round included, so that peers on another process are never left
     waiting (the values just become NaN). The caller decides when to stop.
+
+    network: a `NetworkModel` (crossgrad.comm.network) that decides which messages of each step arrive, and
+    counts messages and simulated time; None (the default) is a perfect network.
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class Engine:
         device: torch.device | str | None = None,
         evaluator: str = "auto",
         on_nonfinite: Literal["raise", "record"] = "raise",
+        network: NetworkModel | None = None,
     ):
         if evaluator not in ("auto", "loop", "vmap"):
             raise ValueError(f"evaluator must be 'auto', 'loop' or 'vmap', not {evaluator!r}")
@@ -134,6 +139,9 @@ class Engine:
         #: the first NonFiniteError of the run with on_nonfinite="record" (never checkpointed)
         self.nonfinite: NonFiniteError | None = None
         algorithm.check_topology(topology)
+        self.network = network
+        if network is not None:
+            network.check(algorithm)
         self.time_varying = callable(getattr(topology, "at", None))
         if self.time_varying == hasattr(comm, "plan"):
             raise TypeError("a time-varying topology needs a comm factory (edges -> Comm), a static one a Comm")
@@ -232,8 +240,10 @@ class Engine:
         algo = self.algorithm
         if self.time_varying:
             self.wiring = self.wirings.at(self.stats.steps, current=self.wiring)
-        wiring = self.wiring
-        plan = wiring.plan
+        wiring, lossy = self.wiring, None
+        if self.network is not None:  # the step's wiring: re-weighted over the messages that arrive
+            wiring, lossy = self.network.begin(self.stats.steps, wiring, algo)
+        ctx, plan = wiring.ctx, wiring.plan
         n = plan.n_local
         if len(batches) != n:
             raise ValueError(f"step() needs one minibatch per agent: got {len(batches)}, expected {n}")
@@ -248,12 +258,12 @@ class Engine:
             received, index = None, None
             x_half.copy_(x)
         else:
-            own = algo.gossip(self.ctx, wiring.comm, x, x_half, self.algo_state)  # Choco: its compressed round 1
+            own = algo.gossip(ctx, wiring.comm, x, x_half, self.algo_state)  # Choco: its compressed round 1
             # round 1 and gossip (steps 1-2)
             received, index = own if own is not None else wiring.round1(x, out=x_half)
         view = StepView(x_half=x_half, lr=self.lr, step=self.stats.steps, mix=wiring.mix, direction=self._direction,
                         x=x, mean=wiring.global_mean)
-        at = algo.gradient_rows(self.ctx, view, self.algo_state)  # x_half itself, but push-sum's x_half / w
+        at = algo.gradient_rows(ctx, view, self.algo_state)  # x_half itself, but push-sum's x_half / w
         rows = PairRows(at, received, index) if algo.cross_gradients else PairRows(at)
         clock.tick("gossip")
         evaluate = self.evaluate
@@ -280,12 +290,12 @@ class Engine:
             dv = wiring.round2(payload, mv, codec, out=self._decoded)
             clock.tick("exchange")
         self.last = {"g_self": g_self, "mv": mv, "dv": dv}
-        d = algo.combine(self.ctx, g_self, mv, dv, self.algo_state, view)
+        d = algo.combine(ctx, g_self, mv, dv, self.algo_state, view)
         clock.tick("combine")
         self.transforms.apply(d, x_half, self.lr)
-        algo.after_update(self.ctx, view, self.algo_state)
+        algo.after_update(ctx, view, self.algo_state)
         if communicate:
-            algo.exchange_after_update(self.ctx, wiring.comm, view, self.algo_state)  # RelaySGD's relay
+            algo.exchange_after_update(ctx, wiring.comm, view, self.algo_state)  # RelaySGD's relay
         # one host sync per step: a NaN or Inf anywhere in a loss or a row makes its sum non-finite
         bad_loss = ~torch.isfinite(losses[:n])
         bad_row = ~torch.isfinite(x_half.sum(1))
@@ -298,6 +308,8 @@ class Engine:
                 self._fail(lambda: self._diagnose_update(ks, received, index, g_self, mv, dv))
         self.x, self._spare = x_half, x
         clock.tick("update")
+        if lossy is not None:
+            self.network.end(wiring, lossy)
         self.stats.steps += 1
         self.stats.grad_evals += len(wiring.pair_data)
         self.stats.counters = self.algo_state.counters()
@@ -368,7 +380,9 @@ class Engine:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a bit-exact resume needs, as independent copies (later steps do not change it)."""
+        network = {} if self.network is None else {"network": self.network.state_dict()}
         return {
+            **network,
             "x": self.x.clone(),
             "buffers": [b.clone() for b in self.buffers],
             "lr": self.lr,
@@ -404,3 +418,5 @@ class Engine:
         self.stats.steps = int(state["stats"]["steps"])
         self.stats.grad_evals = int(state["stats"]["grad_evals"])
         self.stats.counters = self.algo_state.counters()
+        if self.network is not None:
+            self.network.load_state_dict(state["network"])

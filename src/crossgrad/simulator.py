@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from crossgrad.algorithms import Algorithm
 from crossgrad.comm.local import LocalComm
+from crossgrad.comm.network import NetworkModel
 from crossgrad.engine import Engine
 from crossgrad.evaluators import Batch, LossFn
 from crossgrad.topology import TimeVaryingTopology, Topology
@@ -38,6 +39,7 @@ class Simulator:
     `sgp`, the de-biased models x / w; `engine.x` holds its numerators).
     `evaluator`: "loop" evaluates (model, minibatch) pairs one by one (best on CPU), "vmap" all at
     once with torch.func (best on GPU; buffer-free models), "auto" picks by device.
+    `network`: an unreliable network and simulated time (`crossgrad.comm.network.NetworkModel`); None: perfect.
     """
 
     def __init__(
@@ -48,11 +50,13 @@ class Simulator:
         loss_fn: LossFn = torch.nn.functional.cross_entropy,
         device: torch.device | str | None = None,
         evaluator: str = "auto",
+        network: NetworkModel | None = None,
     ):
         self.topology = topology
         dev = device or next(model.parameters()).device
         comm = comm_for(topology, lambda edges: LocalComm(edges, topology.n, device=dev))
-        self.engine = Engine(model, topology, algorithm, comm, loss_fn, device=device, evaluator=evaluator)
+        self.engine = Engine(model, topology, algorithm, comm, loss_fn, device=device, evaluator=evaluator,
+                             network=network)
         self.model = model
 
     @property

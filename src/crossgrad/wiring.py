@@ -7,6 +7,8 @@ senders' rows in place.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +20,7 @@ from crossgrad.algorithms import Algorithm, CombineContext, combine_weights
 from crossgrad.algorithms.base import add_weighted_edges, edges_per_agent
 from crossgrad.codecs import Codec, Payload
 from crossgrad.comm.base import Comm, EdgePlan, SharedMemoryComm
+from crossgrad.comm.network import MixWeights
 from crossgrad.flat import ParamLayout
 from crossgrad.topology import Topology, is_time_varying
 
@@ -74,7 +77,7 @@ class Wiring:
     def __init__(self, topology: Topology, comm: Comm, algorithm: Algorithm, layout: ParamLayout,
                  dev: torch.device, dtype: torch.dtype, gamma: float | None = None):
         algorithm.check_mixing(topology)  # each graph's W, a time-varying topology's included
-        self.comm = comm
+        self.topology, self.comm = topology, comm
         plan = comm.plan
         directed = topology.is_directed
         # gossip (step 2) always mixes with W; only the combine (step 6) may use other weights
@@ -89,6 +92,9 @@ class Wiring:
         )
         #: W's gossip weights before the averaging rate: set_gamma scales them (the rate may follow a schedule)
         self._mixing = (gossip_self, gossip_in)
+        #: the receivers' w of the local agents' out-edges (shares of a sender's column), for a lossy network
+        local = torch.tensor(plan.local, dtype=torch.long, device="cpu")
+        self._mixing_out = topology.W.to(torch.float64)[plan.out_dst, local[plan.out_src]]
         #: in-process backends: neighbours' rows are read in place (see SharedMemoryComm)
         self.shared = isinstance(comm, SharedMemoryComm)
         self.set_gamma(algorithm.gamma if gamma is None else gamma)
@@ -98,13 +104,30 @@ class Wiring:
 
     def set_gamma(self, gamma: float) -> None:
         """Gossip with averaging rate `gamma`: G = (1 - gamma) I + gamma W (the algorithm's gamma at first)."""
-        gossip_self, gossip_in = self._mixing
-        dev, dtype = self.ctx.self_w.device, self.ctx.dtype
         self.gamma = gamma
-        self.gossip_self = (1 - gamma + gamma * gossip_self).to(dtype).to(dev)
-        self.gossip_in = (gamma * gossip_in).to(dtype).to(dev)
+        self._set_gossip(*self._mixing)
+
+    def _set_gossip(self, w_self: Tensor, w_in: Tensor) -> None:
+        """G = (1 - gamma) I + gamma W from W's rows: w_self (w_ii) and w_in (w_ij per in-edge)."""
+        gamma, dev, dtype = self.gamma, self.ctx.self_w.device, self.ctx.dtype
+        self.gossip_self = (1 - gamma + gamma * w_self).to(dtype).to(dev)
+        self.gossip_in = (gamma * w_in).to(dtype).to(dev)
         self.shared_gossip = (SharedGossip(self.plan.n_local, self.gossip_self, self.gossip_in, self.plan.in_dst,
                                            self.comm.sources) if self.shared else None)
+
+    def mix_weights(self) -> MixWeights:
+        """This graph's weights before the averaging rate, what an algorithm re-weights when messages are lost
+        (Algorithm.reweight), on the run's device."""
+        c, dev = self.ctx, self.ctx.self_w.device
+        return MixWeights(*(t.to(dev) for t in (*self._mixing, self._mixing_out)), self_w=c.self_w, in_w=c.in_w,
+                          out_w=c.out_w)
+
+    def reweighted(self, w: MixWeights) -> Wiring:
+        """A copy of this wiring for one step with the weights `w` (the comm and the plan are shared)."""
+        out = copy.copy(self)
+        out.ctx = dataclasses.replace(self.ctx, self_w=w.self_w, in_w=w.in_w, out_w=w.out_w)
+        out._set_gossip(w.mix_self, w.mix_in)
+        return out
 
     @property
     def plan(self) -> EdgePlan:

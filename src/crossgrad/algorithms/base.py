@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Protocol, get_type_hints
 
 import torch
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from crossgrad.codecs import CODECS
 from crossgrad.comm.base import EdgePlan
+from crossgrad.comm.network import Delivery, MixWeights
 from crossgrad.errors import ConfigError
 from crossgrad.flat import ParamLayout
 from crossgrad.topology.checks import ROW_TOL
@@ -132,6 +133,17 @@ def combine_weights(W: Tensor, plan: EdgePlan, mode: str, directed: bool) -> tup
     return self_w, in_w, out_w
 
 
+def row_reweighted(self_w: Tensor, parts: list[tuple[Tensor, Tensor, Tensor, float]]) -> tuple[Tensor, list[Tensor]]:
+    """Rows over what arrived: self_w [n_local] and, per part (weights [E], arrived [E] bool, owner [E]: the
+    local agent whose row each edge's weight is in, share: the part's factor in that row), the arrived
+    weights, every row divided by its remaining total self_w + sum of share * arrived weights."""
+    kept = [torch.where(arrived, weights, torch.zeros_like(weights)) for weights, arrived, _, _ in parts]
+    total = self_w.clone()
+    for k, (_, _, owner, share) in zip(kept, parts):
+        total.index_add_(0, owner, k, alpha=share)
+    return self_w / total, [k / total[owner] for k, (_, _, owner, _) in zip(kept, parts)]
+
+
 class AlgorithmState(Protocol):
     """An algorithm's own state across steps: saved and restored with the run, and its counters."""
 
@@ -209,6 +221,8 @@ class Algorithm:
     #: builds no direction transforms and applies what combine returns as it is, x_half <- x_half - lr d
     #: (d is not modified, so it may be the algorithm's own state)
     own_momentum: ClassVar[bool] = False
+    #: why the method cannot run when messages are lost (a lossy [network] is refused with it); None: it can
+    loss_refusal: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -322,6 +336,18 @@ class Algorithm:
         communication (RelaySGD): exchange through `comm` (a Comm) what the update made and write the step's
         result into view.x_half in place (view.x: the rows before the step). Nothing by default."""
 
+    def reweight(self, ctx: CombineContext, w: MixWeights, delivery: Delivery) -> MixWeights:
+        """What a missing message means: the step's weights given which messages arrived (the network model,
+        crossgrad.comm.network, calls it only for a step that lost some; W's entries before the gossip rate).
+
+        Every row-stochastic method re-weights each receiver's row over what arrived: a lost model gets
+        weight 0 and the row is divided by the weight that remains (w_ii plus the arrived w_ij), so the
+        mixing stays row-stochastic and an agent that heard from nobody keeps its own model. The combine
+        weights are re-weighted alike (`CrossGradientAlgorithm`); DSGD combines only its own gradient.
+        """
+        mix_self, (mix_in,) = row_reweighted(w.mix_self, [(w.mix_in, delivery.in1, ctx.plan.in_dst, 1.0)])
+        return replace(w, mix_self=mix_self, mix_in=mix_in)
+
     def hyperparameters(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -347,6 +373,23 @@ class CrossGradientAlgorithm(Algorithm):
     direction_block: ClassVar[bool] = True
     local_steps_refusal: ClassVar[str | None] = (
         "its cross-gradients need the neighbours' current models at every step")
+
+    @property
+    def data_variant_share(self) -> float:
+        """The share of a neighbour's weight its data-variant (round-2) cross-gradient gets; the rest goes to
+        the model-variant one (NGC's alpha; CGA combines data-variant ones only)."""
+        return 1.0
+
+    def reweight(self, ctx: CombineContext, w: MixWeights, delivery: Delivery) -> MixWeights:
+        """The gossip as every method's; the combined gradient over the cross-gradients that exist: a model
+        that did not arrive gives its receiver no model-variant cross-gradient, a data-variant one arrives
+        only if the model reached its receiver and the reply came back. Each missing one gets weight 0 and
+        the agent's combine weights are divided by what remains (w_ii plus the arrived terms' weights)."""
+        w = super().reweight(ctx, w, delivery)
+        plan, a = ctx.plan, self.data_variant_share
+        self_w, (in_w, out_w) = row_reweighted(
+            w.self_w, [(w.in_w, delivery.in1, plan.in_dst, 1 - a), (w.out_w, delivery.out2, plan.out_src, a)])
+        return replace(w, self_w=self_w, in_w=in_w, out_w=out_w)
 
     def validate(self) -> None:
         super().validate()

@@ -131,6 +131,10 @@ class Choco(Algorithm):
     overlap: bool = False
 
     name: ClassVar[str] = "choco"
+    loss_refusal: ClassVar[str | None] = (
+        "each receiver updates its public copy of a neighbour with the compressed differences it receives, so "
+        "one lost difference leaves that copy out of step with the sender's own for the rest of the run; use "
+        "dsgd, ngc or compngc")
 
     def validate(self) -> None:
         super().validate()

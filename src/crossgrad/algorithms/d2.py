@@ -77,6 +77,9 @@ class D2(Algorithm):
     nesterov: bool = False
 
     name: ClassVar[str] = "d2"
+    loss_refusal: ClassVar[str | None] = (
+        "its correction compares iterates mixed with one fixed W, and every lost message changes the step's "
+        "W (as on a time-varying graph, which D2 refuses too); use dsgd, ngc or sgp")
 
     def validate(self) -> None:
         super().validate()

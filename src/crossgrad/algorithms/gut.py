@@ -71,6 +71,10 @@ class GUT(Algorithm):
     nesterov: bool = False
 
     name: ClassVar[str] = "gut"
+    loss_refusal: ClassVar[str | None] = (
+        "it recovers the neighbours' last updates from the gossiped models of two consecutive steps, which holds "
+        "only if both were mixed with the same weights, and a lost message changes the step's weights, so the "
+        "recovered update would carry a share of the neighbours' models; use dsgd, ngc or decentlam")
     direction_block: ClassVar[bool] = True
     own_momentum: ClassVar[bool] = True
 

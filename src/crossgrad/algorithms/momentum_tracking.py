@@ -65,6 +65,9 @@ class MomentumTracking(Algorithm):
     init: str = "global_mean"
 
     name: ClassVar[str] = "momentum_tracking"
+    loss_refusal: ClassVar[str | None] = (
+        "a lost c - m message breaks the tracking invariant (the mean of c stays 0 only if every message "
+        "arrives), so the tracked momentum drifts for the rest of the run; use dsgd, ngc or decentlam")
     direction_block: ClassVar[bool] = True
     own_momentum: ClassVar[bool] = True
 

@@ -39,6 +39,10 @@ class NGC(CrossGradientAlgorithm):
     def round2(self) -> bool:
         return self.alpha > 0
 
+    @property
+    def data_variant_share(self) -> float:
+        return self.alpha
+
     def combine(
         self, ctx: CombineContext, g_self: Tensor, mv: Tensor | None, dv: Tensor | None, state: AlgorithmState,
         view: StepView | None = None,

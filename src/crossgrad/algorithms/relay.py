@@ -93,6 +93,9 @@ class RelaySGD(Algorithm):
     relay: str = "model"
 
     name: ClassVar[str] = "relaysgd"
+    loss_refusal: ClassVar[str | None] = (
+        "every message carries the relayed sum of all the agents beyond its edge, so one lost message drops "
+        "their contributions from the receiver's average and from every sum it relays on; use dsgd or ngc")
     local_steps_refusal: ClassVar[str | None] = (
         "its relay sends every agent's contribution along the tree one hop per step, so a step without the "
         "messages would stall the sums and counts in flight")

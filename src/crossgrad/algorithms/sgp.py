@@ -29,7 +29,7 @@ weights first instead would start push-sum from weights P 1, for no gain.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -37,6 +37,7 @@ from torch import Tensor
 
 from crossgrad.algorithms.base import Algorithm, CombineContext, StepView, nothing_received
 from crossgrad.comm.base import Comm
+from crossgrad.comm.network import Delivery, MixWeights
 from crossgrad.errors import ConfigError
 from crossgrad.topology.checks import ROW_TOL
 
@@ -78,6 +79,14 @@ class SGP(Algorithm):
     name: ClassVar[str] = "sgp"
     local_steps_refusal: ClassVar[str | None] = (
         "its push-sum weights are mixed with the models in every round, so a step without one has no weights")
+
+    def reweight(self, ctx: CombineContext, w: MixWeights, delivery: Delivery) -> MixWeights:
+        """Push-sum keeps the mass: a lost message's share stays with its sender (w_jj += w_ij), the receiver
+        just does without it, so every column of the step's matrix still sums to 1 and the sums of the
+        numerators and of the weights are unchanged (Kempe et al. 2003 analyse it on such varying matrices)."""
+        lost = torch.where(delivery.out1, torch.zeros_like(w.mix_out), w.mix_out)
+        kept = torch.where(delivery.in1, w.mix_in, torch.zeros_like(w.mix_in))
+        return replace(w, mix_self=w.mix_self.index_add(0, ctx.plan.out_src, lost), mix_in=kept)
 
     def check_mixing(self, topology: Any) -> None:
         """Push-sum needs the columns of W to sum to 1 (each agent hands out all it has, keeping the

@@ -81,6 +81,10 @@ class GT(Algorithm):
 
     name: ClassVar[str] = "gt"
     direction_block: ClassVar[bool] = True
+    loss_refusal: ClassVar[str | None] = (
+        "a lost y message takes its share of the tracked gradients with it, so the sum of the y stops being the "
+        "sum of the gradients and the tracked mean drifts for the rest of the run (robust tracking needs running "
+        "sums, not implemented); use dsgd, ngc or sgp")
 
     def validate(self) -> None:
         super().validate()

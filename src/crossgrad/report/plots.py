@@ -158,16 +158,25 @@ def _draw_curves(plt, srows: list[Row], metrics: list[str], colour: dict, settin
     return fig
 
 
+#: the x axes of the cost figure; simulated time only where a run has it (a [network] section)
+_COST_AXES = {"mb_sent": "MB sent per agent (both rounds)", "wall_time_s": "wall time (s)",
+              "sim_time_s": "simulated time (s)"}
+
+
 def _draw_cost(plt, srows: list[Row], colour: dict, setting: str):
-    """Consensus accuracy against megabytes sent per agent and against wall time, one line per run;
-    None when no run recorded either. What compression buys (CompNGC) shows on the left."""
-    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4), squeeze=False)
+    """Consensus accuracy against megabytes sent per agent, against wall time and, for runs on a simulated
+    network, against simulated time, one line per run; None when no run recorded any. What compression
+    buys (CompNGC) shows on the left."""
+    records = {id(run): _with_cost(load_metrics(run)) for row in srows for run in row.runs}
+    simulated = any("sim_time_s" in rec for recs in records.values() for rec in recs)
+    x_keys = list(_COST_AXES) if simulated else ["mb_sent", "wall_time_s"]
+    fig, axes = plt.subplots(1, len(x_keys), figsize=(4.2 * len(x_keys), 3.4), squeeze=False)
     axes, drawn = axes[0], False
     for row in srows:
         done = [r for r in row.runs if r["summary"].get("status") == "completed"]
         for i, run in enumerate(done or row.runs):
-            recs = _with_cost(load_metrics(run))
-            for ax, x_key in zip(axes, ("mb_sent", "wall_time_s")):
+            recs = records[id(run)]
+            for ax, x_key in zip(axes, x_keys):
                 c = _curve([recs], "consensus_acc", x_key)
                 if c is not None:
                     ax.plot(c[0], c[1], "-" if done else "--", color=colour[row.method], lw=1.2,
@@ -176,8 +185,8 @@ def _draw_cost(plt, srows: list[Row], colour: dict, setting: str):
     if not drawn:
         plt.close(fig)
         return None
-    for ax, xlabel in zip(axes, ("MB sent per agent (both rounds)", "wall time (s)")):
-        _finish_axis(ax, "consensus_acc", xlabel)
+    for ax, x_key in zip(axes, x_keys):
+        _finish_axis(ax, "consensus_acc", _COST_AXES[x_key])
     fig.suptitle(f"{setting}: accuracy for the communication and the time spent")
     fig.tight_layout()
     _legend(fig, axes)

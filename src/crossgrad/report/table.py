@@ -4,13 +4,14 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from crossgrad.files import atomic_write_text, make_dir
-from crossgrad.report.runs import as_list, collect, default_out, no_runs, number
+from crossgrad.report.runs import as_list, collect, default_out, load_metrics, no_runs, number
 from crossgrad.run.rundir import comparable_config
 
 
@@ -58,6 +59,22 @@ METRICS: dict[str, tuple[Column, str]] = {
     "gossip": (("final_gossip_acc_mean", "post-gossip acc (%)", final_metric("final_gossip_acc_mean"), "pct"),
                "the mean local accuracy after training.final_gossip_rounds gossip-only rounds (blank without)"),
 }
+
+
+def time_to_accuracy(run: dict, target: float) -> float | None:
+    """The first simulated time (sim_time_s, runs with a [network] section) at which the consensus accuracy
+    reached `target` (a fraction), or None if it never did or the run has no simulated time."""
+    for rec in load_metrics(run):
+        acc, t = number(rec.get("consensus_acc")), number(rec.get("sim_time_s"))
+        if acc is not None and t is not None and acc >= target:
+            return t
+    return None
+
+
+def target_column(target: float) -> Column:
+    """The time-to-accuracy column for a consensus accuracy in % (report_main puts each run's time in its
+    summary first): the mean over the seeds that reached it, how many did in the CSV's _n column."""
+    return ("time_to_target", f"sim s to {target:g}%", lambda s: s.get("time_to_target"), "num")
 
 
 def columns_for(metric: str = "consensus") -> list[Column]:
@@ -273,17 +290,27 @@ def format_table(rows: Sequence[Row], fmt: str = "text", columns: Sequence[Colum
     return "\n".join(lines) + "\n"
 
 
-def report_main(paths: Sequence[str | Path], out: str | Path | None = None, metric: str = "consensus") -> int:
+def report_main(paths: Sequence[str | Path], out: str | Path | None = None, metric: str = "consensus",
+                target: float | None = None) -> int:
     """Print the aggregated table; write report.md and report.csv into ``out``.
 
     ``out`` defaults to the first path when it is a directory; ``metric`` (a key of METRICS) is the
-    accuracy the first column shows.  Returns 0, or 2 when no run was found.
+    accuracy the first column shows; ``target`` (a consensus accuracy in %) adds the first simulated time
+    it was reached. Returns 0, or 2 when no run was found or the target is not in (0, 100].
     """
+    if target is not None and not 0 < target <= 100:
+        print(f"crossgrad: error: --target must be an accuracy in (0, 100] (percent), not {target:g}",
+              file=sys.stderr)
+        return 2
     paths = as_list(paths)
     runs = collect(paths)
     if not runs:
         return no_runs(paths)
     columns = columns_for(metric)
+    if target is not None:
+        columns.append(target_column(target))
+        for run in runs:
+            run["summary"] = {**run["summary"], "time_to_target": time_to_accuracy(run, target / 100)}
     rows = aggregate(runs, columns)
     note = ("accuracies in %, mean ± sample std (ddof=1) over completed seeds; "
             "runs not completed are counted in 'n ok/all' and flagged, not averaged")

@@ -110,7 +110,7 @@ class LocalCluster:
 
         comm = comm_for(p.topology, lambda edges: LocalComm(edges, p.topology.n, device=p.device))
         return Engine(p.model, p.topology, p.algorithm, comm, torch.nn.functional.cross_entropy,
-                      device=p.device, on_nonfinite="record")
+                      device=p.device, on_nonfinite="record", network=p.network)
 
     def gather(self, t: Tensor) -> Tensor:
         return t
@@ -187,7 +187,7 @@ class DistCluster:
         from crossgrad.distributed import make_engine
 
         return make_engine(p.model, p.topology, p.algorithm, timeout=self.cfg.training.comm_timeout,
-                           device=p.device, on_nonfinite="record")
+                           device=p.device, on_nonfinite="record", network=p.network)
 
     def gather(self, t: Tensor) -> Tensor | None:
         from crossgrad.distributed import gather_rows

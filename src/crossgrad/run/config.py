@@ -43,6 +43,10 @@ A config file has the sections below (every key optional; defaults shown by `Con
     out_dir = "runs"
     name = "my-run"                 # default: derived from method, setting and seed
 
+    [network]                       # optional: an unreliable network and simulated time (docs/network.md)
+    drop_prob = 0.1                 # every message lost independently with this probability
+    compute_ms = 5.0                # one gradient evaluation; latency_ms, bandwidth_mbps: links (or a file)
+
 Overrides use one convention, ``section.key=value`` with the value parsed as a TOML literal
 (``algorithm.alpha=0``, ``data.name="mnist"``); a value that is not a TOML literal is taken as
 a bare string (``data.name=mnist``). Top-level keys have no section (``backend=dist``).
@@ -61,6 +65,7 @@ from typing import Any
 
 from crossgrad.algorithms import ConfigError
 from crossgrad.console import warn
+from crossgrad.comm.network import NetworkConfig, check_network, resolve_network_paths
 from crossgrad.data.partition import PARTITIONS
 
 if sys.version_info >= (3, 11):
@@ -218,6 +223,8 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    #: the [network] section; None (no section) is a perfect network, and such runs' files do not mention it
+    network: NetworkConfig | None = None
     backend: str = "sim"
 
     # ------------------------------------------------------------------ conversions
@@ -225,6 +232,8 @@ class Config:
         """Plain nested data, as written to a run's config.toml: [algorithm] lists every hyperparameter."""
         out = dataclasses.asdict(self)
         out["algorithm"] = self.algorithm.to_dict()
+        if self.network is None:
+            del out["network"]
         return out
 
     def make_algorithm(self):
@@ -310,6 +319,8 @@ class Config:
             raise ConfigError(f"training.local_steps={tr.local_steps} needs an algorithm that can step without "
                               f"communicating; {algorithm.name} cannot: {algorithm.local_steps_refusal} "
                               "(dsgd can, with or without momentum and qgm)")
+        if self.network is not None:
+            check_network(self.network.validate(t.n_agents), algorithm)
         return self
 
     # ------------------------------------------------------------------ labels
@@ -433,7 +444,10 @@ def setting_label(cfg: Config) -> str:
 
 # ---------------------------------------------------------------------- dict -> typed config
 _SECTIONS = {f.name: f for f in fields(Config) if dataclasses.is_dataclass(f.default_factory)}
-_TOP_KEYS = {f.name for f in fields(Config) if f.name not in _SECTIONS}
+#: sections that are absent unless given (their presence changes the run)
+_OPTIONAL = {"network": NetworkConfig}
+_TOP_KEYS = {f.name for f in fields(Config) if f.name not in _SECTIONS and f.name not in _OPTIONAL}
+_KNOWN = [*_SECTIONS, *_OPTIONAL]
 
 
 def _coerce(where: str, value: Any, hint: Any) -> Any:
@@ -487,6 +501,8 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
             given = dict(value)
             name = _coerce("algorithm.name", given.pop("name", cfg.algorithm.name), str)
             cfg.algorithm = AlgorithmConfig(name, resolve_algorithm(name, given, source))
+        elif key == "network":
+            cfg.network = NetworkConfig.from_dict(value, source)
         elif key in _SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: [{key}] must be a table")
@@ -502,7 +518,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
         else:
             raise ConfigError(
                 f"{source}: unknown section or key {key!r}; known sections: "
-                f"{', '.join(_SECTIONS)}; top-level keys: {', '.join(sorted(_TOP_KEYS))}"
+                f"{', '.join(_KNOWN)}; top-level keys: {', '.join(sorted(_TOP_KEYS))}"
             )
     return cfg
 
@@ -529,6 +545,8 @@ def resolve_paths(cfg: Config, base_dir: str | Path) -> Config:
     path = cfg.topology.options.get("path")
     if cfg.topology.name == "file" and isinstance(path, str):
         cfg.topology.options["path"] = str((Path(base_dir) / Path(path).expanduser()).resolve())
+    if cfg.network is not None:
+        resolve_network_paths(cfg.network, base_dir)
     return cfg
 
 
@@ -578,14 +596,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
         if path[0] == "algorithm" and len(path) == 2:
             given.add(path[1])
         if len(path) == 1:
-            if path[0] in _SECTIONS:
+            if path[0] in _KNOWN:
                 raise ConfigError(f"--set {text!r}: {path[0]!r} is a section; use {path[0]}.KEY=VALUE")
             out[path[0]] = value
         else:
             section, key = path[:2]
-            if section not in _SECTIONS:
+            if section not in _KNOWN:
                 raise ConfigError(
-                    f"--set {text!r}: unknown section {section!r}; known sections: {', '.join(_SECTIONS)}"
+                    f"--set {text!r}: unknown section {section!r}; known sections: {', '.join(_KNOWN)}"
                 )
             out.setdefault(section, {})
             if not isinstance(out[section], dict):
@@ -624,8 +642,11 @@ def _switch_algorithm(before: dict[str, Any], after: dict[str, Any], given: set[
 
 def _into_table(text: str, section: str, key: str, table: Any, entry: str, value: Any) -> dict[str, Any]:
     """`table` (section.key, a table such as topology.options) with `entry` set to `value`, as a new dict."""
-    hints = {} if section == "algorithm" else _hints(_SECTIONS[section].default_factory)  # flat hyperparameters
-    tables = [k for k, h in hints.items() if h is dict or typing.get_origin(h) is dict]
+    if section in _OPTIONAL:  # its tables are the keys whose value may be one
+        tables = [k for k in ("link_failures", "stragglers") if k in _hints(_OPTIONAL[section])]
+    else:
+        hints = {} if section == "algorithm" else _hints(_SECTIONS[section].default_factory)  # flat hyperparameters
+        tables = [k for k, h in hints.items() if h is dict or typing.get_origin(h) is dict]
     if key not in tables:
         raise ConfigError(f"--set {text!r}: {section}.{key} is not a table"
                           + (f"; [{section}] tables: {', '.join(tables)}" if tables else ""))

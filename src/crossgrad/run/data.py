@@ -39,17 +39,21 @@ class Prepared:
     algorithm: Any
     device: torch.device
     augment: Any = None
+    #: the run's NetworkModel (crossgrad.comm.network), None without a [network] section
+    network: Any = None
 
 
 def prepare(cfg: Config, device: torch.device, quiet: bool = False) -> Prepared:
     """Load data, partition it, build model, topology and algorithm. Raises user errors only for bad input."""
     from crossgrad import console
+    from crossgrad.comm.network import NetworkModel
     from crossgrad.data import load_dataset, normalized, partition
     from crossgrad.models import make_model
     from crossgrad.run.inputs import check_inputs
     from crossgrad.run.schedule import run_length
 
     topo, algorithm = check_inputs(cfg)  # before the data loads
+    network = None if cfg.network is None else NetworkModel(cfg.network, topo, cfg.training.seed)
     d = cfg.data
     train, test = load_dataset(d.name, d.data_dir, progress=not quiet and console.bars_wanted(),
                                **d.loader_options())
@@ -108,6 +112,7 @@ def prepare(cfg: Config, device: torch.device, quiet: bool = False) -> Prepared:
         algorithm,
         device,
         augment,
+        network,
     )
 
 

@@ -32,6 +32,10 @@ def check_inputs(cfg: Config) -> tuple[Any, Algorithm]:
     algorithm.check_topology(topo)
     algorithm.check_mixing(topo.at(0) if is_time_varying(topo) else topo)
     check_model(cfg)
+    if cfg.network is not None:  # a per-link file that misses one of the graph's links
+        from crossgrad.comm.network import NetworkModel
+
+        NetworkModel(cfg.network, topo, cfg.training.seed)
     return topo, algorithm
 
 

@@ -191,6 +191,7 @@ class Trainer:
             "wall_time_s": self.elapsed + (now - t0),
             "steps_per_s": done / (now - t0) if done and now > t0 else None,
             "peak_mem_mb": peak_memory_mb(self.p.device),
+            **({} if self.engine.network is None else self.engine.network.metrics()),  # the same on every process
         }
 
     def summary(self, status: str, message: str = "") -> dict[str, Any] | None:
