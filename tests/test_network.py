@@ -260,6 +260,21 @@ def test_simulated_time_is_round1_then_the_slowest_compute_then_round2(tmp_path)
     assert sim.engine.network.sim_time_s == pytest.approx(expected / 1000, rel=1e-12)
 
 
+def test_a_step_that_sends_nothing_loses_nothing_and_waits_for_no_link():
+    """A local step (training.local_steps) and push-sum's first step send no message: only compute counts."""
+    topo, b = cg.Topology.ring(N), batches_for(N, 2)
+    cfg = NetworkConfig(drop_prob=0.5, compute_ms=2.0, latency_ms=7.0)
+    sim = simulator(topo, "dsgd", cfg)
+    sim.engine.step(b[0], communicate=False)
+    assert sim.engine.network.metrics() | {"sim_time_s": 0} == {"sim_time_s": 0, "messages_sent": 0,
+                                                                 "messages_dropped": 0, "links_down": 0}
+    assert sim.engine.network.sim_time_s == pytest.approx(2.0 / 1000, rel=1e-15)
+    sim.step(b[1])
+    assert sim.engine.network.messages_sent == len(topo.edges)
+    push = run(simulator(topo, "sgp", cfg), b[:1])
+    assert push.engine.network.messages_sent == 0 and push.engine.network.sim_time_s == pytest.approx(2e-3, rel=1e-15)
+
+
 # -------------------------------------------------------------------------------- the runner and the CLI
 def test_runs_record_the_network_and_resume_bit_exactly(tmp_path):
     common = ["training.threads=1", f'output.out_dir="{tmp_path}"', "model.name=mlp", "training.steps=8",
