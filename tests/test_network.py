@@ -81,7 +81,8 @@ def test_drop_counts_are_binomial(name, p):
 
 # -------------------------------------------------------------------------------------- bit-identity
 @pytest.mark.parametrize("name,kw", [("dsgd", {}), ("ngc", dict(alpha=0.5)), ("compngc", {}), ("cga", {}),
-                                     ("sgp", {}), ("gt", {}), ("d2", {}), ("choco", {})])
+                                     ("sgp", {}), ("gt", {}), ("d2", {}), ("choco", {}), ("gut", {}),
+                                     ("momentum_tracking", {}), ("decentlam", {})])
 def test_a_network_that_loses_nothing_is_bit_identical(name, kw):
     topo, batches = cg.Topology.ring(N), batches_for(N, 3)
     plain = run(simulator(topo, name, **kw), batches)
@@ -157,6 +158,27 @@ def tiny_model_rows() -> list[torch.Tensor]:
     return [row] * N
 
 
+def test_decentlam_mixes_its_local_steps_over_what_arrived():
+    """DecentLaM sends z = x - lr g instead of its model: the row over the z that arrived, momentum on top."""
+    p, gamma, lr, beta, steps = 0.4, 0.7, 0.1, 0.9, 3
+    topo, batches = cg.Topology.ring(N), batches_for(N, steps)
+    sim = run(simulator(topo, "decentlam", NetworkConfig(drop_prob=p), seed=2, gamma=gamma, momentum=beta), batches)
+    W = topo.W.double()
+    x, m = tiny_model_rows(), [torch.zeros_like(tiny_model_rows()[0])] * N
+    for t in range(steps):
+        z = [x[i] - lr * grad_at(x[i], batches[t][i]) for i in range(N)]
+        new_x, new_m = [], []
+        for i in range(N):
+            got = [j for j in range(N) if j != i and W[i, j] > 0 and arrived(2, t, 1, j, i, p)]
+            keep = W[i, i] + sum(W[i, j] for j in got)
+            mixed = (1 - gamma) * z[i] + gamma * (W[i, i] / keep * z[i] + sum(W[i, j] / keep * z[j] for j in got))
+            new_m.append(beta * m[i] + (x[i] - mixed) / lr)
+            new_x.append(x[i] - lr * new_m[i])
+        x, m = new_x, new_m
+    assert sim.engine.network.messages_dropped > 0
+    torch.testing.assert_close(sim.params, torch.stack(x), rtol=0, atol=1e-12)
+
+
 def test_cga_gives_a_missing_cross_gradient_no_row_in_its_qp():
     """CGA's weights over what arrived: the lost rows are inactive and the rest is CGA on fewer neighbours."""
     topo, p = cg.Topology.ring(N), 0.4
@@ -189,7 +211,7 @@ def test_push_sum_keeps_the_mass_under_drops():
     assert float(e.algo_state.w.min()) < 1 - 1e-3 < 1 + 1e-3 < float(e.algo_state.w.max())  # the weights moved
 
 
-@pytest.mark.parametrize("name", ["gt", "d2", "choco"])
+@pytest.mark.parametrize("name", ["gt", "d2", "choco", "gut", "momentum_tracking"])
 def test_methods_with_no_sound_behaviour_under_loss_are_refused(name):
     with pytest.raises(ConfigError, match=f"{name} cannot run on a lossy network"):
         simulator(cg.Topology.ring(N), name, NetworkConfig(drop_prob=0.1))
@@ -199,7 +221,7 @@ def test_methods_with_no_sound_behaviour_under_loss_are_refused(name):
     simulator(cg.Topology.ring(N), name, NetworkConfig(compute_ms=1.0))  # a slow network that loses nothing is fine
 
 
-@pytest.mark.parametrize("name", ["ngc", "sgp"])
+@pytest.mark.parametrize("name", ["ngc", "sgp", "decentlam"])
 def test_a_lossy_step_names_the_device_of_every_tensor_it_makes(name):
     """Under the device guard (tests/device_guard.py): what would land on the CPU beside a GPU run fails here."""
     topo = cg.Topology.ring(N)

@@ -64,8 +64,8 @@ from pathlib import Path
 from typing import Any
 
 from crossgrad.algorithms import ConfigError
-from crossgrad.console import warn
 from crossgrad.comm.network import NetworkConfig, check_network, resolve_network_paths
+from crossgrad.console import warn
 from crossgrad.data.partition import PARTITIONS
 
 if sys.version_info >= (3, 11):
