@@ -95,6 +95,17 @@ def test_a_network_that_loses_nothing_is_bit_identical(name, kw):
         assert sim.engine.network.metrics()["messages_dropped"] == 0
 
 
+def test_relaysgd_on_a_lossless_network_times_its_per_edge_messages():
+    """relaysgd sends its own message on every tree edge after the local step (no round 1): bit-identical
+    training, one message per edge and step, and the round's link time in the simulated time."""
+    topo, batches = cg.Topology.chain(N), batches_for(N, 3)
+    plain = run(simulator(topo, "relaysgd"), batches)
+    sim = run(simulator(topo, "relaysgd", NetworkConfig(compute_ms=1.0, latency_ms=4.0)), batches)
+    assert torch.equal(sim.params, plain.params)
+    assert sim.engine.network.messages_sent == 3 * len(topo.edges)
+    assert sim.engine.network.sim_time_s == pytest.approx(3 * (1.0 + 4.0) / 1000, rel=1e-12)
+
+
 # ------------------------------------------------------------------- per-agent recomputation in float64
 def grad_at(row: torch.Tensor, batch: tuple) -> torch.Tensor:
     """The gradient of agent data `batch`'s loss at flat parameters `row`, with a fresh model (no engine code)."""
@@ -211,14 +222,15 @@ def test_push_sum_keeps_the_mass_under_drops():
     assert float(e.algo_state.w.min()) < 1 - 1e-3 < 1 + 1e-3 < float(e.algo_state.w.max())  # the weights moved
 
 
-@pytest.mark.parametrize("name", ["gt", "d2", "choco", "gut", "momentum_tracking"])
+@pytest.mark.parametrize("name", ["gt", "d2", "choco", "gut", "momentum_tracking", "relaysgd"])
 def test_methods_with_no_sound_behaviour_under_loss_are_refused(name):
+    topo = cg.Topology.chain(N) if name == "relaysgd" else cg.Topology.ring(N)  # relaysgd relays over a tree
     with pytest.raises(ConfigError, match=f"{name} cannot run on a lossy network"):
-        simulator(cg.Topology.ring(N), name, NetworkConfig(drop_prob=0.1))
+        simulator(topo, name, NetworkConfig(drop_prob=0.1))
     with pytest.raises(ConfigError, match="lossy network"):
-        load_config(None, [f"algorithm.name={name}", "network.link_failures.rate=0.1",
+        load_config(None, [f"algorithm.name={name}", f"topology.name={topo.name}", "network.link_failures.rate=0.1",
                            "network.link_failures.mean_down=3"])
-    simulator(cg.Topology.ring(N), name, NetworkConfig(compute_ms=1.0))  # a slow network that loses nothing is fine
+    simulator(topo, name, NetworkConfig(compute_ms=1.0))  # a slow network that loses nothing is fine
 
 
 @pytest.mark.parametrize("name", ["ngc", "sgp", "decentlam"])

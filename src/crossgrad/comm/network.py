@@ -370,7 +370,8 @@ class NetworkModel:
         if per2:
             self.messages_sent += int(sent2.sum())
             self.messages_dropped += int((sent2 & ~arr2).sum())
-        if per2 and info["algorithm"].round2 and not up1.all():  # a receiver that got no model computed and sent no cross-gradient for it
+        # a receiver that got no model computed and sent no cross-gradient for it
+        if per2 and info["algorithm"].round2 and not up1.all():
             unsent = ~torch.from_numpy(up1)[g.in_gid]
             comm.bytes_sent[:, 1].index_add_(0, plan.in_dst[unsent], comm.bytes_sent.new_full(
                 (int(unsent.sum()),), -per2))
