@@ -144,7 +144,7 @@ def truncated_checkpoint(tmp: Path) -> list[str]:
     from crossgrad.run.checkpoint import read_checkpoint
 
     (tmp / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
-    return [error(lambda: read_checkpoint(tmp / "checkpoint.pt", {}, 4, 3, 1))]
+    return [error(lambda: read_checkpoint(tmp / "checkpoint.pt", {}, 4, 3))]
 
 
 def config_values(tmp: Path) -> list[str]:
