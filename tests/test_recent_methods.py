@@ -14,6 +14,7 @@ from torch import nn
 import crossgrad as cg
 from crossgrad.run import load_config
 from crossgrad.topology import RandomMatching, Topology
+from quadratics import Point, half_squared_distance
 
 
 def tiny_model() -> nn.Module:
@@ -239,21 +240,6 @@ def test_new_methods_run_on_time_varying_graphs_where_they_can():
 # ----------------------------------------------------------------------------------------------
 # Exact on heterogeneous objectives: f_i(x) = 1/2 ||x - c_i||^2
 # ----------------------------------------------------------------------------------------------
-
-class Point(nn.Module):
-    """A 'model' whose parameter is the point x itself: its output is x for every input row."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.x = nn.Parameter(torch.zeros(d, dtype=torch.float64))
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.x.expand(len(inputs), -1)
-
-
-def half_squared_distance(out: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    return 0.5 * ((out - c) ** 2).sum(1).mean()
-
 
 def quadratic_error(name: str, lr: float, steps: int, **kw) -> float:
     """max_i ||x_i - mean(c)||_inf after `steps` at a constant lr, 5 agents on a ring, distinct c_i in R^3."""

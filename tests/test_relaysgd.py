@@ -16,6 +16,7 @@ from crossgrad.cli import main
 from crossgrad.run import load_config
 from crossgrad.topology import RandomMatching, Topology, make_topology
 from crossgrad.topology.trees import binary_tree_pairs, double_binary_tree_pairs, relay_trees
+from quadratics import Point, half_squared_distance
 
 
 def tiny_model() -> nn.Module:
@@ -134,21 +135,6 @@ def test_bytes_are_a_row_and_a_count_per_edge_each_tree_half_the_coordinates():
 # ----------------------------------------------------------------------------------------------
 # Exactness: f_i(x) = 1/2 ||x - c_i||^2, and the relayed average of constant inputs
 # ----------------------------------------------------------------------------------------------
-
-class Point(nn.Module):
-    """A 'model' whose parameter is the point x itself: its output is x for every input row."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.x = nn.Parameter(torch.zeros(d, dtype=torch.float64))
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.x.expand(len(inputs), -1)
-
-
-def half_squared_distance(out: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    return 0.5 * ((out - c) ** 2).sum(1).mean()
-
 
 def linear(out: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return (out * c).sum(1).mean()  # gradient c_i, the same at every x

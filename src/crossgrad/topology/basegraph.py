@@ -191,10 +191,7 @@ class BaseGraph(TimeVaryingTopology):
         return graph
 
     def mixing_matrix(self) -> Tensor:
-        out = torch.eye(self.n, dtype=torch.float64, device="cpu")
-        for t in range(self.period):
-            out = self.at(t).W @ out
-        return out
+        return self.period_product()
 
     def consensus_warning(self, gamma: float = 1.0) -> str | None:
         """None: one period's product is J/n, and for gamma < 1 every (1 - gamma) I + gamma W_t keeps a

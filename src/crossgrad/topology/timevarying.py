@@ -81,6 +81,13 @@ class TimeVaryingTopology(ABC):
     def mixing_matrix(self) -> Tensor:
         """What gossip does over time, float64 [n, n]: the product of one period's W_t, or the expected W_t."""
 
+    def period_product(self) -> Tensor:
+        """The product W_{p-1} ... W_1 W_0 of one period's mixing matrices (a periodic topology's mixing_matrix)."""
+        out = torch.eye(self.n, dtype=torch.float64, device="cpu")
+        for t in range(self.period):
+            out = self.at(t).W @ out
+        return out
+
     @property
     def spectral_gap(self) -> float:
         """1 - |lambda_2| of `mixing_matrix()` (1.0: one period averages exactly)."""
@@ -163,10 +170,7 @@ class OnePeerExponential(TimeVaryingTopology):
         return graph
 
     def mixing_matrix(self) -> Tensor:
-        out = torch.eye(self.n, dtype=torch.float64, device="cpu")
-        for t in range(self.period):
-            out = self.at(t).W @ out
-        return out
+        return self.period_product()
 
     @property
     def is_directed(self) -> bool:
