@@ -1,5 +1,5 @@
-"""Command-line interface: `crossgrad run | sweep | report | plot | config | algorithms | partition | models |
-topology | quickstart | bench`.
+"""Command-line interface: `crossgrad run | sweep | report | plot | config | algorithms | presets | partition |
+models | topology | quickstart | bench`.
 
 Exit codes: 0 success; 1 a run diverged (NaN/Inf) or failed; 2 a configuration or input error
 (one line on stderr, no traceback); 75 a run directory is in use by another process; 130 interrupted
@@ -31,15 +31,16 @@ def _error(msg: str) -> int:
 
 # ----------------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
-    from crossgrad.run import load_config, resume_experiment, run_experiment
+    from crossgrad.run import resume_experiment, run_experiment
 
     if args.stop_after is not None and args.stop_after < 0:
         return _error(f"--stop-after takes a number of steps >= 0, not {args.stop_after}")
     if args.resume:
-        if args.config or args.set or args.out_dir or args.name or args.overwrite or args.resume_if_exists:
+        if (args.config or args.preset or args.set or args.out_dir or args.name or args.overwrite
+                or args.resume_if_exists):
             return _error(
-                "--resume DIR takes no config file and no --set/--out-dir/--name/--overwrite/--resume-if-exists "
-                "(the run continues with the config saved in DIR; --backend may change)"
+                "--resume DIR takes no config file and no --preset/--set/--out-dir/--name/--overwrite/"
+                "--resume-if-exists (the run continues with the config saved in DIR; --backend may change)"
             )
         result = resume_experiment(args.resume, quiet=args.quiet, stop_after=args.stop_after, backend=args.backend)
     else:
@@ -54,9 +55,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides.append(f"output.name={_toml_str(args.name)}")
         if args.backend:
             overrides.append(f"backend={_toml_str(args.backend)}")
-        cfg = load_config(args.config, overrides)
+        cfg = _load(args, overrides)
         result = run_experiment(cfg, quiet=args.quiet, stop_after=args.stop_after, overwrite=args.overwrite)
     return _finish(result)
+
+
+def _load(args: argparse.Namespace, overrides: list[str] | None):
+    """The validated config of a command's FILE or --preset NAME (neither: the defaults), overrides applied."""
+    from crossgrad.run.config import ConfigError, load_config
+
+    if args.preset is None:
+        return load_config(args.config, overrides)
+    if args.config:
+        raise ConfigError(f"--preset {args.preset} takes no config file ({args.config}): the preset is the config; "
+                          "change it with --set")
+    from crossgrad.presets import load_preset
+
+    return load_preset(args.preset, overrides)
 
 
 def _toml_str(s: str) -> str:
@@ -114,12 +129,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from crossgrad.run.config import dump_toml, load_config
+    from crossgrad.run.config import dump_toml
     from crossgrad.run.inputs import check_inputs
 
-    cfg = load_config(args.config, args.set)
+    cfg = _load(args, args.set)
     check_inputs(cfg)  # what `crossgrad run` refuses before loading the data, this refuses too
-    print(f"# the resolved configuration{f' of {args.config}' if args.config else ' (the defaults)'}; "
+    what = f" of preset {args.preset}" if args.preset else f" of {args.config}" if args.config else " (the defaults)"
+    print(f"# the resolved configuration{what}; "
           f"runs into {Path(cfg.output.out_dir) / cfg.run_name()}")
     data = cfg.to_dict()
     print(dump_toml(data), end="")
@@ -143,11 +159,20 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    from crossgrad.presets import presets
+
+    for p in presets():
+        print(f"{p.name}\n    {p.description}\n    source: {p.source}")
+    print("\nrun one with `crossgrad run --preset NAME` (--set overrides any key, e.g. --set training.epochs=2); "
+          "`crossgrad config --preset NAME` prints it")
+    return 0
+
+
 def cmd_partition(args: argparse.Namespace) -> int:
     from crossgrad.data import class_histogram, format_histogram, load_dataset, partition
-    from crossgrad.run.config import load_config
 
-    cfg = load_config(args.config, args.set)
+    cfg = _load(args, args.set)
     d = cfg.data
     train, _ = load_dataset(d.name, d.data_dir, **d.loader_options())
     parts = partition(train.y, cfg.topology.n_agents, d.partition, cfg.training.seed, beta=d.beta,
@@ -332,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint.pt and summary.json there.",
     )
     r.add_argument("config", nargs="?", help="TOML config file (optional: defaults otherwise)")
+    r.add_argument("--preset", metavar="NAME", help="run a named published setting instead of a file "
+                   "(`crossgrad presets` lists them)")
     r.add_argument(
         "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)"
     )
@@ -404,10 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         c = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".", epilog=EPILOG_SET)
         c.add_argument("config", nargs="?", help="TOML config file (optional: defaults otherwise)")
+        c.add_argument("--preset", metavar="NAME", help="a named published setting instead of a file")
         c.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
         c.set_defaults(func=func)
     a = sub.add_parser("algorithms", help="list the algorithms with their hyperparameters and defaults")
     a.set_defaults(func=cmd_algorithms)
+    ps = sub.add_parser("presets", help="list the named published settings (crossgrad run --preset NAME)")
+    ps.set_defaults(func=cmd_presets)
 
     m = sub.add_parser("models", help="list the models with parameter counts")
     m.add_argument("--input-shape", metavar="C,H,W", help="count parameters at this input shape")
