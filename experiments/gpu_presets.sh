@@ -67,6 +67,7 @@ for g in "${groups[@]}"; do
     case $g in gut|relaysgd|mt|ars) ;; *) echo "unknown group $g (gut relaysgd mt ars)" >&2; exit 2 ;; esac
     while read -r n; do names+=("$n"); done < <("$CG" presets | grep "^$g-")
 done
+if ((${#names[@]} == 0)); then echo "no presets found ($CG presets lists none of: ${groups[*]})" >&2; exit 2; fi
 mkdir -p "$RUNS/logs"
 status=0
 pids=()
