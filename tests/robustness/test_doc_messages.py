@@ -259,6 +259,11 @@ def second_hour(tmp: Path) -> list[str]:
             ["training.steps=6", "training.warmup_steps=7"], ["output.out_dir=''"])]
 
 
+def presets(tmp: Path) -> list[str]:
+    return [cli("run", "x.toml", "--preset", "relaysgd-cifar10-vgg11-full16-iid-allreduce"),  # refused unread
+            cli("run", "--preset", "x")]
+
+
 #: row (the start of its first column) -> what produces its messages
 CASES = {
     "IDX file truncated": idx_files,
@@ -273,6 +278,7 @@ CASES = {
     "tar archive that is not one": unsafe_tar,
     "checkpoint truncated or empty": truncated_checkpoint,
     "unknown algorithm": config_values,
+    "`--preset NAME` with a config file": presets,
     "negative or": config_values,
     "switching algorithm on the command line": second_hour,
     "one agent": second_hour,
