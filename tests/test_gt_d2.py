@@ -8,44 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import crossgrad as cg
 from crossgrad.run import load_config
 from crossgrad.topology import OnePeerExponential, RandomMatching, Topology, is_time_varying
 from quadratics import Point, half_squared_distance
-
-
-def tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
-def make_batches(n: int, steps: int, seed: int = 1) -> list[list[tuple]]:
-    g = torch.Generator().manual_seed(seed)
-    return [[(torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g))
-             for _ in range(n)] for _ in range(steps)]
-
-
-def run_sim(topo: Topology, batches, name: str, schedule=None, model=None, loss_fn=None, **kw) -> cg.Simulator:
-    extra = {} if loss_fn is None else {"loss_fn": loss_fn}
-    sim = cg.Simulator(model or tiny_model(), topo, cg.make_algorithm(name, **kw), **extra)
-    for t, b in enumerate(batches):
-        if schedule:
-            sim.set_lr(schedule(t))
-        sim.step(b)
-    return sim
-
+from tiny import grad_at, make_batches, run_sim, tiny_model
 
 # ----------------------------------------------------------------------------------------------
 # Independent reference
 # ----------------------------------------------------------------------------------------------
-
-def grad_at(model: nn.Module, theta: list[torch.Tensor], batch) -> list[torch.Tensor]:
-    params = {name: t.clone().requires_grad_(True) for (name, _), t in zip(model.named_parameters(), theta)}
-    loss = nn.functional.cross_entropy(torch.func.functional_call(model, params, (batch[0],)), batch[1])
-    return list(torch.autograd.grad(loss, list(params.values())))
-
 
 def gossip(W, gamma: float, rows: list[list[torch.Tensor]], i: int) -> list[torch.Tensor]:
     """(1 - gamma) row_i + gamma sum_j w_ij row_j, j over i and its in-neighbours."""
