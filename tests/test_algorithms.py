@@ -353,3 +353,18 @@ def test_nonfinite_received_message_is_named_with_its_round():
     expected = r"non-finite cross-gradient received from agent 1 in round 2 at step 1, agent 0"
     with pytest.raises(cg.NonFiniteError, match=expected):
         sim.step(batches[1])
+
+
+def test_nonfinite_relayed_message_is_named_with_its_sender():
+    from crossgrad.comm.local import LocalComm
+    from crossgrad.engine import Engine
+    from crossgrad.topology import make_topology
+
+    chain = make_topology("chain", 4)
+    comm = PoisonedRound2(LocalComm(chain.edges, chain.n))  # RelaySGD's one exchange goes through exchange_edges
+    sim = Engine(tiny_model(), chain, cg.make_algorithm("relaysgd", lr=0.1), comm, nn.functional.cross_entropy)
+    batches = make_batches(4, 2)
+    sim.step(batches[0])
+    comm.armed = True
+    with pytest.raises(cg.NonFiniteError, match=r"non-finite relayed message received from agent 1 at step 1, agent 0"):
+        sim.step(batches[1])

@@ -145,6 +145,27 @@ algorithms = ["ngc", {{name = "dsgd", qgm = true}}]
     assert rc == 0 and "QGM" in out and "NGC (α=1)" in out
 
 
+def test_sweep_checks_every_entry_as_run_does_before_any_run_starts(capsys, tmp_path):
+    f = tmp_path / "sw.toml"
+    f.write_text(f"""
+[model]
+name = "mlp"
+[training]
+steps = 2
+threads = 1
+[output]
+out_dir = "{tmp_path / "out"}"
+[sweep]
+algorithms = ["dsgd", {{name = "d2", momentum = 0.0}}]
+topologies = [{{name = "ring", n_agents = 4}}, {{name = "directed_ring", n_agents = 4}}]
+""")
+    rc, _, err = run_cli(capsys, "sweep", str(f))
+    # d2 on the directed ring is the sweep's last entry: refused up front, naming the entry, nothing run
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "algorithm.name=d2" in err and "topology.name=directed_ring" in err and "undirected" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_quickstart_smoke(capsys, tmp_path):
     rc, out, err = run_cli(capsys, "quickstart", "--epochs", "1", "--out", str(tmp_path / "qs"), "--quiet")
     assert rc == 0, err

@@ -301,7 +301,7 @@ def test_defaults_and_config():
     ("decentlam", dict(nesterov=True), "decentlam has its own heavy-ball momentum"),
     ("decentlam", dict(init="zero"), "decentlam does not take init"),
     ("gut", dict(alpha=1.0), "gut does not take alpha"),
-    ("gut", dict(gamma=0.09, gamma_schedule="exponential"), "gut needs a constant gamma"),
+    ("gut", dict(gamma=0.09, gamma_schedule="exponential"), "gut takes no gamma_schedule"),
 ])
 def test_bad_options_are_one_line_config_errors(name, kw, match):
     with pytest.raises(cg.ConfigError, match=match) as e:

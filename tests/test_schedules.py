@@ -16,7 +16,7 @@ from crossgrad.errors import ConfigError
 from crossgrad.run import load_config, run_experiment
 from crossgrad.run.rundir import METRICS
 from crossgrad.run.schedule import gamma_at
-from crossgrad.topology import OnePeerExponential
+from crossgrad.topology import OnePeerExponential, make_topology
 
 
 def tiny_model() -> nn.Module:
@@ -82,6 +82,20 @@ def test_set_gamma_changes_the_gossip_as_by_hand():
         sim.set_gamma(0.0)
 
 
+@pytest.mark.parametrize("name, topology, needle", [
+    ("gut", cg.Topology.ring(4), "P x\\^t - P x\\^\\(t-1\\)"),
+    ("choco", cg.Topology.ring(4), "consensus step size"),
+    ("relaysgd", "chain", "no averaging rate"),
+])
+def test_set_gamma_is_refused_where_a_gamma_schedule_is(name, topology, needle):
+    # the config refuses their schedules; the Python API must not let the same change in by another door
+    topo = make_topology("chain", 4) if topology == "chain" else topology
+    sim = cg.Simulator(tiny_model(), topo, cg.make_algorithm(name, lr=0.1))
+    sim.set_gamma(sim.gamma)  # the rate in force is no change
+    with pytest.raises(ValueError, match=f"{name} cannot change its gamma during a run: .*{needle}"):
+        sim.set_gamma(0.7)
+
+
 def test_a_time_varying_graph_met_after_set_gamma_uses_the_rate_in_force():
     topo = OnePeerExponential(8)
     batches = make_batches(8, 5)
@@ -126,7 +140,7 @@ def test_local_steps_are_refused_by_methods_that_need_every_round():
     (["algorithm.gamma_schedule=linear"], "gamma_schedule must be one of constant, exponential, cosine"),
     (["algorithm.gamma_growth=0"], "gamma_growth must be a positive number"),
     (["algorithm.gamma_growth=true"], "gamma_growth must be a number"),
-    (["algorithm.name=choco", "algorithm.gamma_schedule=cosine"], "choco's gamma is its consensus step size"),
+    (["algorithm.name=choco", "algorithm.gamma_schedule=cosine"], "choco takes no gamma_schedule .*step size"),
 ])
 def test_bad_schedule_and_local_step_options(overrides, needle):
     with pytest.raises(ConfigError, match=needle):

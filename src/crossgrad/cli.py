@@ -8,6 +8,7 @@ Exit codes: 0 success; 1 a run diverged (NaN/Inf) or failed; 2 a configuration o
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import json
 import signal
@@ -484,11 +485,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _in_import_lock_callback(frame) -> bool:
+    """True inside importlib's module-lock weakref callback (``_get_module_lock.<locals>.cb``)."""
+    return frame is not None and frame.f_code.co_name == "cb" and "importlib" in frame.f_code.co_filename
+
+
 def main(argv: list[str] | None = None) -> int:
     hit = []
 
     def on_ctrl_c(signum, frame):
         hit.append(signum)
+        if _in_import_lock_callback(frame):
+            # an exception raised in this weakref callback is printed as "Exception ignored" with a
+            # traceback and then dropped, so the run would go on. Have the handler run again a moment
+            # later, once the callback has returned: interrupt_main trips the flag of a signal without
+            # sending one (a real signal could land in another thread's system call), and it is called
+            # from another thread because called here the handler would run again at once, still inside
+            timer = threading.Timer(0.005, _thread.interrupt_main, (signum,))
+            timer.daemon = True
+            timer.start()
+            return
         raise KeyboardInterrupt
 
     # a Ctrl-C that lands inside an import can surface as another error (numpy half-initialised:

@@ -228,6 +228,9 @@ class Engine:
         """Gossip with averaging rate `gamma` from the next step on, on every graph of the topology."""
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma (gossip rate) must be in (0, 1], not {gamma}")
+        if gamma != self.gamma and self.algorithm.gamma_schedule_refusal is not None:
+            raise ValueError(f"{self.algorithm.name} cannot change its gamma during a run: "
+                             f"{self.algorithm.gamma_schedule_refusal}")
         if gamma != self.gamma:
             (self.wirings or self.wiring).set_gamma(float(gamma))
 
@@ -363,6 +366,9 @@ class Engine:
             for e in (plan.in_dst == k).nonzero().flatten().tolist():
                 if not torch.isfinite(mv[e]).all():
                     return NonFiniteError(step, agent, f"cross-gradient of agent {int(plan.in_src[e])}'s model")
+        relayed = self.algorithm.nonfinite_received(self.ctx, self.algo_state, k)
+        if relayed is not None:
+            return NonFiniteError(step, agent, relayed)
         return NonFiniteError(step, agent, "update (overflow in combine or momentum)")
 
     def _codecs(self) -> dict[str, ErrorFeedback]:

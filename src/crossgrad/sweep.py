@@ -48,7 +48,9 @@ from crossgrad.run.config import (
     read_toml,
     resolve_paths,
     saved_config_data,
+    user_errors,
 )
+from crossgrad.run.inputs import check_inputs
 from crossgrad.run.trainer import GPU_SHARE_ENV
 
 SWEEP_KEYS = ("algorithms", "topologies", "seeds", "grid", "jobs")
@@ -78,6 +80,12 @@ def _entries(value: Any, what: str) -> list[dict]:
         else:
             raise ConfigError(f"[sweep] {what}: each entry must be a name or a table, not {v!r}")
     return out
+
+
+def _entry_name(algo: dict, topo: dict, keys: list[str], values: tuple) -> str:
+    """The settings that make one sweep entry, as section.key=value (for an error naming it)."""
+    pairs = [(f"algorithm.{k}", v) for k, v in algo.items()] + [(f"topology.{k}", v) for k, v in topo.items()]
+    return ", ".join(f"{k}={v}" for k, v in [*pairs, *zip(keys, values, strict=True)]) or "(the base config)"
 
 
 def _slug(value: Any) -> str:
@@ -145,10 +153,10 @@ def expand(path: str | Path, overrides: list[str] | None = None,
             d[section][k] = value
         d.setdefault("training", {})["seed"] = seed
         cfg = resolve_paths(config_from_dict(d, str(path)), path.parent)
-        try:
-            cfg.validate()
-        except ConfigError as e:
-            raise ConfigError(f"{path}: run {algo or ''} {topo or ''} seed {seed}: {e}") from None
+        try:  # what `crossgrad run` checks before its data loads, so a bad entry stops the sweep before its first run
+            check_inputs(cfg)
+        except user_errors() as e:
+            raise ConfigError(f"{path}: run {_entry_name(algo, topo, grid_keys, values)} seed {seed}: {e}") from None
         name = cfg.run_name()
         for key, value in zip(grid_keys, values, strict=False):
             name += f"_{key.split('.')[-1]}={_slug(value)}"

@@ -277,6 +277,40 @@ def test_ctrl_c_at_any_moment_of_startup_is_no_traceback(tmp_path, delay):
     assert "Traceback" not in err and proc.returncode in (0, 130, -signal.SIGINT), err
 
 
+# a Ctrl-C landing inside importlib's module-lock weakref callback: an exception raised there is printed
+# ("Exception ignored in ... Traceback") and dropped, so the interrupt used to be lost and the run went on
+# (1 in ~70 interrupts 0.33-0.45 s into `crossgrad run`). A stand-in callback with the same name, in a
+# file whose name says importlib, gets the signal deterministically.
+LOCK_CALLBACK = textwrap.dedent("""
+    import os, signal, sys, time, weakref
+    sys.path.insert(0, sys.argv[1])
+    import importlib_stand_in
+    from crossgrad import cli
+
+    class Lock:
+        pass
+
+    def run(_argv):
+        lock = Lock()
+        ref = weakref.ref(lock, importlib_stand_in.cb)
+        del lock  # the callback runs here and gets the signal
+        for _ in range(200):  # the interrupt must arrive right after it, not be lost
+            time.sleep(0.01)
+        return 0
+
+    cli._main = run
+    sys.exit(cli.main([]))
+""")
+
+
+def test_ctrl_c_inside_the_import_lock_callback_still_interrupts(tmp_path):
+    (tmp_path / "importlib_stand_in.py").write_text(
+        "import os, signal\n\ndef cb(ref):\n    os.kill(os.getpid(), signal.SIGINT)\n    return len(str(ref))\n")
+    proc = subprocess.run([sys.executable, "-c", LOCK_CALLBACK, str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 130 and proc.stderr.strip() == "crossgrad: interrupted", proc.stderr
+
+
 # ------------------------------------------------------------------ 10: a malicious checkpoint
 # (the refusal names the object for every pickle protocol: see test_safe_loading.py)
 

@@ -223,6 +223,9 @@ class Algorithm:
     own_momentum: ClassVar[bool] = False
     #: why the method cannot run when messages are lost (a lossy [network] is refused with it); None: it can
     loss_refusal: ClassVar[str | None] = None
+    #: why the method's gamma cannot change during a run (a gamma_schedule, or Engine.set_gamma, is refused
+    #: with it); None: it can
+    gamma_schedule_refusal: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -244,6 +247,9 @@ class Algorithm:
                               f"not {self.gamma_schedule!r}")
         if not self.gamma_growth > 0:
             raise ConfigError(f"gamma_growth must be a positive number, not {self.gamma_growth}")
+        if self.gamma_schedule != "constant" and self.gamma_schedule_refusal is not None:
+            raise ConfigError(f"{self.name} takes no gamma_schedule (got {self.gamma_schedule!r}): "
+                              f"{self.gamma_schedule_refusal}; use gamma_schedule = 'constant'")
 
     @property
     def gamma_max(self) -> float:
@@ -335,6 +341,12 @@ class Algorithm:
         """Runs after after_update on a communicating step, for methods whose local step comes before their
         communication (RelaySGD): exchange through `comm` (a Comm) what the update made and write the step's
         result into view.x_half in place (view.x: the rows before the step). Nothing by default."""
+
+    def nonfinite_received(self, ctx: CombineContext, state: AlgorithmState, k: int) -> str | None:
+        """What local agent k received in exchange_after_update that is not finite, named for the user
+        ("... from agent j"), or None: the engine asks when k's update is not finite and neither round 1,
+        round 2 nor its own gradients explain it."""
+        return None
 
     def reweight(self, ctx: CombineContext, w: MixWeights, delivery: Delivery) -> MixWeights:
         """What a missing message means: the step's weights given which messages arrived (the network model,

@@ -131,6 +131,9 @@ class Choco(Algorithm):
     overlap: bool = False
 
     name: ClassVar[str] = "choco"
+    gamma_schedule_refusal: ClassVar[str | None] = (
+        "its gamma is its consensus step size, tuned to the codec's contraction, not an averaging rate that can "
+        "grow to 1")
     loss_refusal: ClassVar[str | None] = (
         "each receiver updates its public copy of a neighbour with the compressed differences it receives, so "
         "one lost difference leaves that copy out of step with the sender's own for the rest of the run; use "
@@ -143,9 +146,6 @@ class Choco(Algorithm):
         if not 0 < self.ratio <= 1:
             raise ConfigError(f"ratio (the fraction of entries top-k and random-k keep) must be in (0, 1], "
                               f"not {self.ratio}")
-        if self.gamma_schedule != "constant":
-            raise ConfigError("choco's gamma is its consensus step size, tuned to the codec's contraction (not an "
-                              "averaging rate that can grow to 1): use gamma_schedule = 'constant'")
         if self.public_init not in ("model", "zero"):
             raise ConfigError(f"public_init must be 'model' (the initial weights) or 'zero' (the paper's), "
                               f"not {self.public_init!r}")

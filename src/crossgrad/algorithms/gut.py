@@ -77,14 +77,13 @@ class GUT(Algorithm):
         "recovered update would carry a share of the neighbours' models; use dsgd, ngc or decentlam")
     direction_block: ClassVar[bool] = True
     own_momentum: ClassVar[bool] = True
+    gamma_schedule_refusal: ClassVar[str | None] = (
+        "it recovers the neighbours' last steps from P x^t - P x^(t-1), which needs one P")
 
     def validate(self) -> None:
         super().validate()
         if not 0 <= self.mu <= 1:
             raise ConfigError(f"mu (GUT's tracking scale) must be in [0, 1], not {self.mu}")
-        if self.gamma_schedule != "constant":
-            raise ConfigError(f"gut needs a constant gamma (gamma_schedule='constant', not {self.gamma_schedule!r}): "
-                              "it recovers the neighbours' last steps from P x^t - P x^(t-1), which needs one P")
         if self.qgm:
             raise ConfigError("gut takes no qgm: its momentum already follows the whole displacement (QG-GUTm is "
                               "momentum > 0); set qgm=false")

@@ -49,8 +49,9 @@ class RelayState:
     counts[t]: [E_t] int64, their counts. x0: [P] the initial model (the fill of relay="model"; empty
     for "grad"), taken at the first step. steps: the steps made. trees: each tree's undirected pairs;
     owners[t]: [E_t] the local agent at each edge of tree t (its receiving end, which is also the sending
-    end of the message back); comms: each tree's Comm, made from the engine's at the first step. trees,
-    owners and comms follow from the graph and are not saved.
+    end of the message back); senders[t]: [E_t] the agent at its other end; comms: each tree's Comm, made
+    from the engine's at the first step. trees, owners, senders and comms follow from the graph and are not
+    saved.
     """
 
     received: list[Tensor]
@@ -58,6 +59,7 @@ class RelayState:
     x0: Tensor
     trees: list[Pairs]
     owners: list[Tensor]
+    senders: list[Tensor]
     steps: int = 0
     comms: list[Comm] = field(default_factory=list)
 
@@ -93,6 +95,7 @@ class RelaySGD(Algorithm):
     relay: str = "model"
 
     name: ClassVar[str] = "relaysgd"
+    gamma_schedule_refusal: ClassVar[str | None] = "it does not gossip, so it has no averaging rate to schedule"
     loss_refusal: ClassVar[str | None] = (
         "every message carries the relayed sum of all the agents beyond its edge, so one lost message drops "
         "their contributions from the receiver's average and from every sum it relays on; use dsgd or ngc")
@@ -108,9 +111,6 @@ class RelaySGD(Algorithm):
         if self.gamma != 1:
             raise ConfigError(f"relaysgd takes no gamma (got {self.gamma:g}): it does not gossip, it averages "
                               "exactly over a tree; leave gamma at 1")
-        if self.gamma_schedule != "constant":
-            raise ConfigError(f"relaysgd takes no gamma_schedule (got {self.gamma_schedule!r}): it has no "
-                              "averaging rate to schedule; use gamma_schedule = 'constant'")
         if self.qgm:
             raise ConfigError("relaysgd takes no qgm: quasi-global momentum corrects gossip's averaging, and "
                               "relaysgd averages exactly; use momentum (local Nesterov momentum, as the authors)")
@@ -136,7 +136,7 @@ class RelaySGD(Algorithm):
             received=[torch.zeros(len(p.in_src), c, dtype=ctx.dtype, device=device) for p, c in zip(plans, sizes)],
             counts=[torch.zeros(len(p.in_src), dtype=torch.long, device=device) for p in plans],
             x0=torch.zeros(P if self.relay == "model" else 0, dtype=ctx.dtype, device=device),
-            trees=trees, owners=[p.in_dst.to(device) for p in plans])
+            trees=trees, owners=[p.in_dst.to(device) for p in plans], senders=[p.in_src for p in plans])
 
     def gossip(self, ctx: CombineContext, comm: Comm, x: Tensor, out: Tensor,
                state: RelayState) -> tuple[Tensor, Tensor]:
@@ -145,6 +145,14 @@ class RelaySGD(Algorithm):
             state.x0.copy_(x[0])
         out.copy_(x)
         return nothing_received(ctx, x)
+
+    def nonfinite_received(self, ctx: CombineContext, state: RelayState, k: int) -> str | None:
+        for t, (received, owner, sender) in enumerate(zip(state.received, state.owners, state.senders)):
+            for e in (owner == k).nonzero().flatten().tolist():
+                if not torch.isfinite(received[e]).all():
+                    tree = f" over tree {t}" if len(state.trees) > 1 else ""
+                    return f"relayed message received from agent {int(sender[e])}{tree}"
+        return None
 
     def exchange_after_update(self, ctx: CombineContext, comm: Comm, view: StepView, state: RelayState) -> None:
         x = view.x
