@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from typing import Any, ClassVar, Protocol, get_type_hints
 
 import torch
@@ -20,6 +20,7 @@ from crossgrad.comm.network import Delivery, MixWeights
 from crossgrad.errors import ConfigError
 from crossgrad.flat import ParamLayout
 from crossgrad.topology.checks import ROW_TOL
+from crossgrad.transforms import _load_rows
 
 GAMMA_SCHEDULES = ("constant", "exponential", "cosine")
 
@@ -165,6 +166,39 @@ class NoState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"this algorithm keeps no state, but the saved one has {sorted(state)}")
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+
+class RowState:
+    """Base of a dataclass state made of [n_local, P] row blocks and plain values.
+
+    Fields without a default are row blocks, made as zeros by `zeros`; `saved` names those a checkpoint
+    keeps, each with the words a checkpoint of the wrong shape is refused with (the others are scratch
+    within a step). Fields with a default (a flag, the last lr) are saved as they are.
+    """
+
+    saved: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def zeros(cls, ctx: CombineContext, device: torch.device) -> Any:
+        shape = (ctx.plan.n_local, ctx.layout.size)
+        return cls(**{f.name: torch.zeros(shape, dtype=ctx.dtype, device=device) for f in fields(cls)
+                      if f.default is MISSING})
+
+    def _values(self) -> list[Any]:
+        return [f for f in fields(self) if f.default is not MISSING]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k).clone() for k in self.saved},
+                **{f.name: getattr(self, f.name) for f in self._values()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, what in self.saved.items():
+            _load_rows(getattr(self, k), state[k], what)
+        for f in self._values():
+            setattr(self, f.name, type(f.default)(state[f.name]))
 
     def counters(self) -> dict[str, int]:
         return {}

@@ -20,8 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from crossgrad.algorithms.base import Algorithm, AlgorithmState, CombineContext, ConfigError, StepView
-from crossgrad.transforms import _load_rows
+from crossgrad.algorithms.base import Algorithm, AlgorithmState, CombineContext, ConfigError, RowState, StepView
 
 #: D²'s bound on the smallest eigenvalue of the mixing matrix, and the margin a value must clear
 #: (a ring of even length with uniform weights sits exactly on -1/3 and must be refused reliably)
@@ -30,7 +29,7 @@ EIG_TOL = 1e-9
 
 
 @dataclass
-class D2State:
+class D2State(RowState):
     """p_{t-1}, the previous step's plain update, per local agent; `corr` is scratch within a step.
 
     `started` is false until the first step, which makes no correction.
@@ -39,22 +38,7 @@ class D2State:
     prev: Tensor
     corr: Tensor
     started: bool = False
-
-    @classmethod
-    def zeros(cls, ctx: CombineContext, device: torch.device) -> D2State:
-        shape = (ctx.plan.n_local, ctx.layout.size)
-        return cls(prev=torch.zeros(shape, dtype=ctx.dtype, device=device),
-                   corr=torch.zeros(shape, dtype=ctx.dtype, device=device))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"prev": self.prev.clone(), "started": self.started}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_rows(self.prev, state["prev"], "D2 previous update")
-        self.started = bool(state["started"])
-
-    def counters(self) -> dict[str, int]:
-        return {}
+    saved: ClassVar[dict[str, str]] = {"prev": "D2 previous update"}
 
 
 def smallest_eigenvalue(W: Tensor, gamma: float) -> float:

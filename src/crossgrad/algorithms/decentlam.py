@@ -19,31 +19,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from crossgrad.algorithms.base import Algorithm, AlgorithmState, CombineContext, StepView, nothing_received
+from crossgrad.algorithms.base import Algorithm, AlgorithmState, CombineContext, RowState, StepView, nothing_received
 from crossgrad.algorithms.momentum_tracking import refuse_other_momentum
-from crossgrad.transforms import _load_rows
 
 
 @dataclass
-class DecentLaMState:
+class DecentLaMState(RowState):
     """The momentum m per local agent; `mixed` is scratch within a step (P z)."""
 
     m: Tensor
     mixed: Tensor
-
-    @classmethod
-    def zeros(cls, ctx: CombineContext, device: torch.device) -> DecentLaMState:
-        shape = (ctx.plan.n_local, ctx.layout.size)
-        return cls(*(torch.zeros(shape, dtype=ctx.dtype, device=device) for _ in range(2)))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"m": self.m.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_rows(self.m, state["m"], "DecentLaM momentum buffer")
-
-    def counters(self) -> dict[str, int]:
-        return {}
+    saved: ClassVar[dict[str, str]] = {"m": "DecentLaM momentum buffer"}
 
 
 @dataclass

@@ -22,13 +22,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from crossgrad.algorithms.base import Algorithm, AlgorithmState, CombineContext, ConfigError, StepView
+from crossgrad.algorithms.base import Algorithm, AlgorithmState, CombineContext, ConfigError, RowState, StepView
 from crossgrad.algorithms.tracking import check_doubly_stochastic
-from crossgrad.transforms import _load_rows
 
 
 @dataclass
-class GUTState:
+class GUTState(RowState):
     """m: the momentum buffer; ref: x~^{t-1}, the previous gossiped rows; prev: g^{t-1} + (b - 1) r^{t-1} / lr_{t-1};
     lr_prev: lr_{t-1}; started: false until the first step (everything at t = -1 is 0)."""
 
@@ -37,25 +36,8 @@ class GUTState:
     prev: Tensor
     lr_prev: float = 0.0
     started: bool = False
-
-    @classmethod
-    def zeros(cls, ctx: CombineContext, device: torch.device) -> GUTState:
-        shape = (ctx.plan.n_local, ctx.layout.size)
-        return cls(*(torch.zeros(shape, dtype=ctx.dtype, device=device) for _ in range(3)))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"m": self.m.clone(), "ref": self.ref.clone(), "prev": self.prev.clone(), "lr_prev": self.lr_prev,
-                "started": self.started}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_rows(self.m, state["m"], "GUT momentum buffer")
-        _load_rows(self.ref, state["ref"], "GUT previous gossiped rows")
-        _load_rows(self.prev, state["prev"], "GUT previous gradient")
-        self.lr_prev = float(state["lr_prev"])
-        self.started = bool(state["started"])
-
-    def counters(self) -> dict[str, int]:
-        return {}
+    saved: ClassVar[dict[str, str]] = {"m": "GUT momentum buffer", "ref": "GUT previous gossiped rows",
+                                       "prev": "GUT previous gradient"}
 
 
 @dataclass

@@ -18,36 +18,20 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from crossgrad.algorithms.base import Algorithm, AlgorithmState, CombineContext, ConfigError, StepView
+from crossgrad.algorithms.base import Algorithm, AlgorithmState, CombineContext, ConfigError, RowState, StepView
 from crossgrad.algorithms.tracking import check_doubly_stochastic
-from crossgrad.transforms import _load_rows
 
 INITS = ("global_mean", "zero")
 
 
 @dataclass
-class MomentumTrackingState:
+class MomentumTrackingState(RowState):
     """The momentum m and the tracking variable c, one row per local agent; started: the first step is done."""
 
     m: Tensor
     c: Tensor
     started: bool = False
-
-    @classmethod
-    def zeros(cls, ctx: CombineContext, device: torch.device) -> MomentumTrackingState:
-        shape = (ctx.plan.n_local, ctx.layout.size)
-        return cls(*(torch.zeros(shape, dtype=ctx.dtype, device=device) for _ in range(2)))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"m": self.m.clone(), "c": self.c.clone(), "started": self.started}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_rows(self.m, state["m"], "momentum buffer")
-        _load_rows(self.c, state["c"], "momentum tracking variable c")
-        self.started = bool(state["started"])
-
-    def counters(self) -> dict[str, int]:
-        return {}
+    saved: ClassVar[dict[str, str]] = {"m": "momentum buffer", "c": "momentum tracking variable c"}
 
 
 def refuse_other_momentum(algo: Algorithm) -> None:

@@ -28,32 +28,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from crossgrad.algorithms.base import Algorithm, AlgorithmState, CombineContext, ConfigError, StepView
-from crossgrad.transforms import _load_rows
+from crossgrad.algorithms.base import Algorithm, AlgorithmState, CombineContext, ConfigError, RowState, StepView
 
 
 @dataclass
-class TrackingState:
+class TrackingState(RowState):
     """The tracked direction y and the previous self-gradient, one row per local agent."""
 
     y: Tensor
     g_prev: Tensor
-
-    @classmethod
-    def zeros(cls, ctx: CombineContext, device: torch.device) -> TrackingState:
-        shape = (ctx.plan.n_local, ctx.layout.size)
-        return cls(y=torch.zeros(shape, dtype=ctx.dtype, device=device),
-                   g_prev=torch.zeros(shape, dtype=ctx.dtype, device=device))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"y": self.y.clone(), "g_prev": self.g_prev.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _load_rows(self.y, state["y"], "tracked direction y")
-        _load_rows(self.g_prev, state["g_prev"], "previous gradient")
-
-    def counters(self) -> dict[str, int]:
-        return {}
+    saved: ClassVar[dict[str, str]] = {"y": "tracked direction y", "g_prev": "previous gradient"}
 
 
 def check_doubly_stochastic(name: str, topology: Any, why: str) -> None:
