@@ -14,11 +14,7 @@ from torch import nn
 
 import crossgrad as cg
 from crossgrad.topology import Topology
-
-
-def tiny_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+from tiny import tiny_model
 
 
 def make_batches(n: int, steps: int, seed: int = 1, same: bool = False) -> list[list[tuple]]:

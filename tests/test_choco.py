@@ -15,20 +15,10 @@ from torch import nn
 import crossgrad as cg
 from crossgrad.topology import Topology
 from device_guard import no_implicit_device
+from tiny import make_batches, tiny_model
 
 M64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
-
-
-def tiny_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
-def make_batches(n: int, steps: int, seed: int = 1) -> list[list[tuple]]:
-    g = torch.Generator().manual_seed(seed)
-    return [[(torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g))
-             for _ in range(n)] for _ in range(steps)]
 
 
 # -- the reference's codecs, from their definitions ----------------------------------------------

@@ -13,17 +13,7 @@ import crossgrad as cg
 from crossgrad.algorithms import DSGD, algorithm_options
 from crossgrad.comm.local import LocalComm
 from crossgrad.topology import Topology
-
-
-def tiny_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
-def make_batches(n: int, steps: int, seed: int = 1) -> list[list[tuple]]:
-    g = torch.Generator().manual_seed(seed)
-    return [[(torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g))
-             for _ in range(n)] for _ in range(steps)]
+from tiny import make_batches, tiny_model
 
 
 def simulator(name: str, topo: Topology | None = None, **kw) -> cg.Simulator:

@@ -10,16 +10,11 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 import crossgrad as cg
 from crossgrad.run.evaluate import gossiped_models
 from crossgrad.topology import OnePeerExponential, Topology
-
-
-def tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+from tiny import tiny_model
 
 
 def trained(topo, name: str, steps: int = 3, **kw) -> cg.Simulator:

@@ -17,17 +17,8 @@ from crossgrad.run import load_config
 from crossgrad.topology import RandomMatching, Topology, make_topology
 from crossgrad.topology.trees import binary_tree_pairs, double_binary_tree_pairs, relay_trees
 from quadratics import Point, half_squared_distance
-
-
-def tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-
-
-def make_batches(n: int, steps: int, seed: int = 1) -> list[list[tuple]]:
-    g = torch.Generator().manual_seed(seed)
-    return [[(torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g))
-             for _ in range(n)] for _ in range(steps)]
+from tiny import small_batches as make_batches
+from tiny import small_model as tiny_model
 
 
 def run_sim(topo, batches, model=None, loss_fn=None, **kw) -> cg.Simulator:

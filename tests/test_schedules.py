@@ -17,17 +17,8 @@ from crossgrad.run import load_config, run_experiment
 from crossgrad.run.rundir import METRICS
 from crossgrad.run.schedule import gamma_at
 from crossgrad.topology import OnePeerExponential, make_topology
-
-
-def tiny_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-
-
-def make_batches(n: int, steps: int) -> list[list[tuple]]:
-    g = torch.Generator().manual_seed(1)
-    return [[(torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g))
-             for _ in range(n)] for _ in range(steps)]
+from tiny import small_batches as make_batches
+from tiny import small_model as tiny_model
 
 
 def grad_at(model: nn.Module, theta: torch.Tensor, batch) -> torch.Tensor:

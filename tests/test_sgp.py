@@ -13,6 +13,7 @@ from torch import nn
 import crossgrad as cg
 from crossgrad.errors import ConfigError
 from crossgrad.topology import Topology, TopologyError, make_topology
+from tiny import make_batches, tiny_model
 
 #: irregular and directed: out-degrees 3, 1, 2, 1, 1, so a column-stochastic W is not row-stochastic
 EDGES = [(0, 1), (1, 2), (2, 3), (3, 4), (4, 0), (0, 2), (0, 3), (2, 4)]
@@ -20,17 +21,6 @@ EDGES = [(0, 1), (1, 2), (2, 3), (3, 4), (4, 0), (0, 2), (0, 3), (2, 4)]
 
 def push_graph() -> Topology:
     return Topology.from_edges(5, EDGES, directed=True, weights="out_uniform")
-
-
-def tiny_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
-def make_batches(n: int, steps: int, seed: int = 1) -> list[list[tuple]]:
-    g = torch.Generator().manual_seed(seed)
-    return [[(torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g))
-             for _ in range(n)] for _ in range(steps)]
 
 
 # ------------------------------------------------------------------------------------ topologies

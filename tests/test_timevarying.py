@@ -24,6 +24,8 @@ from crossgrad.topology import (
     is_time_varying,
     make_topology,
 )
+from tiny import small_batches as make_batches
+from tiny import small_model as tiny_model
 
 
 def shift_matrix(n: int, s: int) -> torch.Tensor:
@@ -134,17 +136,6 @@ def test_registry_names_options_and_errors():
 
 
 # -- the engine on time-varying graphs, against a plain re-computation --------------------------
-
-
-def tiny_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-
-
-def make_batches(n: int, steps: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return [[(torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g))
-             for _ in range(n)] for _ in range(steps)]
 
 
 def grad_at(model: nn.Module, theta: torch.Tensor, batch) -> torch.Tensor:

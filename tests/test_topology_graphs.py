@@ -16,6 +16,8 @@ from torch import nn
 import crossgrad as cg
 from crossgrad.cli import main
 from crossgrad.topology import BaseGraph, Topology, TopologyError, make_topology
+from tiny import small_batches as make_batches
+from tiny import small_model as tiny_model
 
 # -- graph invariants, computed plainly from the sparsity pattern of W ------------------------------
 
@@ -265,17 +267,6 @@ def test_bad_base_graph_options_are_one_line_errors(kw, match):
 
 
 # -- the engine on a Base-(k+1) graph ---------------------------------------------------------------
-
-
-def tiny_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-
-
-def make_batches(n: int, steps: int):
-    g = torch.Generator().manual_seed(1)
-    return [[(torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g))
-             for _ in range(n)] for _ in range(steps)]
 
 
 def grad_at(model: nn.Module, theta: torch.Tensor, batch) -> torch.Tensor:
