@@ -237,7 +237,8 @@ def test_methods_with_no_sound_behaviour_under_loss_are_refused(name):
 def test_a_lossy_step_names_the_device_of_every_tensor_it_makes(name):
     """Under the device guard (tests/device_guard.py): what would land on the CPU beside a GPU run fails here."""
     topo = cg.Topology.ring(N)
-    cfg = NetworkConfig(drop_prob=0.4, compute_ms=1.0, link_failures={"rate": 0.3, "mean_down": 2})
+    cfg = NetworkConfig(drop_prob=0.4, compute_ms=1.0, link_failures={"rate": 0.3, "mean_down": 2},
+                        churn={"rate": 0.3, "mean_absence": 2, "rejoin": "neighbor" if name == "ngc" else "own"})
     model, batches, algo = tiny_model(), batches_for(N, 3), cg.make_algorithm(name, lr=0.1)
     with no_implicit_device():
         sim = run(cg.Simulator(model, topo, algo, network=NetworkModel(cfg, topo)), batches[:2])
@@ -301,7 +302,8 @@ def test_a_step_that_sends_nothing_loses_nothing_and_waits_for_no_link():
     sim = simulator(topo, "dsgd", cfg)
     sim.engine.step(b[0], communicate=False)
     assert sim.engine.network.metrics() | {"sim_time_s": 0} == {"sim_time_s": 0, "messages_sent": 0,
-                                                                 "messages_dropped": 0, "links_down": 0}
+                                                                 "messages_dropped": 0, "links_down": 0,
+                                                                 "agents_present": N}
     assert sim.engine.network.sim_time_s == pytest.approx(2.0 / 1000, rel=1e-15)
     sim.step(b[1])
     assert sim.engine.network.messages_sent == len(topo.edges)
@@ -377,10 +379,24 @@ def test_a_nan_or_a_missing_link_from_a_file_is_refused(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- torch.distributed
-DIST_CASES = [("dsgd", {}), ("ngc", dict(alpha=0.5)), ("compngc", {}), ("cga", {})]
 DIST_NET = NetworkConfig(drop_prob=0.3, compute_ms=1.0, latency_ms=2.0, bandwidth_mbps=50.0,
                          link_failures={"rate": 0.2, "mean_down": 2})
 PUSH = dict(edges=[(0, 1), (1, 2), (2, 3), (3, 4), (4, 0), (0, 2), (3, 1)], directed=True, weights="out_uniform")
+
+
+def churned(rejoin: str) -> NetworkConfig:
+    """DIST_NET with agents leaving (seed 0 has agents away and returning within the 4 steps)."""
+    return NetworkConfig(**{**DIST_NET.to_dict(), "churn": {"rate": 0.3, "mean_absence": 2, "rejoin": rejoin}})
+
+
+def dist_runs() -> list[tuple[str, dict, cg.Topology, NetworkConfig]]:
+    ring, push = cg.Topology.ring(N), cg.Topology.from_edges(N, **PUSH)
+    runs = [(name, kw, ring, DIST_NET) for name, kw in [("dsgd", {}), ("ngc", dict(alpha=0.5)), ("compngc", {}),
+                                                        ("cga", {})]]
+    runs += [("sgp", {}, push, DIST_NET), ("ngc", dict(alpha=0.5), ring, churned("neighbor")),
+             ("compngc", {}, ring, churned("neighbor")), ("dsgd", dict(momentum=0.9), ring, churned("own")),
+             ("sgp", {}, push, churned("own"))]
+    return runs
 
 
 def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -391,11 +407,9 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         _init(rank, world, port, 30)
         results = {}
-        runs = [(name, kw, cg.Topology.ring(N)) for name, kw in DIST_CASES]
-        runs.append(("sgp", {}, cg.Topology.from_edges(N, **PUSH)))
         batches = batches_for(N, 4)
-        for k, (name, kw, topo) in enumerate(runs):
-            net = NetworkModel(copy.deepcopy(DIST_NET), topo, 0)
+        for k, (name, kw, topo, cfg) in enumerate(dist_runs()):
+            net = NetworkModel(copy.deepcopy(cfg), topo, 0)
             engine = make_engine(tiny_model(), topo, cg.make_algorithm(name, lr=0.1, **kw), timeout=20, network=net)
             for b in batches:
                 engine.step([b[a] for a in engine.plan.local])
@@ -413,16 +427,15 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.timeout(200)
 def test_distributed_loses_the_same_messages_as_the_simulator(tmp_path):
-    """2 ranks holding 3 and 2 agents: the same models, bytes and network counters as the simulator."""
+    """2 ranks holding 3 and 2 agents: the same models, bytes and network counters as the simulator, with churn
+    (agents away on either rank, returning ones copying a neighbour's model across ranks) too."""
     procs = _spawn(_dist_worker, 2, (free_port(), str(tmp_path)), join_timeout=150)
     errors = [p.read_text() for p in tmp_path.glob("error*.txt")]
     assert not errors, errors[0]
     assert all(p.exitcode == 0 for p in procs)
     results = torch.load(tmp_path / "result.pt", weights_only=False)
-    runs = [(name, kw, cg.Topology.ring(N)) for name, kw in DIST_CASES]
-    runs.append(("sgp", {}, cg.Topology.from_edges(N, **PUSH)))
-    for k, (name, kw, topo) in enumerate(runs):
-        sim = run(simulator(topo, name, DIST_NET, **kw), batches_for(N, 4))
+    for k, (name, kw, topo, cfg) in enumerate(dist_runs()):
+        sim = run(simulator(topo, name, cfg, **kw), batches_for(N, 4))
         models, sent, metrics = results[k]
         torch.testing.assert_close(models, sim.params, rtol=1e-12, atol=1e-12, msg=name)
         assert torch.equal(sent, sim.stats["bytes_sent"]), name

@@ -250,6 +250,10 @@ class Engine:
         n = plan.n_local
         if len(batches) != n:
             raise ValueError(f"step() needs one minibatch per agent: got {len(batches)}, expected {n}")
+        # churn: the local agents away this step run the step like the others (one shape for every kernel) and
+        # then get their state back, as if they had not stepped at all
+        away = None if lossy is None else lossy.get("away")
+        kept = None if away is None else {k: t.index_select(d, i) for k, (t, d, i) in self._agent_rows(away).items()}
         if len(self.grads) != len(wiring.pair_data):
             self.grads = self.grads.new_empty(len(wiring.pair_data), self.layout.size)
         clock = self.clock
@@ -264,6 +268,10 @@ class Engine:
             own = algo.gossip(ctx, wiring.comm, x, x_half, self.algo_state)  # Choco: its compressed round 1
             # round 1 and gossip (steps 1-2)
             received, index = own if own is not None else wiring.round1(x, out=x_half)
+            rejoin = None if lossy is None else lossy.get("rejoin")
+            if rejoin is not None:  # a returning agent starts from the model its chosen neighbour sent
+                k, e = rejoin
+                x_half.index_copy_(0, k, received.index_select(0, index.index_select(0, e)))
         view = StepView(x_half=x_half, lr=self.lr, step=self.stats.steps, mix=wiring.mix, direction=self._direction,
                         x=x, mean=wiring.global_mean)
         at = algo.gradient_rows(ctx, view, self.algo_state)  # x_half itself, but push-sum's x_half / w
@@ -299,6 +307,10 @@ class Engine:
         algo.after_update(ctx, view, self.algo_state)
         if communicate:
             algo.exchange_after_update(ctx, wiring.comm, view, self.algo_state)  # RelaySGD's relay
+        if kept is not None:
+            for key, (t, d, i) in self._agent_rows(away, x_half).items():
+                if key in kept:  # (not a work buffer the step has just made, such as push-sum's first z)
+                    t.index_copy_(d, i, kept[key])
         # one host sync per step: a NaN or Inf anywhere in a loss or a row makes its sum non-finite
         bad_loss = ~torch.isfinite(losses[:n])
         bad_row = ~torch.isfinite(x_half.sum(1))
@@ -317,6 +329,30 @@ class Engine:
         self.stats.grad_evals += len(wiring.pair_data)
         self.stats.counters = self.algo_state.counters()
         return losses[:n]
+
+    def _agent_rows(self, away: Tensor, x: Tensor | None = None) -> dict[str, tuple[Tensor, int, Tensor]]:
+        """What a step must leave as it was for the absent local agents `away`, by name: every block of the
+        state with rows of local agents, as (block, the dimension that indexes them, the away agents' indices
+        there), and the error memories of their in-edges (they encode no cross-gradient). `x`: the parameter
+        rows (the step's new ones). Algorithm state is read by attribute, anew each time (a step may replace a
+        tensor rather than write into it): every tensor with n_local rows along dimension 0, unless the
+        state's `agent_dims` names another dimension (None: not per agent)."""
+        n = self.plan.n_local
+        out = {"x": (self.x if x is None else x, 0, away)}
+        out.update((f"buffer{k}", (b, 0, away)) for k, b in enumerate(self.buffers))
+        out.update((f"transform{k}.{name}", (t, 0, away)) for k, tr in enumerate(self.transforms.transforms)
+                   for name, t in vars(tr).items() if isinstance(t, Tensor))
+        if self.self_codec is not None:
+            out["self_memory"] = (self.self_codec.memory, 0, away)
+        dims = getattr(self.algo_state, "agent_dims", {})
+        for name, t in vars(self.algo_state).items():
+            d = dims.get(name, 0)
+            if isinstance(t, Tensor) and d is not None and t.dim() > d and t.shape[d] == n:
+                out[f"state.{name}"] = (t, d, away)
+        if self.edge_codec is not None:
+            edges = torch.isin(self.plan.in_dst.to(away.device), away).nonzero().flatten()
+            out["edge_memory"] = (self.edge_codec.memory, 0, edges)
+        return out
 
     def _fail(self, diagnose: Callable[[], NonFiniteError]) -> None:
         """Raise or record what `diagnose` finds; once recorded, later failures are not diagnosed again."""

@@ -260,6 +260,9 @@ class Algorithm:
     #: why the method's gamma cannot change during a run (a gamma_schedule, or Engine.set_gamma, is refused
     #: with it); None: it can
     gamma_schedule_refusal: ClassVar[str | None] = None
+    #: why a returning agent cannot copy a neighbour's model (network.churn.rejoin = "neighbor" is refused with
+    #: it); None: the engine copies the round-1 row of the chosen neighbour into the returning agent's row
+    rejoin_refusal: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         self.validate()

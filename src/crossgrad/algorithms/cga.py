@@ -30,6 +30,9 @@ class CGAState:
     v: Tensor
     qp_failures: int = 0
 
+    #: v is [layers, n_local, kmax]; slot is per out-edge (Engine._agent_rows: what churn keeps per agent)
+    agent_dims: ClassVar[dict[str, int | None]] = {"v": 1, "slot": None}
+
     def state_dict(self) -> dict[str, Any]:
         return {"v": self.v.clone(), "qp_failures": self.qp_failures}
 

@@ -41,6 +41,9 @@ class DecentLaM(Algorithm):
     name: ClassVar[str] = "decentlam"
     direction_block: ClassVar[bool] = True
     own_momentum: ClassVar[bool] = True
+    rejoin_refusal: ClassVar[str | None] = (
+        "it never sends its model (its round-1 message is its local step z), so a returning agent has no "
+        "neighbour's model to copy; it rejoins with its own")
 
     def validate(self) -> None:
         super().validate()

@@ -79,6 +79,9 @@ class SGP(Algorithm):
     name: ClassVar[str] = "sgp"
     local_steps_refusal: ClassVar[str | None] = (
         "its push-sum weights are mixed with the models in every round, so a step without one has no weights")
+    rejoin_refusal: ClassVar[str | None] = (
+        "its rows are shares of the network's mass (x and w), so a copied row would add mass and bias every "
+        "agent's x / w; it rejoins with its own")
 
     def reweight(self, ctx: CombineContext, w: MixWeights, delivery: Delivery) -> MixWeights:
         """Push-sum keeps the mass: a lost message's share stays with its sender (w_jj += w_ij), the receiver

@@ -34,10 +34,13 @@ from torch import Tensor
 from crossgrad.errors import ConfigError
 
 #: metrics.jsonl keys of a run with a [network] section (absent from runs without one)
-NETWORK_KEYS = ("sim_time_s", "messages_sent", "messages_dropped", "links_down")
+NETWORK_KEYS = ("sim_time_s", "messages_sent", "messages_dropped", "links_down", "agents_present")
+
+#: what a returning agent starts from (network.churn.rejoin)
+REJOIN = ("own", "neighbor")
 
 # hash streams: one per kind of decision, so that no two decisions share a draw
-_ROUND1, _ROUND2, _LINK_FAIL, _LINK_REPAIR = 1, 2, 3, 4
+_ROUND1, _ROUND2, _LINK_FAIL, _LINK_REPAIR, _LEAVE, _RETURN = 1, 2, 3, 4, 5, 6
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -95,11 +98,16 @@ class NetworkConfig:
     {distribution = "uniform", low, high}, drawn once per agent from the seed.
     compute_ms: one gradient evaluation on one agent; latency_ms, bandwidth_mbps: every link's, or
     the path of a file of lines "i j value" (the link i-j, both ways; relative to the config file).
+    churn: {rate, mean_absence} (a present agent leaves at a step with probability rate and stays away a
+    geometric number of steps of mean mean_absence) or {schedule = [[agent, start, end], ...]} (away for
+    steps start <= t < end), and rejoin = "own" (default: it resumes from its own state) or "neighbor"
+    (it first copies the model of its lowest-numbered in-neighbour whose round-1 message reaches it).
     seed: of every draw (default: training.seed).
     """
 
     drop_prob: float = 0.0
     link_failures: dict = field(default_factory=dict)
+    churn: dict = field(default_factory=dict)
     stragglers: Any = None
     compute_ms: float = 0.0
     latency_ms: Any = 0.0
@@ -139,6 +147,21 @@ class NetworkConfig:
                 raise ConfigError("network.link_failures needs both rate and mean_down (steps), or a schedule")
             lf["rate"] = _number("network.link_failures.rate", lf["rate"], 0.0, 1.0)
             lf["mean_down"] = _number("network.link_failures.mean_down", lf["mean_down"], 1.0)
+        churn = _table("network.churn", self.churn, ("rate", "mean_absence", "schedule", "rejoin"))
+        rejoin = churn.get("rejoin", "own")
+        if rejoin not in REJOIN:
+            raise ConfigError(f"network.churn.rejoin must be 'own' or 'neighbor', not {rejoin!r}")
+        kinds = set(churn) - {"rejoin"}
+        if "schedule" in kinds:
+            if kinds != {"schedule"}:
+                raise ConfigError("network.churn takes either a schedule or rate and mean_absence, not both")
+            _schedule("network.churn.schedule", churn["schedule"], 3, n_agents)
+        elif kinds != {"rate", "mean_absence"}:
+            if churn:
+                raise ConfigError("network.churn needs both rate and mean_absence (steps), or a schedule")
+        else:
+            churn["rate"] = _number("network.churn.rate", churn["rate"], 0.0, 1.0)
+            churn["mean_absence"] = _number("network.churn.mean_absence", churn["mean_absence"], 1.0)
         self.stragglers = _check_stragglers(self.stragglers, n_agents)
         for key, low_open in (("latency_ms", False), ("bandwidth_mbps", True)):
             value = getattr(self, key)
@@ -151,11 +174,20 @@ class NetworkConfig:
         return self
 
 
-def check_network(cfg: NetworkConfig, algorithm: Any) -> None:
-    """Refuse an algorithm that has no sound behaviour when messages are lost (one line, its reason)."""
-    if (cfg.drop_prob > 0 or cfg.link_failures) and algorithm.loss_refusal:
-        raise ConfigError(f"{algorithm.name} cannot run on a lossy network (network.drop_prob / link_failures): "
-                          f"{algorithm.loss_refusal}")
+def check_network(cfg: NetworkConfig, algorithm: Any, local_steps: int = 1) -> None:
+    """Refuse an algorithm that has no sound behaviour when messages are lost or agents leave, or whose
+    returning agents cannot copy a neighbour's model (one line, its reason)."""
+    churn = bool(set(cfg.churn) - {"rejoin"})
+    if (cfg.drop_prob > 0 or cfg.link_failures or churn) and algorithm.loss_refusal:
+        raise ConfigError(f"{algorithm.name} cannot run on a lossy network (network.drop_prob / link_failures / "
+                          f"churn): {algorithm.loss_refusal}")
+    if churn and cfg.churn.get("rejoin") == "neighbor":
+        if algorithm.rejoin_refusal:
+            raise ConfigError(f"{algorithm.name} cannot take network.churn.rejoin = 'neighbor': "
+                              f"{algorithm.rejoin_refusal}")
+        if local_steps > 1:
+            raise ConfigError("network.churn.rejoin = 'neighbor' needs training.local_steps = 1 (a returning agent "
+                              "copies a model it receives in round 1, and a local step has none)")
 
 
 def _schedule(where: str, rows: Any, width: int, n: int | None) -> None:
@@ -320,6 +352,11 @@ class NetworkModel:
         self.messages_dropped = 0
         self.links_down = 0
         self.down: np.ndarray | None = None  # the Markov links' state (rate / mean_down), by link id
+        #: churn's draws (rate / mean_absence or a schedule); {} without churn
+        self.churn = cfg.churn if set(cfg.churn) - {"rejoin"} else {}
+        self.away = np.zeros(n, dtype=bool)  # the agents away at step away_step
+        self.was_away = np.zeros(n, dtype=bool)  # and at the step before (who returns at away_step)
+        self.away_step = -1
         self._before: Tensor | None = None
 
     def check(self, algorithm: Any) -> None:
@@ -333,40 +370,96 @@ class NetworkModel:
         return g
 
     # ---------------------------------------------------------------- one step
+    def absent(self, step: int) -> np.ndarray:
+        """Which agents are away at `step` (a bool per agent, all False without churn). The runner asks before
+        drawing the step's batches (an absent agent's stream is held), the engine at the step itself: the
+        chain advances once per step and the answer is kept for that step."""
+        if not self.churn:
+            return self.away
+        while self.away_step < step:
+            t = self.away_step + 1
+            self.was_away, self.away = self.away, self._away_at(t, self.away)
+            self.away_step = t
+        if step != self.away_step:
+            raise ValueError(f"churn is at step {self.away_step}; step {step} has passed")
+        return self.away
+
+    def _away_at(self, t: int, before: np.ndarray) -> np.ndarray:
+        churn = self.churn
+        if "schedule" in churn:
+            away = np.zeros(self.n, dtype=bool)
+            for a, start, end in churn["schedule"]:
+                away[a] |= start <= t < end
+            return away
+        # a two-state Markov chain per agent, drawn from the hash as the links' are
+        agents = np.arange(self.n, dtype=np.int64)
+        leave = uniforms(self.seed, t, _LEAVE, agents, agents) < churn["rate"]
+        back = uniforms(self.seed, t, _RETURN, agents, agents) < 1.0 / churn["mean_absence"]
+        return np.where(before, ~back, leave)
+
     def begin(self, step: int, wiring: Any, algorithm: Any) -> tuple[Any, dict[str, Any]]:
         """The wiring this step runs on (re-weighted by the algorithm where messages were lost, else the
-        given one itself) and what `end` needs."""
+        given one itself) and what `end` needs. With churn it also names the local agents the engine must
+        leave as they are (info["away"], local indices) and the returning agents that copy a neighbour's
+        model (info["rejoin"]: their local indices and the in-edges whose model they copy)."""
         g = self.graph(wiring)
         up1 = self._links_up(step, g)
+        away = self.absent(step) if self.churn else None
+        # an absent agent sends nothing and its neighbours send it nothing: those messages are not sent at all
+        sent1 = np.ones(len(up1), dtype=bool) if away is None else ~(away[g.src] | away[g.dst])
+        up1 &= sent1
         if self.cfg.drop_prob > 0:
             up1 &= uniforms(self.seed, step, _ROUND1, g.src, g.dst) >= self.cfg.drop_prob
         # round 2 is the replies to round 1's models, or (relaysgd) the method's own message on every edge
-        sent2 = up1 if algorithm.round2 else np.ones(len(up1), dtype=bool)
+        sent2 = up1 if algorithm.round2 else sent1
         arr2 = sent2.copy()
         if algorithm.round2 and self.cfg.drop_prob > 0:  # the reply goes from the model's receiver to its owner
             arr2 &= uniforms(self.seed, step, _ROUND2, g.dst, g.src) >= self.cfg.drop_prob
         self._before = wiring.comm.bytes_sent.sum(0)
-        info = {"graph": g, "up1": up1, "sent2": sent2, "arr2": arr2, "algorithm": algorithm}
+        info = {"graph": g, "sent1": sent1, "up1": up1, "sent2": sent2, "arr2": arr2, "algorithm": algorithm}
+        dev = wiring.ctx.self_w.device
+        if away is not None:
+            self._churn_info(info, wiring.comm.plan, g, away, dev)
         if up1.all() and (arr2 == sent2).all():
             return wiring, info  # nothing lost: the wiring's own weights, bit for bit
-        dev = wiring.ctx.self_w.device
         mask1, mask2 = torch.from_numpy(up1).to(dev), torch.from_numpy(arr2).to(dev)
         delivery = Delivery(in1=mask1[g.in_gid.to(dev)], out1=mask1[g.out_gid.to(dev)], out2=mask2[g.out_gid.to(dev)])
         info["delivery"] = delivery
         return wiring.reweighted(algorithm.reweight(wiring.ctx, wiring.mix_weights(), delivery)), info
+
+    def _churn_info(self, info: dict[str, Any], plan: Any, g: _Graph, away: np.ndarray, dev: torch.device) -> None:
+        """The local agents away this step, and with rejoin = "neighbor" each returning agent's choice: the
+        in-edge of its lowest-numbered in-neighbour whose round-1 model reaches it (none: it resumes its own)."""
+        local = np.asarray(plan.local, dtype=np.int64)
+        ks = np.flatnonzero(away[local])
+        info["away"] = torch.from_numpy(ks).to(dev) if len(ks) else None
+        back = np.flatnonzero((self.was_away & ~away)[local])
+        if self.churn.get("rejoin") != "neighbor" or not len(back):
+            return
+        arrived = info["up1"][g.in_gid.numpy()]
+        in_src, in_dst = plan.in_src.cpu().numpy(), plan.in_dst.cpu().numpy()
+        pick = [(k, c[np.argmin(in_src[c])]) for k in back
+                for c in [np.flatnonzero((in_dst == k) & arrived)] if len(c)]
+        if pick:
+            info["rejoin"] = tuple(torch.tensor(v, dtype=torch.long, device=dev) for v in zip(*pick))
 
     def end(self, wiring: Any, info: dict[str, Any]) -> None:
         """After the step: count its messages, take back the round-2 bytes of replies never sent, and add the
         step's simulated time. A round counts only if the comms sent something in it: a local step
         (training.local_steps) or push-sum's first step, which send nothing, lose nothing and wait for no link."""
         comm, g, up1, sent2, arr2 = wiring.comm, info["graph"], info["up1"], info["sent2"], info["arr2"]
+        sent1 = info["sent1"]
         delta = comm.bytes_sent.sum(0) - self._before
         plan = comm.plan
         per1 = float(delta[0]) / len(plan.out_src) if len(plan.out_src) else 0.0
         per2 = float(delta[1]) / len(plan.in_dst) if len(plan.in_dst) else 0.0
         if per1:
-            self.messages_sent += len(up1)
-            self.messages_dropped += int((~up1).sum())
+            self.messages_sent += int(sent1.sum())
+            self.messages_dropped += int((sent1 & ~up1).sum())
+            if not sent1.all():  # nothing goes to or from an absent agent
+                unsent = ~torch.from_numpy(sent1)[g.out_gid]
+                comm.bytes_sent[:, 0].index_add_(0, plan.out_src[unsent], comm.bytes_sent.new_full(
+                    (int(unsent.sum()),), -per1))
         if per2:
             self.messages_sent += int(sent2.sum())
             self.messages_dropped += int((sent2 & ~arr2).sum())
@@ -381,8 +474,10 @@ class NetworkModel:
         evals = np.ones(self.n)
         if info["algorithm"].cross_gradients:  # one cross-gradient per model received
             evals += np.bincount(g.dst[up1], minlength=self.n)
-        compute = float((evals * self.factors).max()) * cfg.compute_ms
-        rounds = [(per1, np.ones(len(up1), dtype=bool)), (per2, sent2)]
+        if self.churn:
+            evals[self.away] = 0  # an absent agent computes nothing
+        compute = float((evals * self.factors).max(initial=0.0)) * cfg.compute_ms
+        rounds = [(per1, sent1), (per2, sent2)]
         ms = compute + sum(_round_ms(g, size, which) for size, which in rounds if size and which.any())
         self.sim_time_s += ms / 1000.0
 
@@ -414,18 +509,24 @@ class NetworkModel:
     def metrics(self) -> dict[str, Any]:
         """The counters of metrics.jsonl (NETWORK_KEYS): cumulative, of the whole network, equal on every process."""
         return {"sim_time_s": self.sim_time_s, "messages_sent": self.messages_sent,
-                "messages_dropped": self.messages_dropped, "links_down": self.links_down}
+                "messages_dropped": self.messages_dropped, "links_down": self.links_down,
+                "agents_present": self.n - int(self.away.sum())}
 
     def state_dict(self) -> dict[str, Any]:
         return {"sim_time_s": self.sim_time_s, "messages_sent": self.messages_sent,
                 "messages_dropped": self.messages_dropped, "links_down": self.links_down,
-                "down": None if self.down is None else torch.from_numpy(self.down.copy())}
+                "down": None if self.down is None else torch.from_numpy(self.down.copy()),
+                "away": torch.from_numpy(self.away.copy()), "was_away": torch.from_numpy(self.was_away.copy()),
+                "away_step": self.away_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sim_time_s = float(state["sim_time_s"])
         self.messages_sent, self.messages_dropped = int(state["messages_sent"]), int(state["messages_dropped"])
         self.links_down = int(state["links_down"])
         self.down = None if state["down"] is None else state["down"].numpy().astype(bool)
+        if "away" in state:  # (checkpoints from before churn had no absent agents)
+            self.away, self.was_away = state["away"].numpy().astype(bool), state["was_away"].numpy().astype(bool)
+            self.away_step = int(state["away_step"])
 
 
 def _round_ms(g: _Graph, size: float, which: np.ndarray) -> float:

@@ -62,6 +62,12 @@ class AgentStream:
             parts.append(take)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def peek(self, size: int) -> Tensor:
+        """`size` indices without drawing them: the stream stays where it is (an absent agent's batch)."""
+        ahead = self.perm[self.pos :] if self.pos < len(self.perm) else self.perm
+        reps = -(-size // len(ahead))  # a shard smaller than the batch repeats
+        return (ahead.repeat(reps) if reps > 1 else ahead)[:size]
+
     def state_dict(self) -> dict[str, Any]:
         return {"gen": self.gen.get_state(), "perm": self.perm.to("cpu", copy=True), "pos": self.pos}
 

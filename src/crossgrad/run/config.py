@@ -320,7 +320,7 @@ class Config:
                               f"communicating; {algorithm.name} cannot: {algorithm.local_steps_refusal} "
                               "(dsgd can, with or without momentum and qgm)")
         if self.network is not None:
-            check_network(self.network.validate(t.n_agents), algorithm)
+            check_network(self.network.validate(t.n_agents), algorithm, tr.local_steps)
         return self
 
     # ------------------------------------------------------------------ labels
@@ -643,7 +643,7 @@ def _switch_algorithm(before: dict[str, Any], after: dict[str, Any], given: set[
 def _into_table(text: str, section: str, key: str, table: Any, entry: str, value: Any) -> dict[str, Any]:
     """`table` (section.key, a table such as topology.options) with `entry` set to `value`, as a new dict."""
     if section in _OPTIONAL:  # its tables are the keys whose value may be one
-        tables = [k for k in ("link_failures", "stragglers") if k in _hints(_OPTIONAL[section])]
+        tables = [k for k in ("link_failures", "stragglers", "churn") if k in _hints(_OPTIONAL[section])]
     else:
         hints = {} if section == "algorithm" else _hints(_SECTIONS[section].default_factory)  # flat hyperparameters
         tables = [k for k, h in hints.items() if h is dict or typing.get_origin(h) is dict]

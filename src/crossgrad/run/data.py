@@ -11,6 +11,7 @@ the augmentation.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,15 +131,19 @@ class AgentBatches:
         self.streams = [AgentStream(p.shards[i], stream_seeds[i], p.device) for i in local]
         self.aug_gens = [torch.Generator().manual_seed(aug_seeds[i]) for i in local]
 
-    def next(self) -> list[tuple[Tensor, Tensor]]:
-        """Every local agent's minibatch, gathered from the device-resident data in one index_select."""
+    def next(self, hold: Sequence[bool] | None = None) -> list[tuple[Tensor, Tensor]]:
+        """Every local agent's minibatch, gathered from the device-resident data in one index_select.
+
+        hold[k]: local agent k is absent this step (network churn): it gets a batch of the right shape, but its
+        stream and augmentation generator do not move, so it loses no sample and its draws resume on return."""
         p, b = self.p, self.batch_size
-        idx = torch.cat([stream.next(b) for stream in self.streams])
+        held = [False] * len(self.streams) if hold is None else hold
+        idx = torch.cat([s.peek(b) if h else s.next(b) for s, h in zip(self.streams, held, strict=True)])
         xs, ys = p.x_train.index_select(0, idx), p.y_train.index_select(0, idx)
         out = []
         for k, gen in enumerate(self.aug_gens):
             xb, yb = xs[k * b : (k + 1) * b], ys[k * b : (k + 1) * b]
-            if p.augment is not None:
+            if p.augment is not None and not held[k]:
                 xb = p.augment(xb, generator=gen)
             out.append((xb, yb))
         return out

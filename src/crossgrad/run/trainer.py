@@ -310,6 +310,14 @@ class Trainer:
                          self.elapsed + time.perf_counter() - t0)
         self._logged = (loss_sum, steps)
 
+    def _held(self) -> list[bool] | None:
+        """Which local agents' batch streams stand still this step: those network churn has away."""
+        network = self.engine.network
+        if network is None or not network.churn:
+            return None
+        away = network.absent(self.engine.stats.steps)
+        return [bool(away[a]) for a in self.cluster.local]
+
     def _all_losses(self) -> float:
         """The sum of every agent's running training loss (a collective)."""
         return math.fsum(self.cluster.share(float(self.totals.loss.sum())))
@@ -331,7 +339,7 @@ class Trainer:
                 self.engine.set_lr(lr_at(cfg, self.step, self.total_steps))
                 self.engine.set_gamma(gamma_at(cfg.algorithm.params, self.step // self.steps_per_epoch, epochs))
                 # training.local_steps = H: one communicating step, then H - 1 local ones
-                losses = self.engine.step(self.batches.next(), communicate=self.step % tr.local_steps == 0)
+                losses = self.engine.step(self.batches.next(self._held()), communicate=self.step % tr.local_steps == 0)
                 self.step += 1
                 evaluate_now = self.step % eval_steps == 0 or self.step == self.total_steps
                 # the bias diagnostic costs passes over every [E, P] gradient block: sampled every
