@@ -36,12 +36,23 @@ class SharedGossip:
     """
 
     def __init__(self, n: int, gossip_self: Tensor, gossip_in: Tensor, dst: Tensor, src: Tensor):
-        G = torch.diag(gossip_self)
-        G.index_put_((dst, src), gossip_in, accumulate=True)
-        if n > DENSE_GOSSIP_MAX_AGENTS:
-            with warnings.catch_warnings():  # "sparse CSR support is in beta": used for plain products only
+        if n <= DENSE_GOSSIP_MAX_AGENTS:
+            G = torch.diag(gossip_self)
+            G.index_put_((dst, src), gossip_in, accumulate=True)
+        else:
+            # straight from the entries, never through a dense [n, n] block: a lossy step (network.py) builds
+            # its own G, and at 4,096 agents the dense block cost more than the step's gossip. The same CSR as
+            # the dense block's (its zeros dropped, columns sorted within each row, repeats summed)
+            agents = torch.arange(n, device=gossip_self.device)
+            rows, cols = torch.cat([agents, dst.to(agents.device)]), torch.cat([agents, src.to(agents.device)])
+            values = torch.cat([gossip_self, gossip_in])
+            # ("sparse CSR support is in beta", "invariant checks are disabled": built and used for products only)
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                G = G.to_sparse_csr()
+                G = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n), device=agents.device).coalesce()
+                keep = G.values() != 0
+                G = torch.sparse_coo_tensor(G.indices()[:, keep], G.values()[keep], (n, n), device=agents.device,
+                                            is_coalesced=True).to_sparse_csr()
         self.G = G
 
     def __call__(self, x: Tensor, out: Tensor) -> Tensor:
