@@ -339,7 +339,9 @@ class Trainer:
                 self.engine.set_lr(lr_at(cfg, self.step, self.total_steps))
                 self.engine.set_gamma(gamma_at(cfg.algorithm.params, self.step // self.steps_per_epoch, epochs))
                 # training.local_steps = H: one communicating step, then H - 1 local ones
-                losses = self.engine.step(self.batches.next(self._held()), communicate=self.step % tr.local_steps == 0)
+                hold = self._held()  # churn's absent agents: their streams stand still
+                batches = self.batches.next() if hold is None else self.batches.next(hold)
+                losses = self.engine.step(batches, communicate=self.step % tr.local_steps == 0)
                 self.step += 1
                 evaluate_now = self.step % eval_steps == 0 or self.step == self.total_steps
                 # the bias diagnostic costs passes over every [E, P] gradient block: sampled every
