@@ -14,6 +14,11 @@ in its `reweight` hook (crossgrad.algorithms.base), which this module applies to
 gossip and combine weights. A step in which everything arrives uses the wiring unchanged, so a
 `[network]` section that loses nothing trains bit for bit as a run without one.
 
+Churn (agents that leave and come back) is drawn the same way, per agent and step. An absent agent's messages,
+both ways, are not sent, so its neighbours re-weight as for drops; the engine leaves the absent agents' whole
+state as it was (`Engine._agent_rows`) and the runner holds their batch streams; with rejoin = "neighbor" a
+returning agent takes the round-1 model of its lowest-numbered in-neighbour that reaches it.
+
 Simulated time of a synchronous step: round 1 (the slowest message: its link's latency plus its
 bytes over the link's bandwidth), then the slowest agent's compute (its gradient evaluations times
 `compute_ms` times its straggler factor), then round 2 the same way. A lost message still occupies
@@ -322,7 +327,7 @@ def _per_link(value: Any, edges: list[tuple[int, int]], key: str, default: float
 
 class NetworkModel:
     """The network of one run: draws each step's deliveries, applies the algorithm's re-weighting, counts
-    messages and simulated time. `state_dict`/`load_state_dict` carry the counters and the links' state.
+    messages and simulated time. `state_dict`/`load_state_dict` carry the counters and the links' and agents' state.
 
     `topology`: the run's (static or time-varying); `seed`: of every draw unless the config gives one.
     Every bad value, a per-link file that misses a link included, is a ConfigError here, before training.
