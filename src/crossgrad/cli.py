@@ -486,8 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _in_import_lock_callback(frame) -> bool:
-    """True inside importlib's module-lock weakref callback (``_get_module_lock.<locals>.cb``)."""
-    return frame is not None and frame.f_code.co_name == "cb" and "importlib" in frame.f_code.co_filename
+    """True inside importlib's module-lock weakref callback (``_get_module_lock.<locals>.cb``), directly or
+    further down: a handler deferred from there may run again while the first is still in threading's code."""
+    while frame is not None:
+        if frame.f_code.co_name == "cb" and "importlib" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
