@@ -3,7 +3,9 @@ models | topology | quickstart | bench`.
 
 Exit codes: 0 success; 1 a run diverged (NaN/Inf) or failed; 2 a configuration or input error
 (one line on stderr, no traceback); 75 a run directory is in use by another process; 130 interrupted
-(a checkpoint was written, resume with `crossgrad run --resume DIR`, unless no step had run yet).
+(a checkpoint was written, resume with `crossgrad run --resume DIR`, unless no step had run yet); 143
+stopped by SIGTERM (the same, in the simulator). A run that stops before completing says in DIR/status.json
+why, at which step, which checkpoint holds it and the command that continues it.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def _finish(result) -> int:
             line += f", consensus acc {100 * acc:.2f}%, mean local acc {100 * local:.2f}%"
         print(line)
         print(f"results in {result.run_dir}")
-    elif result.status in ("stopped", "interrupted"):
+    elif result.status in ("stopped", "interrupted", "terminated"):
         print(f"crossgrad: {result.status}: {result.message}", file=sys.stderr)
     else:
         print(f"crossgrad: {result.message}", file=sys.stderr)
@@ -345,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decentralized deep learning on non-IID data: "
         "NGC, CompNGC, DSGD(m-N), QGM, CGA, CompCGA.",
         epilog="Start with `crossgrad quickstart`. Exit codes: 0 ok, 1 a run diverged or failed, "
-        "2 bad configuration or input, 75 run directory in use, 130 interrupted (checkpoint written if a step ran).",
+        "2 bad configuration or input, 75 run directory in use, 130 interrupted (checkpoint written if a step ran), "
+        "143 stopped by SIGTERM (likewise); DIR/status.json says how an unfinished run continues.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 

@@ -63,11 +63,14 @@ def _load_run(run_dir: Path) -> dict | None:
 def _unfinished_run(run_dir: Path) -> dict | None:
     """A run directory without a summary, described from its config.toml so that it is counted.
 
-    Its status is "running" (another process holds it), "interrupted" (a checkpoint to resume
-    from) or "crashed" (neither); None when the config cannot be read.
+    Its status is "running" (another process holds it); else what its status.json says ("stopped",
+    "interrupted", "terminated", "failed"), or "killed" when that still says "running" (its process died
+    without a word: SIGKILL, out of memory, a lost node); without a status.json (runs written before
+    there was one) "interrupted" (a checkpoint to resume from) or "crashed" (neither). The summary's
+    "stop" holds the status.json record (or {}); None when the config cannot be read.
     """
     from crossgrad.run.config import config_from_dict, saved_config_data
-    from crossgrad.run.rundir import lock_holder
+    from crossgrad.run.rundir import continue_command, lock_holder, read_status
 
     path = run_dir / CONFIG
     if not path.is_file():
@@ -77,13 +80,35 @@ def _unfinished_run(run_dir: Path) -> dict | None:
     except ConfigError as e:
         warn(f"{e}; skipped")
         return None
+    record = read_status(run_dir) or {}
     if lock_holder(run_dir) is not None:
         status = "running"
+    elif record:
+        status = "killed" if record.get("status") == "running" else str(record.get("status"))
     else:
         status = "interrupted" if (run_dir / CHECKPOINT).is_file() else "crashed"
+    if not record and status == "interrupted":  # any checkpoint resumes in the simulator
+        record = {"continue": continue_command(run_dir)}
     summary = {"method": config.method, "setting": config.setting, "seed": config.training.seed,
-               "status": status}
+               "status": status, "stop": record}
     return {"path": str(run_dir), "summary": summary, "config": config.to_dict()}
+
+
+def stop_note(summary: dict) -> str:
+    """Where an unfinished run stands and how to continue it, from its status.json ("" when nothing is known)."""
+    record, parts = summary.get("stop") or {}, []
+    step, total, saved = record.get("step"), record.get("total_steps"), record.get("checkpoint_step")
+    if summary.get("status") == "killed":
+        if saved is not None:
+            parts.append(f"killed after its checkpoint of step {saved}")
+    elif isinstance(step, int):
+        why = record.get("reason")
+        parts.append(f"at step {step}" + (f" of {total}" if total is not None else "") + (f" ({why})" if why else ""))
+    if record.get("continue") and summary.get("status") != "running":
+        parts.append(f"continue with: {record['continue']}")
+    elif summary.get("status") in ("stopped", "interrupted", "terminated", "failed", "killed"):
+        parts.append("no checkpoint: run its command again")
+    return "; ".join(parts)
 
 
 def collect(paths: Iterable[str | Path]) -> list[dict]:

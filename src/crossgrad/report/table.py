@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from crossgrad.files import atomic_write_text, make_dir
-from crossgrad.report.runs import as_list, collect, default_out, load_metrics, no_runs, number
+from crossgrad.report.runs import as_list, collect, default_out, load_metrics, no_runs, number, stop_note
 from crossgrad.run.rundir import comparable_config
 
 
@@ -320,7 +320,8 @@ def report_main(paths: Sequence[str | Path], out: str | Path | None = None, metr
     print(f"({len(runs)} runs; {note})")
     bad = [r for row in rows for r in row.runs if r["summary"].get("status") != "completed"]
     for r in bad:
-        print(f"  not averaged: {r['path']} (status: {r['summary'].get('status')})")
+        where = stop_note(r["summary"])
+        print(f"  not averaged: {r['path']} (status: {r['summary'].get('status')}{'; ' + where if where else ''})")
     out_dir = default_out(paths, out)
     if out_dir is not None:
         make_dir(out_dir)
@@ -329,7 +330,8 @@ def report_main(paths: Sequence[str | Path], out: str | Path | None = None, metr
               note[0].upper() + note[1:] + ".", "", format_table(rows, "markdown", columns)]
         if bad:
             md += ["## Runs not averaged", ""]
-            md += [f"- `{r['path']}`: {r['summary'].get('status')}" for r in bad]
+            md += [f"- `{r['path']}`: {r['summary'].get('status')}"
+                   + (f" ({stop_note(r['summary'])})" if stop_note(r["summary"]) else "") for r in bad]
             md.append("")
         atomic_write_text(out_dir / "report.md", "\n".join(md))
         atomic_write_text(out_dir / "report.csv", format_table(rows, "csv", columns))

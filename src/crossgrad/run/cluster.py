@@ -12,7 +12,9 @@ The trainer talks only to this interface and never asks which backend it runs on
   communication time-out);
 - `gather_parts` / `scatter_parts`: checkpoint parts to and from the main process;
 - `broadcast_error(err)`: the main process's set-up error (or None) raised on every process;
-- `interrupt()`: a context that turns Ctrl-C into a flag the trainer agrees on between steps;
+- `interrupt(run_dir)`: a context that turns Ctrl-C (and the simulator's SIGTERM) into a flag the trainer
+  agrees on between steps;
+- `continue_command(run_dir)`: the exact command that continues the run after a stop (for status.json);
 - `failures`: the exceptions that mean a peer died or hung (the run fails, the checkpoint is kept);
 - `restarts`: how many times the launcher restarted the worker group (torchrun's elastic restarts); a
   restarted group continues its run from the last checkpoint.
@@ -25,6 +27,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +37,7 @@ from crossgrad.algorithms import ConfigError
 from crossgrad.devices import resolve_device
 from crossgrad.run.config import Config
 from crossgrad.run.data import Prepared
+from crossgrad.run.rundir import continue_command
 
 
 class StartupFailure(ConfigError):
@@ -51,36 +55,47 @@ def elastic_restarts() -> int:
 
 
 class Interrupt:
-    """Turns Ctrl-C (SIGINT) into a flag checked between steps.
+    """Turns Ctrl-C (SIGINT), and in a single process SIGTERM, into a flag checked between steps.
 
-    `abort_on_second`: a second Ctrl-C raises KeyboardInterrupt at once (a single process); under
+    `hit`: the name of the first such signal ("SIGINT", "SIGTERM"), None before one came.
+    `abort_on_second`: a second one raises KeyboardInterrupt at once (a single process); under
     torchrun the launcher forwards the signal again, so a second one only keeps the flag set.
+    `on_sigterm` (torchrun): SIGTERM is not a flag but the end of this process, which prints that line,
+    calls `before_death` (the trainer's: rank 0 records the stop in the run directory), then dies of the
+    signal as before. It cannot stop in order: torchrun sends it when a peer failed, so the collective
+    that a checkpoint takes would wait for a dead process, and torchrun kills the group 30 s later.
     """
 
     def __init__(self, abort_on_second: bool, on_sigterm: str | None = None) -> None:
-        self.hit = False
+        self.hit: str | None = None
         self.abort_on_second = abort_on_second
         self.on_sigterm = on_sigterm
+        self.before_death: Any = None
         self._old: Any = None
         self._old_term: Any = None
 
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handle)
-            if self.on_sigterm is not None:
-                self._old_term = signal.signal(signal.SIGTERM, self._terminated)
+            self._old_term = signal.signal(signal.SIGTERM,
+                                           self._handle if self.on_sigterm is None else self._terminated)
         return self
 
     def _terminated(self, signum: int, frame: Any) -> None:
-        """Say why this process stops, then die of the signal as before (the launcher sees the same exit)."""
+        """Say why this process stops, have the stop recorded, then die of the signal (the launcher sees the
+        same exit)."""
         print(self.on_sigterm, file=sys.stderr, flush=True)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while recording ends it at once
+        try:
+            if self.before_death is not None:
+                self.before_death()
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.hit and self.abort_on_second:
             raise KeyboardInterrupt
-        self.hit = True
+        self.hit = self.hit or signal.Signals(signum).name
 
     def __exit__(self, *exc: Any) -> None:
         if self._old is not None:
@@ -132,8 +147,11 @@ class LocalCluster:
         if error is not None:
             raise error
 
-    def interrupt(self) -> Interrupt:
+    def interrupt(self, run_dir: Path) -> Interrupt:
         return Interrupt(abort_on_second=True)
+
+    def continue_command(self, run_dir: Path) -> str:
+        return continue_command(run_dir)
 
 
 class DistCluster:
@@ -220,7 +238,7 @@ class DistCluster:
         if box[0] is not None:
             raise box[0]
 
-    def interrupt(self) -> Interrupt:
+    def interrupt(self, run_dir: Path) -> Interrupt:
         from crossgrad.comm.base import agent_blocks
         from crossgrad.comm.dist import label
 
@@ -229,7 +247,10 @@ class DistCluster:
         return Interrupt(abort_on_second=False, on_sigterm=(
             f"crossgrad: {label(self.rank, spans)}: stopped by SIGTERM from the launcher (torchrun stops the group "
             "when one of its processes fails; with --max-restarts it starts the group again, which continues from "
-            "the last checkpoint; otherwise continue with crossgrad run --resume RUN_DIR)"))
+            f"the last checkpoint; otherwise continue with {self.continue_command(run_dir)})"))
+
+    def continue_command(self, run_dir: Path) -> str:
+        return continue_command(run_dir, int(os.environ.get("LOCAL_WORLD_SIZE", self.n_processes)))
 
 
 @contextlib.contextmanager

@@ -4,7 +4,8 @@ One run lives in one directory::
 
     config.toml      the resolved configuration (every algorithm hyperparameter with its value)
     metrics.jsonl    one JSON object per evaluation (keys: see crossgrad.run.evaluate.METRIC_KEYS)
-    summary.json     headline numbers, written when the run ends ("completed", "stopped" or "diverged")
+    summary.json     headline numbers, written when the run ends ("completed" or "diverged")
+    status.json      where an unfinished run stands (see `status_record`); removed when the run completes
     checkpoint.pt    the latest checkpoint
     .lock            held (flock) by the one process training here
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +28,7 @@ from crossgrad.run.config import Config, config_from_dict, dump_toml, read_toml,
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+STATUS = "status.json"
 CONFIG = "config.toml"
 LOCK = ".lock"
 
@@ -138,9 +141,65 @@ def open_run_dir(run_dir: Path, cfg: Config, *, resume: bool, overwrite: bool) -
                        "or replace that one with --overwrite")
     if (run_dir / CHECKPOINT).exists() and not overwrite:
         raise RunError(f"{run_dir} holds an unfinished run; continue it with: crossgrad run --resume {run_dir}")
-    for stale in (SUMMARY, CHECKPOINT, METRICS):
+    for stale in (SUMMARY, CHECKPOINT, METRICS, STATUS):
         (run_dir / stale).unlink(missing_ok=True)
     atomic_write_text(run_dir / CONFIG, dump_toml(cfg.to_dict()))
+
+
+# ------------------------------------------------------------------------------ status.json
+def continue_command(run_dir: Path, processes: int | None = None) -> str:
+    """The exact command that continues the run in `run_dir`: the simulator's, or (`processes` set: this
+    node's number of torchrun workers) torchrun's on as many processes as now."""
+    where = shlex.quote(str(Path(run_dir).absolute()))
+    if processes is None:
+        return f"crossgrad run --resume {where}"
+    nodes = max(int(os.environ.get("WORLD_SIZE", processes)) // processes, 1)
+    launch = ("torchrun --standalone" if nodes == 1 else  # several nodes: launched on each, one rendezvous
+              f"torchrun --nnodes {nodes} --rdzv-backend c10d --rdzv-endpoint "
+              f"{os.environ.get('MASTER_ADDR', 'HOST')}:{os.environ.get('MASTER_PORT', 'PORT')}")
+    return f"{launch} --nproc-per-node {processes} -m crossgrad run --resume {where}"
+
+
+def status_record(status: str, *, step: int, total_steps: int, checkpoint_step: int | None, reason: str,
+                  message: str, command: str | None) -> dict[str, Any]:
+    """status.json's content: why the run is not complete, at which step, which checkpoint holds it, and the
+    command that continues it (None when no checkpoint had been written: then the run starts again).
+
+    `status`: "running" while it trains (a "running" record that no live process holds was killed without
+    a word, e.g. by SIGKILL), else the trainer's status of a stop that is not a completion: "stopped",
+    "interrupted", "terminated" or "failed".
+    """
+    return {
+        "status": status,
+        "reason": reason,
+        "step": step,
+        "total_steps": total_steps,
+        "checkpoint": None if checkpoint_step is None else CHECKPOINT,
+        "checkpoint_step": checkpoint_step,
+        "continue": command if checkpoint_step is not None else None,
+        "message": message,
+        "pid": os.getpid(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_status(run_dir: Path, record: dict[str, Any]) -> None:
+    atomic_write_text(Path(run_dir) / STATUS, json.dumps(jsonable(record), indent=2) + "\n")
+
+
+def read_status(run_dir: Path) -> dict[str, Any] | None:
+    """The run's status.json (None without one; {"status": "unknown"} when it cannot be read)."""
+    try:
+        record = json.loads((Path(run_dir) / STATUS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"status": "unknown"}
+    return record if isinstance(record, dict) else {"status": "unknown"}
+
+
+def clear_status(run_dir: Path) -> None:
+    (Path(run_dir) / STATUS).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------ claiming

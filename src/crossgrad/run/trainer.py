@@ -10,7 +10,13 @@ ends the run before anything non-finite is evaluated or saved, naming the earlie
 and agent; a Ctrl-C ends it after the step's evaluation and with a checkpoint.
 
 Statuses: "completed"; "stopped" (`stop_after` reached: checkpoint written, exit 0); "interrupted"
-(Ctrl-C: checkpoint written, exit 130); "diverged" (exit 1); "failed" (a peer died or hung, exit 1).
+(Ctrl-C: checkpoint written, exit 130); "terminated" (SIGTERM: in the simulator like Ctrl-C, exit 143;
+under torchrun the process dies of the signal); "diverged" (exit 1); "failed" (a peer died or hung, exit 1).
+
+The main process keeps status.json (crossgrad.run.rundir.status_record) saying where the run stands:
+"running" from the start of training (with the step of the latest checkpoint), then, on every stop that
+is not a completion, the stop's status, reason, step, checkpoint and the command that continues it; a
+completed run removes it (its summary.json is the record). A diverged run's record is its summary.json.
 """
 from __future__ import annotations
 
@@ -51,12 +57,15 @@ from crossgrad.run.rundir import (
     atomic_write_text,
     check_resumable,
     claim_run_dir,
+    clear_status,
     holds_unfinished_run,
     jsonable,
     load_run_config,
     one_line,
     open_run_dir,
+    status_record,
     write_metrics,
+    write_status,
 )
 from crossgrad.run.scalars import ScalarLog
 from crossgrad.run.schedule import gamma_at, lr_at, run_length
@@ -65,7 +74,7 @@ from crossgrad.topology.timevarying import is_time_varying
 
 @dataclass
 class RunResult:
-    status: str  # "completed" | "stopped" | "interrupted" | "diverged" | "failed" (a peer died or hung)
+    status: str  # "completed" | "stopped" | "interrupted" | "terminated" | "diverged" | "failed" (a peer died or hung)
     run_dir: Path
     summary: dict | None = None
     message: str = ""
@@ -73,7 +82,7 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        return {"completed": 0, "stopped": 0, "interrupted": 130, "diverged": 1}.get(self.status, 1)
+        return {"completed": 0, "stopped": 0, "interrupted": 130, "terminated": 143, "diverged": 1}.get(self.status, 1)
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,7 @@ class Verdict:
     """What the processes agreed on at a sync point."""
 
     failure: tuple[int, int, str] | None  # the earliest (step, agent, what) that went non-finite
-    interrupted: bool
+    interrupted: str | None  # the signal that asked for a stop ("SIGINT", "SIGTERM"), None if none did
 
 
 class Trainer:
@@ -126,6 +135,8 @@ class Trainer:
                       "metrics": self.metrics, "elapsed": self.elapsed, "config": self.cfg.to_dict(),
                       "environment": environment(self.p.device)}
             write_checkpoint(self.run_dir / CHECKPOINT, pack(common, parts))
+            self.saved_step = self.step  # on disk now, whatever happens to the barrier
+            self.record("running", "training", "")
         self.cluster.barrier()
         self.saved_step = self.step
 
@@ -165,6 +176,24 @@ class Trainer:
         topo = self.p.topology
         return reblock(parts, self.cluster.n, None if is_time_varying(topo) else topo.edges,
                        self.cluster.n_processes, margin=float(getattr(self.p.algorithm, "margin", 0.0)))
+
+    # -------------------------------------------------------------- status.json
+    def record(self, status: str, reason: str, message: str) -> None:
+        """Write where the run stands to status.json (the main process; the others touch no file)."""
+        if self.cluster.main:
+            write_status(self.run_dir, status_record(
+                status, step=self.step, total_steps=self.total_steps, checkpoint_step=self.saved_step,
+                reason=reason, message=message, command=self.cluster.continue_command(self.run_dir)))
+
+    def _killed_by_launcher(self) -> None:
+        """Under torchrun, SIGTERM ends this process at once (see cluster.Interrupt): say so in the run directory."""
+        kept = ("no checkpoint had been written yet, so the same command starts the run again"
+                if self.saved_step is None else
+                f"the checkpoint of step {self.saved_step} is kept; continue with: "
+                f"{self.cluster.continue_command(self.run_dir)} (or the first command again with --resume-if-exists)")
+        self.record("terminated", "SIGTERM from the launcher",
+                    f"stopped by SIGTERM from the launcher at step {self.step} of {self.total_steps} (torchrun stops "
+                    f"the group when one of its processes fails); {kept}")
 
     # -------------------------------------------------------------- evaluation and summary
     def _evaluate(self, t0: float, steps_at_t0: int) -> dict[str, Any] | None:
@@ -248,7 +277,7 @@ class Trainer:
         failures = [f for _, f, _ in everyone if f is not None]
         # the earliest step; within it an agent's own failure before what its neighbours received from it
         first = min(failures, key=lambda f: (f[0], "received" in f[2], f[1])) if failures else None
-        return Verdict(first, any(hit for hit, _, _ in everyone))
+        return Verdict(first, next((hit for hit, _, _ in everyone if hit), None))
 
     def _log(self, rec: dict, bar: Any) -> None:
         tl = rec["train_loss"]
@@ -290,6 +319,7 @@ class Trainer:
             cluster.barrier()
         if cluster.main:
             write_metrics(metrics_path, self.metrics)
+        self.record("running", "training", "")
         scalars = ScalarLog(self.run_dir, cfg.output.tensorboard, self.step) if cluster.main else None
         with contextlib.closing(scalars) if scalars is not None else contextlib.nullcontext():
             return self._loop(stop_after, scalars, t0, steps_at_t0)
@@ -330,8 +360,10 @@ class Trainer:
         metrics_path = self.run_dir / METRICS
         self._logged, last_log = (self._all_losses(), self.totals.steps), self.step
         bar = self._progress_bar()
-        status, verdict = "completed", Verdict(None, False)
-        with cluster.interrupt() as intr, (bar if bar is not None else contextlib.nullcontext()):
+        status, verdict = "completed", Verdict(None, None)
+        with cluster.interrupt(self.run_dir) as intr, (bar if bar is not None else contextlib.nullcontext()):
+            if cluster.main:
+                intr.before_death = self._killed_by_launcher
             while self.step < self.total_steps and not verdict.interrupted:
                 if stop_after is not None and self.step >= stop_after:
                     status = "stopped"
@@ -399,10 +431,11 @@ class Trainer:
             self.save_checkpoint()
             if cluster.main:
                 write_metrics(metrics_path, self.metrics)
-            message = (f"stopped at step {self.step} of {self.total_steps}"
-                       f"; resume with: crossgrad run --resume {self.run_dir}")
-            return RunResult("interrupted" if verdict.interrupted else "stopped", self.run_dir, None, message,
-                             cluster.main)
+            status, reason = STOPS.get(verdict.interrupted, ("stopped", f"--stop-after {stop_after}"))
+            message = (f"stopped at step {self.step} of {self.total_steps} ({reason}); the checkpoint of step "
+                       f"{self.step} is kept; resume with: {cluster.continue_command(self.run_dir)}")
+            self.record(status, reason, message)
+            return RunResult(status, self.run_dir, None, message, cluster.main)
         return self._finish("completed", "")
 
     def _kept(self, which: str) -> str:
@@ -416,7 +449,12 @@ class Trainer:
         summary = self.summary(status, message)
         if summary is not None:
             atomic_write_text(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+            clear_status(self.run_dir)  # the summary is the record of a run that ended with a verdict
         return RunResult(status, self.run_dir, summary, message, self.cluster.main)
+
+
+#: a stop a signal asked for: its status and reason (a stop without one is --stop-after's)
+STOPS = {"SIGINT": ("interrupted", "Ctrl-C (SIGINT)"), "SIGTERM": ("terminated", "SIGTERM")}
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -460,11 +498,14 @@ def _run(cfg: Config, run_dir: Path, *, quiet: bool, stop_after: int | None, res
             return _train(cfg, run_dir, cluster, quiet=quiet, stop_after=stop_after, resume=resume,
                           overwrite=overwrite)
         except KeyboardInterrupt:  # outside the training loop (loading data, the first evaluation, a 2nd Ctrl-C)
-            kept = (f"its last checkpoint is kept; resume with: crossgrad run --resume {run_dir}"
-                    if (run_dir / CHECKPOINT).is_file()
-                    else "no checkpoint had been written, so there is nothing to resume: run the same command again")
-            return RunResult("interrupted", run_dir, None, f"interrupted outside a training step; {kept}",
-                             cluster.main)
+            return RunResult("interrupted", run_dir, None, _outside_message(run_dir), cluster.main)
+
+
+def _outside_message(run_dir: Path) -> str:
+    kept = (f"its last checkpoint is kept; resume with: crossgrad run --resume {run_dir}"
+            if (run_dir / CHECKPOINT).is_file()
+            else "no checkpoint had been written, so there is nothing to resume: run the same command again")
+    return f"interrupted outside a training step; {kept}"
 
 
 def _train(cfg: Config, run_dir: Path, cluster: Any, *, quiet: bool, stop_after: int | None, resume: bool,
@@ -491,16 +532,24 @@ def _train(cfg: Config, run_dir: Path, cluster: Any, *, quiet: bool, stop_after:
         if auto:
             resume = cluster.share(resume)[0]  # what the main process found in the run directory
         trainer = Trainer(cfg, run_dir, cluster, prepared, quiet=quiet)
-        if resume:
-            trainer.load_checkpoint()
-            if auto:
-                why = f" (torchrun restart {cluster.restarts})" if cluster.restarts else ""
-                trainer._say(f"[{run_dir.name}] continuing the unfinished run from its checkpoint at step "
-                             f"{trainer.step}{why}")
         try:
+            if resume:
+                trainer.load_checkpoint()
+                if auto:
+                    why = f" (torchrun restart {cluster.restarts})" if cluster.restarts else ""
+                    trainer._say(f"[{run_dir.name}] continuing the unfinished run from its checkpoint at step "
+                                 f"{trainer.step}{why}")
             return trainer.train(stop_after=stop_after)
         except cluster.failures as e:
-            return RunResult("failed", run_dir, None, _failure_message(e, trainer.saved_step, run_dir), cluster.main)
+            message = _failure_message(e, trainer.saved_step, run_dir)
+            trainer.record("failed", message.partition("; ")[0], message)
+            return RunResult("failed", run_dir, None, message, cluster.main)
+        except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM) while stopping, or one outside the training loop
+            # (a resumption interrupted while loading its checkpoint keeps the record of the stop it resumes)
+            if trainer.saved_step is not None or not (run_dir / CHECKPOINT).is_file():
+                trainer.record("interrupted", "Ctrl-C outside a training step, or a second signal while stopping",
+                               _outside_message(run_dir))
+            raise
 
 
 def _failure_message(e: BaseException, saved_step: int | None, run_dir: Path) -> str:
