@@ -165,8 +165,8 @@ raise SystemExit(main(sys.argv[1:]))
 """
 
 
-def torchrun(cwd: Path, *args: str, restarts: int = 0) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+def torchrun(cwd: Path, *args: str, restarts: int = 0, processes: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
            f"--max-restarts={restarts}", *args]
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240)
 
@@ -197,6 +197,32 @@ def test_torchrun_restart_after_a_worker_is_killed_continues_the_run(tmp_path):
     rows, evaluated = step_rows(run_dir), {r["step"]: r["train_loss"] for r in records(ref)}
     assert [int(r[0]) for r in rows] == [2, 4, 6, 8]
     assert [float(r[3]) for r in rows] == pytest.approx([evaluated[int(r[0])] for r in rows], rel=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_group_leaves_the_record_and_every_survivor_says_why(tmp_path):
+    """Issue 29.5, torchrun without restarts, 3 processes: rank 1 dies by SIGKILL at step 6 and torchrun stops
+    the group. Each surviving rank says why it stops (its dead neighbour, or torchrun's SIGTERM) before it
+    goes; rank 0 leaves status.json: unfinished, at which step, the checkpoint of step 4, the command that
+    continues it. Continued in the simulator, the run ends with the simulator's records."""
+    ref = simulated(tmp_path / "sim", SETS)
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILL)
+    proc = torchrun(tmp_path, str(script), "run", "--quiet", *(f"--set={s}" for s in SETS), "--backend", "dist",
+                    "--out-dir", "out", "--name", "r", processes=3)
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    for rank in (0, 2):  # rank 0 holds agents 0-1, rank 2 agent 3: both neighbours of rank 1's agent 2
+        said = (f"crossgrad: rank {rank} (agent", f"seen by rank {rank} (agent")
+        assert any(s in proc.stderr for s in said), (rank, proc.stderr[-4000:])
+    run_dir = tmp_path / "out" / "r"
+    record = json.loads((run_dir / "status.json").read_text())
+    assert record["status"] in ("terminated", "failed"), record
+    assert record["checkpoint_step"] == 4 and 4 <= record["step"] <= 6, record
+    assert record["continue"] == f"torchrun --standalone --nproc-per-node 3 -m crossgrad run --resume {run_dir}"
+    assert not (run_dir / "summary.json").exists()
+    assert resume_experiment(run_dir, quiet=True, backend="sim").status == "completed"
+    close(records(ref), records(run_dir))
+    assert not (run_dir / "status.json").exists()
 
 
 @pytest.mark.slow
