@@ -259,6 +259,31 @@ def second_hour(tmp: Path) -> list[str]:
             ["training.steps=6", "training.warmup_steps=7"], ["output.out_dir=''"])]
 
 
+def unfinished(tmp: Path) -> list[str]:
+    import os
+    import signal
+    from unittest import mock
+
+    from crossgrad.run.data import AgentBatches
+
+    original, calls = AgentBatches.next, []
+
+    def terminated(self, *args):  # SIGTERM while step 4's batches are drawn: the step completes, then it stops
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args)
+
+    run = ["run", "--quiet", "--out-dir", str(tmp), *TINY, *sets("training.steps=6")]
+    stopped = cli(*run, "--name", "s", "--stop-after", "2")
+    with mock.patch.object(AgentBatches, "next", terminated):
+        term = cli(*run, "--name", "t")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["report", str(tmp)])
+    return [stopped, term, (tmp / "t" / "status.json").read_text(), out.getvalue()]
+
+
 def presets(tmp: Path) -> list[str]:
     return [cli("run", "x.toml", "--preset", "relaysgd-cifar10-vgg11-full16-iid-allreduce"),  # refused unread
             cli("run", "--preset", "x")]
@@ -307,6 +332,7 @@ CASES = {
     "`crossgrad run --stop-after -1`": cli_numbers,
     "`crossgrad models --num-classes -3`": cli_numbers,
     "a mixing matrix with spectral gap 0": spectral_gap,
+    "a run stopped before its end": unfinished,
 }
 
 #: rows checked by other tests (they take real processes, signals, peers, real data or hostile pickles)
@@ -323,7 +349,8 @@ ELSEWHERE = {
     "config file with code in it": "test_safe_loading.py::test_toml_config_is_data_only",
     "disconnected graph": "tests/test_topology.py",
     "NaN / Inf in a received message": "test_numerical_faults.py",
-    "a run killed with SIGKILL": "test_kill_resume.py",
+    "a run killed with SIGKILL": "test_kill_resume.py, tests/test_run_status.py (status.json, report)",
+    "a torchrun group killed": "tests/test_elastic.py::test_a_killed_group_leaves_the_record_and_every_survivor_…",
     "two sweeps writing": "test_concurrent_sweeps.py, test_run_dir_lock.py",
     "a different sweep": "test_concurrent_sweeps.py",
     "a distributed peer": "tests/test_dist.py",
