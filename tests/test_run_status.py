@@ -160,3 +160,19 @@ def test_a_peer_failure_is_recorded_cause_first(tmp_path, monkeypatch):
     assert record["reason"] == "cause: agent 2 is silent: no answer within 10 s"
     assert record["message"].startswith(record["reason"] + "; seen by agent 0 in round 1 (models)")
     assert record["continue"] == f"crossgrad run --resume {run_dir}"
+
+
+def test_sigterm_stops_an_in_process_sweep_after_the_runs_checkpoint(tmp_path, monkeypatch, capsys):
+    """The run stops in order (exit 143) and the sweep with it: before, the signal killed the process; a run
+    that caught it and returned must not let the sweep go on to the next run."""
+    f = tmp_path / "sw.toml"
+    f.write_text(f'[model]\nname = "mlp"\n[topology]\nn_agents = 3\n[training]\nsteps = 6\nbatch_size = 8\n'
+                 f'threads = 1\n[output]\nout_dir = "{tmp_path / "out"}"\n[sweep]\nalgorithms = ["ngc", "dsgd"]\n')
+    signal_at(monkeypatch, 2, signal.SIGTERM)
+    assert main(["sweep", str(f), "--quiet"]) == 143
+    (first,) = [d for d in (tmp_path / "out").iterdir() if d.is_dir()]  # the second run never started
+    assert status(first)["status"] == "terminated"
+    monkeypatch.undo()
+    assert main(["sweep", str(f), "--quiet"]) == 0  # the same command continues it, then runs the other
+    assert sorted(json.loads((d / SUMMARY).read_text())["status"] for d in (tmp_path / "out").iterdir()) == \
+        ["completed", "completed"]

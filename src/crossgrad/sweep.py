@@ -327,6 +327,10 @@ def _progress(k: int, total: int, started: float) -> str:
     return f"[{k}/{total}] {fmt(spent)}{left}"
 
 
+#: the exit codes of a run stopped in order by a signal (Ctrl-C, SIGTERM), its checkpoint written
+SIGNALLED = (130, 143)
+
+
 def _run_parallel(todo: list[tuple[SweepRun, str]], jobs: int, started: float) -> int | None:
     """Run `todo` as `jobs` child processes; the number that failed, or None after a Ctrl-C (all stopped)."""
     from crossgrad.run import RunBusyError
@@ -348,11 +352,12 @@ def _run_parallel(todo: list[tuple[SweepRun, str]], jobs: int, started: float) -
             if rc is None:
                 continue  # never started: the sweep is stopping
             done += 1
-            if rc == 130:  # a run stopped by a signal of its own: stop the sweep as a Ctrl-C would
+            if rc in SIGNALLED:  # a run stopped by a signal of its own: stop the sweep as a Ctrl-C would
                 interrupted = True
                 children.stop()
-            failures += rc not in (0, 130)
-            line = {0: None, 1: None, 130: "interrupted (checkpoint written)"}.get(
+            failures += rc not in (0, *SIGNALLED)
+            line = {0: None, 1: None, 130: "interrupted (checkpoint written)",
+                    143: "terminated by SIGTERM (checkpoint written)"}.get(
                 rc, f"failed (exit {rc}); see {r.run_dir / 'run.log'}") or _result_line(r)
             print(f"{_progress(done, len(todo), started)} {r.name}: {line}", flush=True)
     except KeyboardInterrupt:
@@ -416,9 +421,9 @@ def run_sweep(
             print(f"[{k}/{len(todo)}] {'resuming' if s == 'resume' else 'running'} {r.name}", flush=True)
             rc = _run_inprocess(r, s, quiet)
             rc = 0 if _finished_elsewhere(r, rc) else rc
-            if rc == 130:
+            if rc in SIGNALLED:  # SIGTERM too: the run stopped in order, the sweep must not go on to the next
                 print("sweep interrupted; run it again to continue", file=sys.stderr)
-                return 130
+                return rc
             failures += rc != 0
             print(
                 f"{_progress(k, len(todo), started)} {r.name}: "
