@@ -63,7 +63,7 @@ class Interrupt:
     `on_sigterm` (torchrun): SIGTERM is not a flag but the end of this process, which prints that line,
     calls `before_death` (the trainer's: rank 0 records the stop in the run directory), then dies of the
     signal as before. It cannot stop in order: torchrun sends it when a peer failed, so the collective
-    that a checkpoint takes would wait for a dead process, and torchrun kills the group 30 s later.
+    that a checkpoint takes would wait for a dead process, and torchrun sends SIGKILL 30 s later.
     """
 
     def __init__(self, abort_on_second: bool, on_sigterm: str | None = None) -> None:

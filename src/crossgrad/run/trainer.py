@@ -310,6 +310,7 @@ class Trainer:
         cfg, tr, cluster = self.cfg, self.cfg.training, self.cluster
         metrics_path = self.run_dir / METRICS
         t0, steps_at_t0 = time.perf_counter(), self.step
+        self.record("running", "training", "")  # what a run killed without a word (SIGKILL) leaves
         if self.step == 0 and not self.metrics and tr.eval_at_start:
             self._say(f"[{self.run_dir.name}] step 0: evaluating the initial model on {len(self.p.y_test)} test "
                       "samples (training.eval_at_start=false skips this, training.eval_subset=N uses N samples)")
@@ -319,7 +320,6 @@ class Trainer:
             cluster.barrier()
         if cluster.main:
             write_metrics(metrics_path, self.metrics)
-        self.record("running", "training", "")
         scalars = ScalarLog(self.run_dir, cfg.output.tensorboard, self.step) if cluster.main else None
         with contextlib.closing(scalars) if scalars is not None else contextlib.nullcontext():
             return self._loop(stop_after, scalars, t0, steps_at_t0)
