@@ -176,3 +176,21 @@ def test_sigterm_stops_an_in_process_sweep_after_the_runs_checkpoint(tmp_path, m
     assert main(["sweep", str(f), "--quiet"]) == 0  # the same command continues it, then runs the other
     assert sorted(json.loads((d / SUMMARY).read_text())["status"] for d in (tmp_path / "out").iterdir()) == \
         ["completed", "completed"]
+
+
+def test_a_failed_rank_says_its_cause_before_it_returns_and_once(tmp_path, monkeypatch, capsys):
+    """Each rank's cause line leaves before the process group is torn down (torchrun's SIGTERM, sent when the
+    first rank exits, may end a rank there), so the trainer prints it, not the command line after it."""
+    from crossgrad.comm.dist import CommTimeoutError
+    from crossgrad.run import resume_experiment
+    from crossgrad.run.cluster import LocalCluster
+
+    assert main([*run_args(tmp_path, "r"), "--stop-after", "2"]) == 0
+    error = CommTimeoutError(0, [1], "round 1 (models)", "agent 1 is silent: no answer within 10 s")
+    monkeypatch.setattr(LocalCluster, "failures", (CommTimeoutError,))
+    monkeypatch.setattr(AgentBatches, "next", lambda self, *a: (_ for _ in ()).throw(error))
+    capsys.readouterr()
+    assert resume_experiment(tmp_path / "r", quiet=True).status == "failed"
+    assert capsys.readouterr().err.startswith("crossgrad: cause: agent 1 is silent: no answer within 10 s; ")
+    assert main(["run", "--resume", str(tmp_path / "r"), "--quiet"]) == 1
+    assert capsys.readouterr().err.count("crossgrad: cause: agent 1 is silent") == 1

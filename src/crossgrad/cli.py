@@ -82,7 +82,7 @@ def _toml_str(s: str) -> str:
 
 
 def _finish(result) -> int:
-    if not result.main and result.status != "failed":
+    if result.said or (not result.main and result.status != "failed"):
         return result.exit_code  # dist: rank 0 reports what all ranks agreed on; a failure is each rank's own view
     if result.status == "completed":
         s = result.summary or {}

@@ -244,7 +244,7 @@ def _run_inprocess(run: SweepRun, state: str, quiet: bool) -> int:
     except user_errors() as e:
         print(f"crossgrad: error in {run.name}: {e}", file=sys.stderr)
         return 2
-    if result.message:
+    if result.message and not result.said:
         print(result.message, file=sys.stderr)
     return result.exit_code
 

@@ -79,6 +79,7 @@ class RunResult:
     summary: dict | None = None
     message: str = ""
     main: bool = True  # False on dist ranks other than 0, which write and report nothing on success
+    said: bool = False  # the message is on stderr already (a failure: each rank's, before it can be killed)
 
     @property
     def exit_code(self) -> int:
@@ -542,8 +543,11 @@ def _train(cfg: Config, run_dir: Path, cluster: Any, *, quiet: bool, stop_after:
             return trainer.train(stop_after=stop_after)
         except cluster.failures as e:
             message = _failure_message(e, trainer.saved_step, run_dir)
+            # at once: torchrun sends SIGTERM to the group when the first rank exits, and the process group's
+            # teardown on the way to the command line's report can take longer than that
+            print(f"crossgrad: {message}", file=sys.stderr, flush=True)
             trainer.record("failed", message.partition("; ")[0], message)
-            return RunResult("failed", run_dir, None, message, cluster.main)
+            return RunResult("failed", run_dir, None, message, cluster.main, said=True)
         except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM) while stopping, or one outside the training loop
             # (a resumption interrupted while loading its checkpoint keeps the record of the stop it resumes)
             if trainer.saved_step is not None or not (run_dir / CHECKPOINT).is_file():
