@@ -246,8 +246,9 @@ def test_a_failed_run_says_the_cause_first_then_who_saw_it_and_how_to_go_on(tmp_
 
     spans = ((0, 2), (2, 4), (4, 6))
     error = CommTimeoutError(0, [2], "round 1 (models)", "rank 2 (agents 4-5) is silent: no answer within 10 s", spans)
-    message = _failure_message(error, 4, tmp_path)
+    command = f"torchrun --standalone --nproc-per-node 3 -m crossgrad run --resume {tmp_path}"
+    message = _failure_message(error, 4, command)
     assert message.startswith("cause: rank 2 (agents 4-5) is silent: no answer within 10 s; seen by rank 0 "
                               "(agents 0-1) in round 1 (models); the checkpoint of step 4 is kept")
-    assert f"crossgrad run --resume {tmp_path}" in message
-    assert "no checkpoint had been written yet" in _failure_message(error, None, tmp_path)
+    assert message.endswith(f"continue with: {command}")
+    assert "no checkpoint had been written yet" in _failure_message(error, None, command)

@@ -542,7 +542,7 @@ def _train(cfg: Config, run_dir: Path, cluster: Any, *, quiet: bool, stop_after:
                                  f"{trainer.step}{why}")
             return trainer.train(stop_after=stop_after)
         except cluster.failures as e:
-            message = _failure_message(e, trainer.saved_step, run_dir)
+            message = _failure_message(e, trainer.saved_step, cluster.continue_command(run_dir))
             # at once: torchrun sends SIGTERM to the group when the first rank exits, and the process group's
             # teardown on the way to the command line's report can take longer than that
             print(f"crossgrad: {message}", file=sys.stderr, flush=True)
@@ -556,15 +556,16 @@ def _train(cfg: Config, run_dir: Path, cluster: Any, *, quiet: bool, stop_after:
             raise
 
 
-def _failure_message(e: BaseException, saved_step: int | None, run_dir: Path) -> str:
-    """A peer died or hung: the cause first (which peer, silent or gone), then who saw it, then how to go on."""
+def _failure_message(e: BaseException, saved_step: int | None, command: str) -> str:
+    """A peer died or hung: the cause first (which peer, silent or gone), then who saw it, then how to go on
+    (`command`: the cluster's continue_command)."""
     from crossgrad.comm.dist import CommTimeoutError, label
 
     head = (f"cause: {e.detail}; seen by {label(e.rank, e.spans)} in {e.round_name}"
             if isinstance(e, CommTimeoutError) else str(e))
     kept = ("no checkpoint had been written yet" if saved_step is None else
             f"the checkpoint of step {saved_step} is kept: torchrun --max-restarts continues from it by itself, "
-            f"or crossgrad run --resume {run_dir}")
+            f"or continue with: {command}")
     return f"{head}; {kept}"
 
 
