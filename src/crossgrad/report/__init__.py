@@ -10,8 +10,9 @@ next to ``metrics.jsonl`` (one JSON object per evaluation) and ``config.toml``::
     plot_main(["results/"])                # results/curves_<setting>.png, cost_<setting>.png (and .svg)
 
 Statistics: mean ± sample standard deviation (ddof=1) over the *completed* seeds of each
-(setting, method) group.  Runs whose status is not "completed" (interrupted, running and crashed
-runs included) are counted and flagged in the table, never averaged.  A group with one seed shows
+(setting, method) group.  Runs whose status is not "completed" (stopped, interrupted, terminated,
+failed, killed, running and crashed runs included) are counted and flagged in the table, never
+averaged; the report lists each with what its status.json says (the step, the continue command).  A group with one seed shows
 its value and "(n=1)", no spread.
 
 ``runs`` reads run directories, ``table`` aggregates and renders, ``plots`` draws.
