@@ -37,6 +37,8 @@ A config file has the sections below (every key optional; defaults shown by `Con
     batch_size = 32                 # per agent
     epochs = 10                     # or steps = 1000 (steps wins when set)
     lr_schedule = "constant"        # constant | multistep (x0.1 at 50% and 75%) | cosine
+    lr_milestones = [0.75, 0.9]     # multistep: where the lr drops, as fractions of the run (default [0.5, 0.75])
+    lr_decay = 0.1                  # multistep: the factor at each milestone (default 0.1)
     ...
 
     [output]
@@ -178,6 +180,11 @@ class TrainingConfig:
     epochs: int = 10
     steps: int | None = None
     lr_schedule: str = "constant"
+    #: multistep: the fractions of the run's steps (increasing, each in (0, 1)) at which the lr is multiplied
+    #: by lr_decay; None: [0.5, 0.75]. Both are unset by default so that runs written before they existed
+    #: compare equal to their resumption (see rundir.comparable_config); the other schedules do not read them
+    lr_milestones: list[float] | None = None
+    lr_decay: float | None = None  # None: 0.1
     warmup_steps: int = 0
     #: H: every H-th step communicates, the H - 1 between are local optimizer steps (Local-DSGD); 1: every step
     local_steps: int = 1
@@ -269,6 +276,15 @@ class Config:
             raise ConfigError(
                 f"training.lr_schedule must be one of {', '.join(SCHEDULES)}, not {tr.lr_schedule!r}"
             )
+        if tr.lr_milestones is not None and not (
+            tr.lr_milestones and all(math.isfinite(f) and 0 < f < 1 for f in tr.lr_milestones)
+            and all(a < b for a, b in zip(tr.lr_milestones, tr.lr_milestones[1:]))
+        ):
+            raise ConfigError("training.lr_milestones must be increasing fractions of the run, each in (0, 1) "
+                              f"(0.75: after three quarters of the steps), not {tr.lr_milestones}")
+        if tr.lr_decay is not None and not (math.isfinite(tr.lr_decay) and 0 < tr.lr_decay <= 1):
+            raise ConfigError(f"training.lr_decay must be a number in (0, 1] (the lr's factor at each "
+                              f"milestone), not {tr.lr_decay}")
         for key in ("warmup_steps", "checkpoint_every", "threads", "final_gossip_rounds"):
             if getattr(tr, key) < 0:
                 raise ConfigError(f"training.{key} must be >= 0, not {getattr(tr, key)}")
@@ -476,11 +492,16 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
     elif base is dict or typing.get_origin(base) is dict:
         if isinstance(value, dict):
             return dict(value)
+    elif typing.get_origin(base) is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(base)
+            return [_coerce(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
     else:  # pragma: no cover
         return value
-    tname = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        base, "a table"
-    )
+    if typing.get_origin(base) is list:
+        tname = {int: "a list of integers", float: "a list of numbers"}.get(typing.get_args(base)[0], "a list")
+    else:
+        tname = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(base, "a table")
     raise ConfigError(f"{where} must be {tname}, not {value!r}")
 
 
