@@ -54,7 +54,7 @@ def cells(line: str) -> list[str]:
 
 def row_names(first: str) -> list[str]:
     """The preset names a row stands for: one, or one per alpha for an `...-aA-...` row."""
-    m = re.fullmatch(r"`([a-z0-9.\-]+)`", first)
+    m = re.fullmatch(r"`([a-z0-9.\-]+(?:-aA-[a-z0-9.\-]+)?)`", first)
     if not m:
         return []
     return [m[1].replace("-aA-", f"-a{a}-") for a in ALPHAS] if "-aA-" in m[1] else [m[1]]
@@ -106,11 +106,11 @@ def main() -> int:
     text, found = fill_presets_md(PRESETS_MD.read_text())
     PRESETS_MD.write_text(text)
     report = REPORT_MD.read_text()
-    marks = re.compile(r"(<!-- table:presets_cpu -->\n).*?(\n<!-- /table -->)", re.S)
+    marks = re.compile(r"(<!-- table:presets_cpu -->\n)(?:.*?\n)?(<!-- /table -->)", re.S)
     if not marks.search(report):
         print("REPORT.md has no <!-- table:presets_cpu --> marks", file=sys.stderr)
         return 1
-    REPORT_MD.write_text(marks.sub(lambda m: m[1] + report_table(found) + m[2], report))
+    REPORT_MD.write_text(marks.sub(lambda m: m[1] + report_table(found) + "\n" + m[2], report))
     print(f"{len(found)} runs in presets.md and REPORT.md")
     return 0
 
