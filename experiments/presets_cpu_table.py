@@ -98,7 +98,8 @@ def published(header: list[str], row: list[str], name: str) -> str:
 def report_table(found: list[tuple[str, str, str]]) -> str:
     lines = ["| preset | crossgrad at the CPU budget (2-vCPU VM, one thread, seed of the preset) | published |",
              "|---|---|---|"]
-    lines += [f"| `{n}` | {m} | {p} |" for n, m, p in found]
+    # presets.md's "see below" points at its own text, which the report links to
+    lines += [f"| `{n}` | {m} | {p.replace('(see below)', '(presets.md)')} |" for n, m, p in found]
     return "\n".join(lines)
 
 
