@@ -70,7 +70,7 @@ def main() -> None:
         "bound": lambda b: bound.run(1),
         "rows": lambda b: passes(b, False),
         "rows + copy": lambda b: passes(b, True),
-        "gossip": lambda b: engine.wiring.shared_gossip(engine.x, out=engine._spare),
+        "gossip": lambda b: engine.wiring.gossip(engine.x, out=engine._spare),
         "update": lambda b: engine.transforms.apply(engine.grads[:n], engine._spare, engine.lr),
         "check": lambda b: bool((~torch.isfinite(engine._spare.sum(1))).any()),
         "step": lambda b: sim.step(b),

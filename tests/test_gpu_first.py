@@ -31,8 +31,8 @@ class GatheringComm:
     def __init__(self, comm: LocalComm):
         self.inner, self.plan, self.bytes_sent = comm, comm.plan, comm.bytes_sent
 
-    def exchange(self, x):
-        return self.inner.exchange(x)
+    def exchange(self, x, full=False):
+        return self.inner.exchange(x, full)
 
     def exchange_edges(self, payload):
         return self.inner.exchange_edges(payload)
@@ -72,7 +72,7 @@ def test_in_place_rows_equal_received_copies(monkeypatch, name, kw, dense):
         monkeypatch.setattr(wiring_module, "DENSE_GOSSIP_MAX_AGENTS", 2)
     topo = cg.Topology.star(5)  # irregular: in-degrees 4 and 1
     shared, gathered = _train(name, topo, True, **kw), _train(name, topo, False, **kw)
-    assert shared.wiring.shared_gossip.G.layout == (torch.strided if dense else torch.sparse_csr)
+    assert shared.wiring.gossip.G.layout == (torch.strided if dense else torch.sparse_csr)
     torch.testing.assert_close(shared.x, gathered.x, rtol=0, atol=1e-12)
     assert torch.equal(shared.comm.bytes_sent, gathered.comm.inner.bytes_sent)
 

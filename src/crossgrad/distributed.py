@@ -10,6 +10,7 @@ only (the consensus model and the local models' accuracies are computed on rank 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
@@ -120,11 +121,12 @@ def shutdown() -> None:
 def make_engine(model: nn.Module, topology: Topology | TimeVaryingTopology, algorithm: Algorithm,
                 loss_fn: LossFn = nn.functional.cross_entropy, timeout: float = 60.0,
                 device: torch.device | str | None = None, evaluator: str = "auto",
-                check_init: bool = True, on_nonfinite: str = "raise", network: NetworkModel | None = None) -> Engine:
+                check_init: bool = True, on_nonfinite: str = "raise", network: NetworkModel | None = None,
+                sizes: Sequence[int] | None = None) -> Engine:
     """The same engine as the simulator's, holding this rank's block of agents, on a `DistComm`.
 
-    n agents over W ranks: rank r holds the agents `engine.plan.local` (`agent_blocks(n, W)[r]`;
-    rank r = agent r when n == W). Call it on every rank with the same model weights (seed before
+    n agents over W ranks: rank r holds the agents `engine.plan.local` (`agent_blocks(n, W, sizes)[r]`;
+    rank r = agent r when n == W; `sizes`, every rank's number of agents, by default as even as they come). Call it on every rank with the same model weights (seed before
     building the model), topology and algorithm; `engine.step(batches)` then takes one minibatch
     per local agent. `timeout` (seconds) bounds each communication round: a dead or hung neighbour
     raises `CommTimeoutError`.
@@ -134,7 +136,8 @@ def make_engine(model: nn.Module, topology: Topology | TimeVaryingTopology, algo
     and raises ValueError on every rank if they differ.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    comm = comm_for(topology, lambda edges: DistComm(edges, topology.n, timeout=timeout, device=device))
+    comm = comm_for(topology, lambda edges: DistComm(edges, topology.n, timeout=timeout, device=device,
+                                                              sizes=sizes))
     engine = Engine(model, topology, algorithm, comm, loss_fn, device=device, evaluator=evaluator,
                     on_nonfinite=on_nonfinite, network=network)
     if check_init:

@@ -2,8 +2,8 @@
 
 A static topology has one `Wiring` for the whole run; a time-varying one has one per distinct graph, built
 the first time that graph occurs and kept in a `WiringCache`. In-process (a `SharedMemoryComm`)
-neighbours' rows are never copied: gossip is one product over x (`SharedGossip`) and round 2 reads the
-senders' rows in place.
+neighbours' rows are never copied: gossip is one product over x (`Gossip`) and round 2 reads the senders'
+rows in place; elsewhere the same product runs over the rows round 1 received.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from crossgrad.algorithms import Algorithm, CombineContext, combine_weights
-from crossgrad.algorithms.base import add_weighted_edges, edges_per_agent
+from crossgrad.algorithms.base import edges_per_agent
 from crossgrad.codecs import Codec, Payload
 from crossgrad.comm.base import Comm, EdgePlan, SharedMemoryComm
 from crossgrad.comm.network import MixWeights
@@ -29,36 +29,61 @@ from crossgrad.topology import Topology, is_time_varying
 DENSE_GOSSIP_MAX_AGENTS = 64
 
 
-class SharedGossip:
-    """Step 2 for agents that share memory: x_half = G x, one product over the rows, nothing gathered.
+class Gossip:
+    """Step 2: x_half = G x for the local agents, one product over round 1's pool of rows in global agent order.
 
-    G = diag(1 - gamma + gamma w_ii) + gamma * (w_ij on the in-edges).
+    G = diag(1 - gamma + gamma w_ii) + gamma * (w_ij on the in-edges). Every backend and every placement of
+    the agents on processes runs the same product on the same numbers, so float32 gossip is bit-identical
+    however the agents are placed: up to DENSE_GOSSIP_MAX_AGENTS it is one dense [n, n] x [n, P] product, G's
+    rows of agents held elsewhere zero and the pool's rows of agents neither held nor heard zero (a row of
+    the product depends on that row of G alone, but BLAS picks its kernel by the matrix sizes, which are then
+    the same on every process: a block of one agent, M = 1, would otherwise take another kernel); beyond, a
+    sparse CSR product over the local rows, whose rows add their terms in increasing column (global agent)
+    order whatever the other rows are.
     """
 
-    def __init__(self, n: int, gossip_self: Tensor, gossip_in: Tensor, dst: Tensor, src: Tensor):
-        if n <= DENSE_GOSSIP_MAX_AGENTS:
-            G = torch.diag(gossip_self)
-            G.index_put_((dst, src), gossip_in, accumulate=True)
+    def __init__(self, plan: EdgePlan, gossip_self: Tensor, gossip_in: Tensor):
+        n, dev = plan.n, gossip_self.device
+        local = torch.tensor(plan.local, dtype=torch.long, device=dev)
+        src, dst = plan.in_src.to(dev), plan.in_dst.to(dev)
+        #: the pool has a row per agent of the graph (dense), or per agent of plan.pool_agents (sparse)
+        self.full = n <= DENSE_GOSSIP_MAX_AGENTS
+        #: the local agents' rows of a dense product that has others (None: every row is a local agent's, in order)
+        self.rows: Tensor | None = None
+        if self.full:
+            if plan.local != tuple(range(n)):
+                self.rows = local
+            G = torch.zeros(n, n, dtype=gossip_self.dtype, device=dev)
+            G[local, local] = gossip_self
+            G.index_put_((local[dst], src), gossip_in, accumulate=True)
         else:
             # straight from the entries, never through a dense [n, n] block: a lossy step (network.py) builds
-            # its own G, and at 4,096 agents the dense block cost more than the step's gossip. The same CSR as
-            # the dense block's (its zeros dropped, columns sorted within each row, repeats summed)
-            agents = torch.arange(n, device=gossip_self.device)
-            rows, cols = torch.cat([agents, dst.to(agents.device)]), torch.cat([agents, src.to(agents.device)])
+            # its own G, and at 4,096 agents the dense block cost more than the step's gossip. Zeros dropped,
+            # columns sorted within each row, repeats summed
+            column = torch.full((n,), -1, dtype=torch.long)
+            pool = plan.pool_agents
+            column[pool] = torch.arange(len(pool))
+            column = column.to(dev)
+            agents = torch.arange(plan.n_local, device=dev)
+            rows, cols = torch.cat([agents, dst]), torch.cat([column[local], column[src]])
             values = torch.cat([gossip_self, gossip_in])
+            shape = (plan.n_local, len(pool))
             # ("sparse CSR support is in beta", "invariant checks are disabled": built and used for products only)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                G = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, n), device=agents.device).coalesce()
+                G = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, device=dev).coalesce()
                 keep = G.values() != 0
-                G = torch.sparse_coo_tensor(G.indices()[:, keep], G.values()[keep], (n, n), device=agents.device,
+                G = torch.sparse_coo_tensor(G.indices()[:, keep], G.values()[keep], shape, device=dev,
                                             is_coalesced=True).to_sparse_csr()
         self.G = G
 
-    def __call__(self, x: Tensor, out: Tensor) -> Tensor:
-        if self.G.layout == torch.strided:
-            return torch.mm(self.G, x, out=out)
-        return torch.addmm(out, self.G, x, beta=0, out=out)
+    def __call__(self, pool: Tensor, out: Tensor) -> Tensor:
+        """G times round 1's pool (all of x in-process) into `out` [n_local, P]."""
+        if self.G.layout != torch.strided:
+            return torch.addmm(out, self.G, pool, beta=0, out=out)
+        if self.rows is None:
+            return torch.mm(self.G, pool, out=out)
+        return torch.index_select(torch.mm(self.G, pool), 0, self.rows, out=out)
 
 
 #: a time-varying topology keeps this many graphs' wirings, or its whole period when that is longer (up to
@@ -111,7 +136,6 @@ class Wiring:
         self.set_gamma(algorithm.gamma if gamma is None else gamma)
         n = plan.n_local
         self.pair_data = list(range(n)) + (plan.in_dst.tolist() if algorithm.cross_gradients else [])
-        self.edges = torch.arange(len(plan.in_src), device=dev)  # received row e is in-edge e's
 
     def set_gamma(self, gamma: float) -> None:
         """Gossip with averaging rate `gamma`: G = (1 - gamma) I + gamma W (the algorithm's gamma at first)."""
@@ -123,8 +147,7 @@ class Wiring:
         gamma, dev, dtype = self.gamma, self.ctx.self_w.device, self.ctx.dtype
         self.gossip_self = (1 - gamma + gamma * w_self).to(dtype).to(dev)
         self.gossip_in = (gamma * w_in).to(dtype).to(dev)
-        self.shared_gossip = (SharedGossip(self.plan.n_local, self.gossip_self, self.gossip_in, self.plan.in_dst,
-                                           self.comm.sources) if self.shared else None)
+        self.gossip = Gossip(self.plan, self.gossip_self, self.gossip_in)
 
     def mix_weights(self) -> MixWeights:
         """This graph's weights before the averaging rate, what an algorithm re-weights when messages are lost
@@ -149,12 +172,11 @@ class Wiring:
         e's row is received[index[e]]."""
         if self.shared:
             models = self.comm.share(x)  # every agent reads its neighbours' rows of x in place
-            self.shared_gossip(models, out=out)
+            self.gossip(models, out=out)
             return models, self.comm.sources
-        received = self.comm.exchange(x)
-        torch.mul(x, self.gossip_self.unsqueeze(1), out=out)
-        add_weighted_edges(out, received, self.plan.in_dst, self.gossip_in, self.ctx.in_k, alpha=1.0)
-        return received, self.edges
+        pool, index = self.comm.exchange(x, full=self.gossip.full)
+        self.gossip(pool, out=out)
+        return pool, index
 
     def round2(self, payload: Payload, sent: Tensor, codec: Codec | None, out: Tensor) -> Tensor:
         """Send payload row e back along in-edge e; returns the arriving rows per out-edge, decoded, in `out`.

@@ -7,6 +7,7 @@ of a local agent (agent i returns the cross-gradient it computed with j's model 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -51,6 +52,11 @@ class EdgePlan:
     def n_local(self) -> int:
         return len(self.local)
 
+    @property
+    def pool_agents(self) -> Tensor:
+        """Round 1's pool (`Comm.exchange`): every agent held here or received from, ascending global index."""
+        return torch.tensor(sorted(set(self.local) | set(self.in_src.tolist())), dtype=torch.long)
+
 
 class Comm(Protocol):
     """What a backend provides to the engine. Byte counters come from the tensors actually sent."""
@@ -58,8 +64,10 @@ class Comm(Protocol):
     plan: EdgePlan
     bytes_sent: Tensor  # float64 [n_local, 2]: bytes each local agent has sent in rounds 1 and 2
 
-    def exchange(self, x: Tensor) -> Tensor:
-        """Round 1: send each local row along its out-edges; return [E_in, P], the sender's row per in-edge."""
+    def exchange(self, x: Tensor, full: bool = False) -> tuple[Tensor, Tensor]:
+        """Round 1: send each local row along its out-edges; return (pool, index): in-edge e's sender's row is
+        pool[index[e]]. The pool holds a row per agent of `plan.pool_agents`, in that (global) order; with
+        `full`, a row per agent of the graph (row a is agent a's, zero for the agents neither held nor heard)."""
         ...
 
     def exchange_edges(self, payload: Payload) -> Payload:
@@ -126,10 +134,16 @@ def _count(sent: Tensor, senders: Tensor, row_bytes: int) -> None:
     sent.index_add_(0, senders, sent.new_full((len(senders),), float(row_bytes)))
 
 
-def agent_blocks(n: int, parts: int) -> list[range]:
-    """Agents 0..n-1 in `parts` contiguous blocks, in order; the first n % parts blocks hold one more."""
+def agent_blocks(n: int, parts: int, sizes: Sequence[int] | None = None) -> list[range]:
+    """Agents 0..n-1 in `parts` contiguous blocks, in order; the first n % parts blocks hold one more, unless
+    `sizes` gives every block's number of agents (e.g. 4 + 2 for 6 agents on 2 processes)."""
     if not 1 <= parts <= n:
         raise ValueError(f"cannot place {n} agents on {parts} processes: every process needs at least one agent")
-    size, extra = divmod(n, parts)
-    starts = [r * size + min(r, extra) for r in range(parts + 1)]
+    if sizes is None:
+        size, extra = divmod(n, parts)
+        sizes = [size + (r < extra) for r in range(parts)]
+    sizes = list(sizes)
+    if len(sizes) != parts or sum(sizes) != n or min(sizes) < 1:
+        raise ValueError(f"block sizes {sizes} do not place {n} agents on {parts} processes with at least one each")
+    starts = [sum(sizes[:r]) for r in range(parts + 1)]
     return [range(starts[r], starts[r + 1]) for r in range(parts)]

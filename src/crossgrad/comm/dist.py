@@ -35,6 +35,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
@@ -203,7 +204,8 @@ def _unpack(message: Tensor, like: Payload, rows: int) -> list[Tensor]:
 class DistComm:
     """The `Comm` of this rank's block of agents on an initialised process group.
 
-    With n agents over W ranks, rank r holds `agent_blocks(n, W)[r]` (one agent each when n == W).
+    With n agents over W ranks, rank r holds `agent_blocks(n, W, sizes)[r]` (one agent each when n == W;
+    `sizes`: every rank's number of agents, by default as even as they come).
     `timeout` (seconds) bounds each round: the time from posting its messages until all of them
     have completed. After a failed round the object refuses further rounds (the peers' message
     streams are out of step); restart the run.
@@ -213,7 +215,7 @@ class DistComm:
     """
 
     def __init__(self, edges: list[tuple[int, int]], n: int, timeout: float = 60.0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", sizes: Sequence[int] | None = None):
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised; call crossgrad.distributed.init_from_env()")
         world = dist.get_world_size()
@@ -223,7 +225,8 @@ class DistComm:
         if not timeout > 0:
             raise ValueError(f"timeout must be positive, not {timeout}")
         self.rank = dist.get_rank()
-        blocks = agent_blocks(n, world)
+        blocks = agent_blocks(n, world, sizes)
+        self.sizes = tuple(len(b) for b in blocks)
         self.spans: Spans = tuple((b.start, b.stop) for b in blocks)
         self.plan = plan = EdgePlan.build(edges, n, list(blocks[self.rank]))
         self.bytes_sent = torch.zeros(plan.n_local, 2, dtype=torch.float64)
@@ -271,8 +274,16 @@ class DistComm:
             for sd in from_q:
                 arrived[sd] = len(in_src) + n_arrived
                 n_arrived += 1
-        self._rows1 = len(row)
         self._pool1 = torch.tensor([row[s] for s in in_src], dtype=torch.long, device=dev)
+        # exchange's pool is in global agent order: the blocks ascend with the ranks, so the local rows and each
+        # peer's rows are contiguous runs of it
+        agents = plan.pool_agents
+        at = {int(a): k for k, a in enumerate(agents)}
+        self._pool_agents = agents.to(dev)
+        self._own1 = slice(at[start], at[start] + plan.n_local)
+        self._at1 = {q: at[min(s for s in in_src if owner[s] == q)] for q in peers if self._recv1[q]}
+        self._index1 = torch.tensor([at[s] for s in in_src], dtype=torch.long, device=dev)
+        self._in_src = plan.in_src.to(dev)
         self._pool2 = torch.tensor([back.get(sd, arrived.get(sd)) for sd in zip(out_src, out_dst)],
                                    dtype=torch.long, device=dev)
         self.peers = peers  # the ranks this rank exchanges with
@@ -280,24 +291,28 @@ class DistComm:
     def restrict(self, edges: list[tuple[int, int]]) -> DistComm:
         """A comm over a subset of the edges: the same blocks of agents, so the same counters (and one
         failure state: after a failed round neither may go on)."""
-        sub = DistComm(edges, self.plan.n, timeout=self.timeout, device=self.device)
+        sub = DistComm(edges, self.plan.n, timeout=self.timeout, device=self.device, sizes=self.sizes)
         sub.bytes_sent, sub.wire_bytes, sub.failed = self.bytes_sent, self.wire_bytes, self.failed
         return sub
 
-    def exchange(self, x: Tensor) -> Tensor:
-        """Round 1: one message of rows per peer rank each way; returns one row per in-edge (in-edge order)."""
+    def exchange(self, x: Tensor, full: bool = False) -> tuple[Tensor, Tensor]:
+        """Round 1: one message of rows per peer rank each way, received straight into the pool (Comm.exchange:
+        the rows in global agent order, or with `full` one row per agent of the graph)."""
         count_round1(self, x)
-        pool = x.new_empty(self._rows1, x.shape[1])
-        pool[: len(x)].copy_(x)
-        ops, at = [], len(x)
+        pool = x.new_empty(len(self._pool_agents), x.shape[1])
+        pool[self._own1].copy_(x)
+        ops = []
         for q, rows in self._send1.items():
             if len(rows):
                 ops.append((dist.isend, x.index_select(0, rows), q))
             if self._recv1[q]:
+                at = self._at1[q]
                 ops.append((dist.irecv, pool[at : at + self._recv1[q]], q))
-                at += self._recv1[q]
         self._run(ops, ROUND1, 0)
-        return pool.index_select(0, self._pool1)
+        if not full:
+            return pool, self._index1
+        whole = x.new_zeros(self.plan.n, x.shape[1])
+        return whole.index_copy_(0, self._pool_agents, pool), self._in_src
 
     def exchange_payload(self, payload: Payload) -> tuple[Payload, Tensor]:
         """Round 1 with a payload row per local agent instead of its model: the same messages as

@@ -33,9 +33,11 @@ class LocalComm:
         sub.bytes_sent = self.bytes_sent
         return sub
 
-    def exchange(self, x: Tensor) -> Tensor:
+    def exchange(self, x: Tensor, full: bool = False) -> tuple[Tensor, Tensor]:
+        """Round 1 as a copy (what a backend without shared memory receives): every agent is local, so the
+        pool, full or not, is all of x."""
         count_round1(self, x)
-        return x.index_select(0, self.sources)
+        return x.clone(), self.sources
 
     def share(self, x: Tensor) -> Tensor:
         count_round1(self, x)

@@ -1,0 +1,174 @@
+"""Float32 runs are bit-identical however the agents are placed on processes (issue 29 item 4).
+
+Six agents in float32, every algorithm family, on the simulator (one process) and on torch.distributed with 2
+processes (blocks of 3 + 3 and of 4 + 2) and with 3 processes (2 + 2 + 2): the parameters after every step
+and the runner's metrics records (run/evaluate.py: accuracies, losses, consensus distance, bias) must be
+equal with torch.equal, not close. One launch per placement runs every case (start-up dominates).
+"""
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import crossgrad as cg
+from crossgrad.topology import Topology
+from crossgrad.topology.trees import binary_tree
+from test_dist import _init, _spawn, free_port
+
+N = 6
+STEPS = 12
+EVAL_EVERY = 4
+#: the placements of the 6 agents on processes: blocks of agents per rank
+LAYOUTS = {"3+3": (3, 3), "4+2": (4, 2), "2+2+2": (2, 2, 2)}
+#: (label, topology, algorithm, options): a ring unless the method needs another graph
+CASES = [
+    ("dsgd", "ring", "dsgd", dict(momentum=0.9, nesterov=True)),
+    ("qgm", "ring", "dsgd", dict(momentum=0.9, qgm=True, weight_decay=1e-3)),
+    ("ngc_a0", "ring", "ngc", dict(alpha=0.0, momentum=0.9)),
+    ("ngc_a1", "ring", "ngc", dict(alpha=1.0, momentum=0.9, nesterov=True)),
+    ("ngc_a0.5_star", "star", "ngc", dict(alpha=0.5)),  # irregular: the hub holds 5 in-edges, a leaf 1
+    ("compngc", "ring", "compngc", dict(alpha=1.0, momentum=0.9)),
+    ("cga", "ring", "cga", dict(momentum=0.9)),
+    ("compcga", "ring", "compcga", dict()),
+    ("gt", "ring", "gt", dict(momentum=0.9, nesterov=True)),
+    ("d2", "ring", "d2", dict(weight_decay=1e-3)),
+    ("choco", "ring", "choco", dict(codec="sign", momentum=0.9)),
+    ("sgp", "ring", "sgp", dict(momentum=0.9, nesterov=True)),
+    ("gut", "ring", "gut", dict(mu=0.5, momentum=0.9, gamma=0.7)),
+    ("momentum_tracking", "ring", "momentum_tracking", dict(weight_decay=1e-3)),
+    ("decentlam", "ring", "decentlam", dict(gamma=0.8)),
+    ("relaysgd_tree", "tree", "relaysgd", dict()),
+]
+GRAPHS = {"ring": lambda: Topology.ring(N), "star": lambda: Topology.star(N), "tree": lambda: binary_tree(N)}
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3))  # 131 parameters: vector tails too
+
+
+def batches() -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(7)
+    return [[(torch.randn(6, 3, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(N)]
+            for _ in range(STEPS)]
+
+
+def inputs() -> SimpleNamespace:
+    """What run/evaluate.py reads of a run's inputs: the model and the test set."""
+    g = torch.Generator().manual_seed(9)
+    return SimpleNamespace(model=model(), x_test=torch.randn(40, 3, generator=g),
+                           y_test=torch.randint(0, 3, (40,), generator=g))
+
+
+class OneProcess:
+    """The simulator's cluster (run/cluster.py's LocalCluster): every collective is the identity."""
+
+    def gather(self, t):
+        return t
+
+
+class Ranks:
+    """DistCluster's gather over a process group whose blocks the test chooses."""
+
+    def gather(self, t):
+        from crossgrad.distributed import gather_rows
+
+        return gather_rows(t)
+
+
+def trajectory(engine, p, cluster) -> dict:
+    """Every step's parameters (all agents, on the main process) and a metrics record every EVAL_EVERY steps,
+    computed by the runner's own evaluation."""
+    from crossgrad.run.evaluate import TIMING_KEYS, TrainTotals, evaluate
+
+    out: dict = {"x": [], "records": []}
+    totals = TrainTotals(engine.plan.n_local, engine.x.device)
+    data = batches()
+    local = engine.plan.local
+    for step, b in enumerate(data):
+        losses = engine.step([b[a] for a in local])
+        totals.add(losses, engine)
+        x = cluster.gather(engine.models())
+        if x is not None:
+            out["x"].append(x.clone())
+        if (step + 1) % EVAL_EVERY == 0:
+            result = evaluate(engine, p, cluster, totals, batch_size=16)
+            totals.reset()
+            if result is not None:
+                ev, stats = result
+                out["records"].append({**{k: v for k, v in ev.items() if k not in TIMING_KEYS},
+                                       "bytes": stats.bytes_sent.clone(), "qp_failures": stats.qp_failures})
+    return out
+
+
+def simulate(label: str, topology: str, name: str, kw: dict) -> dict:
+    sim = cg.Simulator(model(), GRAPHS[topology](), cg.make_algorithm(name, lr=0.1, **kw))
+    return trajectory(sim.engine, inputs(), OneProcess())
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, sizes: tuple[int, ...]) -> None:
+    import torch.distributed as dist
+
+    from crossgrad.distributed import make_engine
+
+    try:
+        _init(rank, world, port, 60)
+        results = {}
+        for label, topology, name, kw in CASES:
+            engine = make_engine(model(), GRAPHS[topology](), cg.make_algorithm(name, lr=0.1, **kw), timeout=30,
+                                 sizes=sizes)
+            results[label] = trajectory(engine, inputs(), Ranks())
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "result.pt"))
+        dist.destroy_process_group()
+    except Exception:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def placed(request, tmp_path_factory) -> tuple[str, dict]:
+    sizes = LAYOUTS[request.param]
+    out = tmp_path_factory.mktemp("layout")
+    procs = _spawn(_worker, len(sizes), (free_port(), str(out), sizes), join_timeout=240)
+    errors = [p.read_text() for p in Path(out).glob("error*.txt")]
+    assert not errors, errors[0]
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return request.param, torch.load(out / "result.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def simulated() -> dict:
+    return {label: simulate(label, topology, name, kw) for label, topology, name, kw in CASES}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_float32_trajectories_are_identical_on_every_layout(case, placed, simulated):
+    layout, results = placed
+    sim, dist = simulated[case], results[case]
+    assert sim["x"][0].dtype == torch.float32 and len(sim["x"]) == STEPS
+    for step, (a, b) in enumerate(zip(sim["x"], dist["x"], strict=True)):
+        assert torch.equal(a, b), (case, layout, step, float((a - b).abs().max()))
+    assert len(sim["records"]) == STEPS // EVAL_EVERY
+    for a, b in zip(sim["records"], dist["records"], strict=True):
+        differ = sorted(k for k in a if not _same(a[k], b.get(k)))
+        assert not differ, (case, layout, differ, {k: (a[k], b.get(k)) for k in differ})
