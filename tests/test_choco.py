@@ -322,25 +322,25 @@ def test_resume_is_bit_exact(codec, init, form):
 
 @pytest.mark.parametrize("codec", ["sign", "top-k", "random-k"])
 def test_creates_tensors_on_the_runs_device(codec, monkeypatch):
-    import crossgrad.algorithms.choco as choco
+    import crossgrad.mixing as mixing
 
-    monkeypatch.setattr(choco, "DENSE_MAX_COPIES", 2)  # the sparse consensus product too
+    monkeypatch.setattr(mixing, "DENSE_MAX_AGENTS", 2)  # the sparse consensus product too
     topo, batches = Topology.star(5), make_batches(5, 3)
     kw = dict(lr=0.1, gamma=0.5, codec=codec, ratio=0.3)
     plain = run_choco(topo, batches, **kw)
     guarded = run_choco(topo, batches, guard=True, **kw)
-    assert guarded.engine.algo_state.mixing.layout == torch.sparse_csr
+    assert guarded.engine.algo_state.mixing.M.layout == torch.sparse_csr
     torch.testing.assert_close(guarded.params, plain.params, rtol=0, atol=1e-12)
 
 
 def test_sparse_consensus_product_equals_the_dense_one(monkeypatch):
-    import crossgrad.algorithms.choco as choco
+    import crossgrad.mixing as mixing
 
     topo, batches = Topology.star(5), make_batches(5, 3)
     dense = run_choco(topo, batches, lr=0.1, codec="top-k", ratio=0.3)
-    monkeypatch.setattr(choco, "DENSE_MAX_COPIES", 2)
+    monkeypatch.setattr(mixing, "DENSE_MAX_AGENTS", 2)
     sparse = run_choco(topo, batches, lr=0.1, codec="top-k", ratio=0.3)
-    assert dense.engine.algo_state.mixing.layout == torch.strided
+    assert dense.engine.algo_state.mixing.M.layout == torch.strided
     torch.testing.assert_close(sparse.params, dense.params, rtol=0, atol=1e-12)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import crossgrad as cg
-import crossgrad.wiring as wiring_module
+import crossgrad.mixing as mixing_module
 from crossgrad import transforms as transforms_module
 from crossgrad.codecs import ErrorFeedback, ScaledSign
 from crossgrad.comm.local import LocalComm
@@ -69,7 +69,7 @@ CASES = [("dsgd", {}), ("dsgd", {"qgm": True}), ("ngc", {"alpha": 0.5}), ("compn
 def test_in_place_rows_equal_received_copies(monkeypatch, name, kw, dense):
     """Gossip as one product over x and cross-gradients read from x's rows == the gathering path."""
     if not dense:  # the sparse product, which larger graphs use
-        monkeypatch.setattr(wiring_module, "DENSE_GOSSIP_MAX_AGENTS", 2)
+        monkeypatch.setattr(mixing_module, "DENSE_MAX_AGENTS", 2)
     topo = cg.Topology.star(5)  # irregular: in-degrees 4 and 1
     shared, gathered = _train(name, topo, True, **kw), _train(name, topo, False, **kw)
     assert shared.wiring.gossip.G.layout == (torch.strided if dense else torch.sparse_csr)
@@ -78,7 +78,7 @@ def test_in_place_rows_equal_received_copies(monkeypatch, name, kw, dense):
 
 
 def test_sparse_gossip_creates_tensors_on_the_runs_device(monkeypatch):
-    monkeypatch.setattr(wiring_module, "DENSE_GOSSIP_MAX_AGENTS", 2)
+    monkeypatch.setattr(mixing_module, "DENSE_MAX_AGENTS", 2)
     plain = _train("ngc", cg.Topology.ring(4), True)
     guarded = _train("ngc", cg.Topology.ring(4), True, guard=True)
     assert torch.equal(plain.x, guarded.x)
@@ -188,7 +188,7 @@ def test_cuda_batches_equal_cpu_batches_and_resume_across_devices():
 @pytest.mark.parametrize("dense", [True, False])
 def test_cuda_in_place_rows_equal_cpu(monkeypatch, dense):
     if not dense:
-        monkeypatch.setattr(wiring_module, "DENSE_GOSSIP_MAX_AGENTS", 2)
+        monkeypatch.setattr(mixing_module, "DENSE_MAX_AGENTS", 2)
     for name, kw in CASES:
         on_gpu = _train(name, cg.Topology.star(5), True, device="cuda", **kw)
         on_cpu = _train(name, cg.Topology.star(5), True, **kw)

@@ -7,6 +7,7 @@ equal with torch.equal, not close. One launch per placement runs every case (sta
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import traceback
 from pathlib import Path
@@ -44,8 +45,29 @@ CASES = [
     ("momentum_tracking", "ring", "momentum_tracking", dict(weight_decay=1e-3)),
     ("decentlam", "ring", "decentlam", dict(gamma=0.8)),
     ("relaysgd_tree", "tree", "relaysgd", dict()),
+    # irregular graphs: a block's own agents may all have the same degree while the graph's do not
+    ("ngc_a0.5_chain", "chain", "ngc", dict(alpha=0.5, momentum=0.9)),
+    ("cga_star", "star", "cga", dict()),
+    ("choco_star", "star", "choco", dict(codec="top-k", ratio=0.3)),
+    # the sparse products of graphs beyond mixing.DENSE_MAX_AGENTS
+    ("dsgd_sparse", "ring", "dsgd", dict(momentum=0.9)),
+    ("choco_sparse", "chain", "choco", dict(codec="sign")),
 ]
-GRAPHS = {"ring": lambda: Topology.ring(N), "star": lambda: Topology.star(N), "tree": lambda: binary_tree(N)}
+GRAPHS = {"ring": lambda: Topology.ring(N), "star": lambda: Topology.star(N), "tree": lambda: binary_tree(N),
+          "chain": lambda: Topology.chain(N)}
+
+
+@contextlib.contextmanager
+def products(label: str):
+    """The sparse mixing products for the cases labelled so, the dense ones otherwise."""
+    import crossgrad.mixing as mixing
+
+    dense = mixing.DENSE_MAX_AGENTS
+    mixing.DENSE_MAX_AGENTS = 2 if label.endswith("_sparse") else dense
+    try:
+        yield
+    finally:
+        mixing.DENSE_MAX_AGENTS = dense
 
 
 def model() -> nn.Module:
@@ -108,8 +130,9 @@ def trajectory(engine, p, cluster) -> dict:
 
 
 def simulate(label: str, topology: str, name: str, kw: dict) -> dict:
-    sim = cg.Simulator(model(), GRAPHS[topology](), cg.make_algorithm(name, lr=0.1, **kw))
-    return trajectory(sim.engine, inputs(), OneProcess())
+    with products(label):
+        sim = cg.Simulator(model(), GRAPHS[topology](), cg.make_algorithm(name, lr=0.1, **kw))
+        return trajectory(sim.engine, inputs(), OneProcess())
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, sizes: tuple[int, ...]) -> None:
@@ -121,9 +144,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str, sizes: tuple[int, ..
         _init(rank, world, port, 60)
         results = {}
         for label, topology, name, kw in CASES:
-            engine = make_engine(model(), GRAPHS[topology](), cg.make_algorithm(name, lr=0.1, **kw), timeout=30,
-                                 sizes=sizes)
-            results[label] = trajectory(engine, inputs(), Ranks())
+            with products(label):
+                engine = make_engine(model(), GRAPHS[topology](), cg.make_algorithm(name, lr=0.1, **kw), timeout=30,
+                                     sizes=sizes)
+                results[label] = trajectory(engine, inputs(), Ranks())
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "result.pt"))
         dist.destroy_process_group()
@@ -166,6 +190,7 @@ def test_float32_trajectories_are_identical_on_every_layout(case, placed, simula
     layout, results = placed
     sim, dist = simulated[case], results[case]
     assert sim["x"][0].dtype == torch.float32 and len(sim["x"]) == STEPS
+    assert not torch.equal(sim["x"][0], sim["x"][-1])  # it trained
     for step, (a, b) in enumerate(zip(sim["x"], dist["x"], strict=True)):
         assert torch.equal(a, b), (case, layout, step, float((a - b).abs().max()))
     assert len(sim["records"]) == STEPS // EVAL_EVERY

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -22,68 +21,29 @@ from crossgrad.codecs import Codec, Payload
 from crossgrad.comm.base import Comm, EdgePlan, SharedMemoryComm
 from crossgrad.comm.network import MixWeights
 from crossgrad.flat import ParamLayout
+from crossgrad.mixing import MixingProduct
 from crossgrad.topology import Topology, is_time_varying
-
-#: up to this many agents gossip is one dense [n, n] x [n, P] product (the fastest at these sizes: one
-#: read of x, one write of x_half); beyond, a sparse one, whose cost grows with the edges instead of n^2
-DENSE_GOSSIP_MAX_AGENTS = 64
 
 
 class Gossip:
-    """Step 2: x_half = G x for the local agents, one product over round 1's pool of rows in global agent order.
-
-    G = diag(1 - gamma + gamma w_ii) + gamma * (w_ij on the in-edges). Every backend and every placement of
-    the agents on processes runs the same product on the same numbers, so float32 gossip is bit-identical
-    however the agents are placed: up to DENSE_GOSSIP_MAX_AGENTS it is one dense [n, n] x [n, P] product, G's
-    rows of agents held elsewhere zero and the pool's rows of agents neither held nor heard zero (a row of
-    the product depends on that row of G alone, but BLAS picks its kernel by the matrix sizes, which are then
-    the same on every process: a block of one agent, M = 1, would otherwise take another kernel); beyond, a
-    sparse CSR product over the local rows, whose rows add their terms in increasing column (global agent)
-    order whatever the other rows are.
-    """
+    """Step 2: x_half = G x for the local agents, G = diag(1 - gamma + gamma w_ii) + gamma * (w_ij on the
+    in-edges), one `MixingProduct` over round 1's pool (all of x in-process): the same product on the same
+    numbers on every backend and placement of the agents, so float32 gossip is bit-identical on all of them."""
 
     def __init__(self, plan: EdgePlan, gossip_self: Tensor, gossip_in: Tensor):
-        n, dev = plan.n, gossip_self.device
+        dev = gossip_self.device
         local = torch.tensor(plan.local, dtype=torch.long, device=dev)
-        src, dst = plan.in_src.to(dev), plan.in_dst.to(dev)
-        #: the pool has a row per agent of the graph (dense), or per agent of plan.pool_agents (sparse)
-        self.full = n <= DENSE_GOSSIP_MAX_AGENTS
-        #: the local agents' rows of a dense product that has others (None: every row is a local agent's, in order)
-        self.rows: Tensor | None = None
-        if self.full:
-            if plan.local != tuple(range(n)):
-                self.rows = local
-            G = torch.zeros(n, n, dtype=gossip_self.dtype, device=dev)
-            G[local, local] = gossip_self
-            G.index_put_((local[dst], src), gossip_in, accumulate=True)
-        else:
-            # straight from the entries, never through a dense [n, n] block: a lossy step (network.py) builds
-            # its own G, and at 4,096 agents the dense block cost more than the step's gossip. Zeros dropped,
-            # columns sorted within each row, repeats summed
-            column = torch.full((n,), -1, dtype=torch.long)
-            pool = plan.pool_agents
-            column[pool] = torch.arange(len(pool))
-            column = column.to(dev)
-            agents = torch.arange(plan.n_local, device=dev)
-            rows, cols = torch.cat([agents, dst]), torch.cat([column[local], column[src]])
-            values = torch.cat([gossip_self, gossip_in])
-            shape = (plan.n_local, len(pool))
-            # ("sparse CSR support is in beta", "invariant checks are disabled": built and used for products only)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                G = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, device=dev).coalesce()
-                keep = G.values() != 0
-                G = torch.sparse_coo_tensor(G.indices()[:, keep], G.values()[keep], shape, device=dev,
-                                            is_coalesced=True).to_sparse_csr()
-        self.G = G
+        rows = torch.cat([torch.arange(plan.n_local, device=dev), plan.in_dst.to(dev)])
+        cols = torch.cat([local, plan.in_src.to(dev)])
+        self.product = MixingProduct(plan.n, plan.local, rows, cols, torch.cat([gossip_self, gossip_in]),
+                                     plan.pool_agents, gossip_self.dtype)
+        #: whether the product reads a row per agent of the graph (Comm.exchange's `full` pool)
+        self.full = self.product.full
+        self.G = self.product.M
 
     def __call__(self, pool: Tensor, out: Tensor) -> Tensor:
-        """G times round 1's pool (all of x in-process) into `out` [n_local, P]."""
-        if self.G.layout != torch.strided:
-            return torch.addmm(out, self.G, pool, beta=0, out=out)
-        if self.rows is None:
-            return torch.mm(self.G, pool, out=out)
-        return torch.index_select(torch.mm(self.G, pool), 0, self.rows, out=out)
+        """G times round 1's pool (in global agent order) into `out` [n_local, P]."""
+        return self.product(pool, out)
 
 
 #: a time-varying topology keeps this many graphs' wirings, or its whole period when that is longer (up to
@@ -119,11 +79,15 @@ class Wiring:
         # gossip (step 2) always mixes with W; only the combine (step 6) may use other weights
         gossip_self, gossip_in, _ = combine_weights(topology.W, plan, "mixing", directed)
         self_w, in_w, out_w = combine_weights(topology.W, plan, algorithm.weights, directed)
+        receivers, senders = (torch.tensor(e, dtype=torch.long, device="cpu") for e in
+                              ([d for _, d in topology.edges], [s for s, _ in topology.edges]))
         self.ctx = CombineContext(
             plan=EdgePlan(plan.n, plan.local, *(t.to(dev) for t in (plan.in_src, plan.in_dst, plan.out_dst,
                                                                      plan.out_src))),
             layout=layout, self_w=self_w.to(dev), in_w=in_w.to(dev), out_w=out_w.to(dev),
-            in_k=edges_per_agent(plan.in_dst, plan.n_local), out_k=edges_per_agent(plan.out_src, plan.n_local),
+            # the graph's degrees, not the block's: the combine kernels they choose add in their own order, so a
+            # block must not take another kernel than the simulator because its own agents happen to be regular
+            in_k=edges_per_agent(receivers, plan.n), out_k=edges_per_agent(senders, plan.n),
             dtype=dtype, topology=topology,
         )
         #: W's gossip weights before the averaging rate: set_gamma scales them (the rate may follow a schedule)

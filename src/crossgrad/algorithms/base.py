@@ -31,7 +31,8 @@ class CombineContext:
 
     self_w[i]: weight of agent i's self-gradient; in_w[e]: weight of the model-variant gradient on
     in-edge e; out_w[e]: weight of the data-variant gradient arriving on out-edge e. in_k / out_k: the
-    number of in- / out-edges of every local agent when they all have the same (a regular graph), else None.
+    number of in- / out-edges of every agent of the graph when they all have the same (a regular graph),
+    else None (even where the local agents have the same: every layout then adds with the same kernel).
     dtype: the dtype of the parameter rows, for algorithm state kept in rows (init_state).
     topology: the step's graph, for algorithms that need more of it than W (RelaySGD's spanning trees).
     """

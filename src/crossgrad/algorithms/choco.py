@@ -27,7 +27,6 @@ so they are crossgrad's with a first step that sends nothing (a local step from 
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,32 +36,29 @@ from torch import Tensor
 from crossgrad.algorithms.base import Algorithm, AlgorithmState, CombineContext, ConfigError, StepView, nothing_received
 from crossgrad.codecs import CODECS, SPARSE_CODECS, Codec, RandomK, make_codec
 from crossgrad.comm.base import Comm
+from crossgrad.mixing import MixingProduct
 from crossgrad.transforms import _load_rows
 
 #: the orders of a step (see the module docstring); the first is the default
 VARIANTS = ("gossip_first", "paper", "authors_code")
-
-#: up to this many public copies the consensus step is one dense [n_local, R] x [R, P] product (as the
-#: engine's gossip); beyond, a sparse one whose cost grows with the edges instead
-DENSE_MAX_COPIES = 64
-
 
 @dataclass
 class ChocoState:
     """The public copies x̂ [R, P] this block of agents keeps: the local agents' own first, in order, then
     those of the other agents they receive from, ascending (the pool order of Comm.exchange_payload).
 
-    codec: the compressor; steps: the steps made (random-k's draw); mixing: gamma (W - I) on the
-    copies' rows, [n_local, R], built at the first round from the pool order and not saved (it
-    follows from the graph); scratch: variant="authors_code"'s block for the compressed difference,
-    [n_local, P], not saved.
+    codec: the compressor; steps: the steps made (random-k's draw); mixing: gamma (W - I) as a product
+    over the copies (`consensus_product`), built at the first round and not saved (it follows from the
+    graph); scratch: variant="authors_code"'s block for the compressed difference, [n_local, P], not saved.
     """
 
     x_hat: Tensor
     codec: Codec
     steps: int = 0
-    mixing: Tensor | None = None
+    mixing: MixingProduct | None = None
     scratch: Tensor | None = None
+    #: whose copy each row of x_hat is (copy_agents), not saved
+    agents: Tensor | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"x_hat": self.x_hat.clone(), "steps": self.steps}
@@ -75,39 +71,37 @@ class ChocoState:
         return {}
 
 
-def copy_count(ctx: CombineContext) -> int:
-    """R: the local agents plus the other agents they receive from."""
-    return len(set(ctx.plan.local) | set(ctx.plan.in_src.tolist()))
+def copy_agents(ctx: CombineContext, device: torch.device) -> Tensor:
+    """Whose public copy each row of x̂ is, in Comm.exchange_payload's pool order: the local agents in order,
+    then the other agents they receive from, ascending."""
+    local = list(ctx.plan.local)
+    others = sorted(set(ctx.plan.in_src.tolist()) - set(local))
+    return torch.tensor(local + others, dtype=torch.long, device=device)
 
 
 def pool_index(ctx: CombineContext, device: torch.device) -> Tensor:
-    """In-edge e's sender as a row of the copies, in Comm.exchange_payload's pool order (the local agents in
-    order, then the other senders ascending): what the exchange returns, known before any exchange."""
-    local = {g: k for k, g in enumerate(ctx.plan.local)}
-    senders = ctx.plan.in_src.tolist()
-    others = sorted(set(senders) - set(local))
-    row = {**local, **{g: len(local) + k for k, g in enumerate(others)}}
-    return torch.tensor([row[g] for g in senders], dtype=torch.long, device=device)
+    """In-edge e's sender as a row of the copies (copy_agents' order): what the exchange returns, known
+    before any exchange."""
+    row = {int(g): k for k, g in enumerate(copy_agents(ctx, torch.device("cpu")))}
+    return torch.tensor([row[g] for g in ctx.plan.in_src.tolist()], dtype=torch.long, device=device)
 
 
-def consensus_matrix(ctx: CombineContext, index: Tensor, rows: int, gamma: float, dtype: torch.dtype) -> Tensor:
-    """M [n_local, rows] with M x̂ = gamma * sum_j w_ij (x̂_j - x̂_i) for every local agent i.
+def consensus_product(ctx: CombineContext, gamma: float, dtype: torch.dtype, device: torch.device) -> MixingProduct:
+    """M with (M x̂)_i = gamma * sum_j w_ij (x̂_j - x̂_i) for every local agent i, as a `MixingProduct` over
+    the copies in global agent order (the same product on every placement of the agents).
 
-    In-edge e's sender is copy index[e]; local agent k's own copy is row k.
+    M's entries are formed in float64 and rounded once: gamma w_ij per in-edge, and on the diagonal minus
+    their sum, added in in-edge order (by sender), which is the same on every layout.
     """
-    plan, dev = ctx.plan, index.device
+    plan = ctx.plan
     n = plan.n_local
-    w = ctx.in_w.to(device=dev, dtype=torch.float64) * gamma
-    M = torch.zeros(n, rows, dtype=torch.float64, device=dev)
-    M.index_put_((plan.in_dst, index), w, accumulate=True)
-    own = torch.arange(n, device=dev)
-    M.index_put_((own, own), -M.sum(1), accumulate=True)
-    M = M.to(dtype)
-    if rows <= DENSE_MAX_COPIES:
-        return M
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": used for plain products only
-        warnings.simplefilter("ignore", UserWarning)
-        return M.to_sparse_csr()
+    w = ctx.in_w.to(device=device, dtype=torch.float64) * gamma
+    own = torch.arange(n, device=device)
+    diagonal = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, plan.in_dst.to(device), w)
+    local = torch.tensor(plan.local, dtype=torch.long, device=device)
+    rows = torch.cat([plan.in_dst.to(device), own])
+    cols = torch.cat([plan.in_src.to(device), local])
+    return MixingProduct(plan.n, plan.local, rows, cols, torch.cat([w, -diagonal]), plan.pool_agents, dtype)
 
 
 @dataclass
@@ -161,11 +155,12 @@ class Choco(Algorithm):
                 "to start from (and one that leaves stops being tracked); use dsgd or gt on time-varying graphs")
 
     def init_state(self, ctx: CombineContext, device: torch.device) -> ChocoState:
-        agents = torch.tensor(ctx.plan.local, dtype=torch.long, device=device)  # random-k draws per sender
+        senders = torch.tensor(ctx.plan.local, dtype=torch.long, device=device)  # random-k draws per sender
         codec = make_codec(self.codec, ctx.layout, ratio=self.ratio if self.codec in SPARSE_CODECS else None,
-                           streams=agents)
-        x_hat = torch.zeros(copy_count(ctx), ctx.layout.size, dtype=ctx.dtype, device=device)
-        return ChocoState(x_hat=x_hat, codec=codec)
+                           streams=senders)
+        copies = copy_agents(ctx, device)
+        x_hat = torch.zeros(len(copies), ctx.layout.size, dtype=ctx.dtype, device=device)
+        return ChocoState(x_hat=x_hat, codec=codec, agents=copies)
 
     def gossip(self, ctx: CombineContext, comm: Comm, x: Tensor, out: Tensor,
                state: ChocoState) -> tuple[Tensor, Tensor]:
@@ -177,9 +172,10 @@ class Choco(Algorithm):
             out.copy_(x)
             return nothing_received(ctx, x)
         if state.mixing is None:
-            state.mixing = consensus_matrix(ctx, pool_index(ctx, x.device), len(x_hat), self.gamma, x.dtype)
+            state.mixing = consensus_product(ctx, self.gamma, x.dtype, x.device)
+        mixing, agents = state.mixing, state.agents
         if self.variant == "authors_code":  # the consensus step with the copies as they were, then its model is sent
-            torch.addmm(x, state.mixing, x_hat, out=out)
+            mixing(mixing.pool(x_hat, agents), out, base=x)
             if state.scratch is None:
                 state.scratch = torch.empty_like(x)
             diff = torch.sub(out, x_hat[:n], out=state.scratch)
@@ -194,7 +190,7 @@ class Choco(Algorithm):
         if len(x_hat) > n:
             x_hat[n:] += state.codec.decode(tuple(t[n:] for t in pool), x.dtype)
         if self.variant != "authors_code":
-            torch.addmm(x, state.mixing, x_hat, out=out)
+            mixing(mixing.pool(x_hat, agents), out, base=x)
         return x_hat, index
 
     def gradient_rows(self, ctx: CombineContext, view: StepView, state: AlgorithmState) -> Tensor:

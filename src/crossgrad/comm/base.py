@@ -55,7 +55,7 @@ class EdgePlan:
     @property
     def pool_agents(self) -> Tensor:
         """Round 1's pool (`Comm.exchange`): every agent held here or received from, ascending global index."""
-        return torch.tensor(sorted(set(self.local) | set(self.in_src.tolist())), dtype=torch.long)
+        return torch.tensor(sorted(set(self.local) | set(self.in_src.tolist())), dtype=torch.long, device="cpu")
 
 
 class Comm(Protocol):

@@ -47,7 +47,7 @@ from crossgrad.comm.base import EdgePlan, agent_blocks, count_round1, count_roun
 
 ROUND1 = "round 1 (models)"
 ROUND2 = "round 2 (cross-gradients)"
-GLOBAL = "global average (all-reduce)"
+GLOBAL = "global average (all-gather)"
 
 Spans = tuple[tuple[int, int], ...]  # (first agent, one past the last) of every rank's block
 
@@ -353,22 +353,28 @@ class DistComm:
                      for k, t in enumerate(payload))
 
     def global_mean(self, rows: Tensor) -> Tensor:
-        """The mean over all agents: this rank's sum, all-reduced over the process group, over n. Bounded by
-        the same time-out as a round; an all-reduce's traffic depends on its algorithm, and it is not counted."""
+        """The mean over all agents: every agent's row gathered from the process group (all-gather) and summed
+        in agent order, as the simulator sums them, so the mean is the same bit for bit however the agents are
+        placed (an all-reduce of per-rank sums would add in an order that depends on the blocks). Bounded by
+        the same time-out as a round; not counted in the byte counters."""
         if self.failed:
             earlier = self.failed[0]
             raise CommTimeoutError(self.rank, earlier.peers, GLOBAL, f"an earlier round failed ({earlier})",
                                    self.spans)
-        total = rows.sum(0, keepdim=True)
         others = [r for r in range(len(self.spans)) if r != self.rank]
-        if others:
-            work = dist.all_reduce(total, async_op=True)
-            deadline = time.monotonic() + self.timeout
-            wait = self._poll_works if self._poll else self._wait_works
-            failed, detail = wait([work], [others], deadline)
-            if failed:
-                self._fail(others, GLOBAL, detail)
-        return total.div_(self.plan.n)
+        if not others:
+            return rows.sum(0, keepdim=True).div_(self.plan.n)
+        padded = rows.new_zeros(max(self.sizes), rows.shape[1])  # all-gather takes one shape from every rank
+        padded[: len(rows)] = rows
+        everyone = [torch.empty_like(padded) for _ in self.spans]
+        work = dist.all_gather(everyone, padded, async_op=True)
+        deadline = time.monotonic() + self.timeout
+        wait = self._poll_works if self._poll else self._wait_works
+        failed, detail = wait([work], [others], deadline)
+        if failed:
+            self._fail(others, GLOBAL, detail)
+        whole = torch.cat([block[:size] for block, size in zip(everyone, self.sizes)])
+        return whole.sum(0, keepdim=True).div_(self.plan.n)
 
     # -- posting and waiting -------------------------------------------------------------------
 

@@ -133,8 +133,9 @@ def peak_memory_mb(device: torch.device) -> float:
 class TrainTotals:
     """Running sums between two evaluations: each local agent's training loss and the cross-gradient bias.
 
-    Sums and element counts (not means), so that the processes' partial sums add up to the
-    simulator's.
+    Sums per agent and element counts (not means): the bias sums are kept per local agent (the edges an
+    agent receives on, or sends on) and added up in agent order once gathered, so that they are the
+    simulator's bit for bit however the agents are placed on processes.
     """
 
     def __init__(self, n_local: int, device: torch.device):
@@ -142,10 +143,10 @@ class TrainTotals:
         self.reset()
 
     def reset(self) -> None:
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
         self.loss = torch.zeros(self.n_local, dtype=torch.float64, device=self.device)
         self.steps = 0
-        self.bias = [zero.clone(), 0, zero.clone(), 0]  # |mv - g| sum, count, |dv - g| sum, count
+        sums = torch.zeros(self.n_local, dtype=torch.float64, device=self.device)
+        self.bias = [sums, 0, sums.clone(), 0]  # |mv - g| sums per agent, count, |dv - g| sums per agent, count
 
     def add(self, losses: Tensor, engine: Any, bias: bool = True) -> None:
         """A step's losses; with `bias`, also its cross-gradient bias (a mean over the steps sampled)."""
@@ -155,11 +156,14 @@ class TrainTotals:
             return
         last, plan = engine.last, engine.ctx.plan
         g, mv, dv = last.get("g_self"), last.get("mv"), last.get("dv")
+        # one sum per edge row, added to its agent's in edge order: the same numbers in the same order on any layout
         if g is not None and mv is not None and len(plan.in_dst):
-            self.bias[0] += (mv - g.index_select(0, plan.in_dst)).abs().sum().double()
+            owner = plan.in_dst.to(mv.device)
+            self.bias[0].index_add_(0, owner, (mv - g.index_select(0, owner)).abs().sum(1).double())
             self.bias[1] += mv.numel()
         if g is not None and dv is not None and len(plan.out_src):
-            self.bias[2] += (dv - g.index_select(0, plan.out_src)).abs().sum().double()
+            owner = plan.out_src.to(dv.device)
+            self.bias[2].index_add_(0, owner, (dv - g.index_select(0, owner)).abs().sum(1).double())
             self.bias[3] += dv.numel()
 
     def mean_loss(self) -> Tensor:
@@ -172,8 +176,17 @@ class TrainTotals:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss = state["loss"].to(self.device)
         self.steps = int(state["steps"])
-        self.bias = [state["bias_mv"].to(self.device), int(state["bias_mv_n"]),
-                     state["bias_dv"].to(self.device), int(state["bias_dv_n"])]
+        self.bias = [self._sums(state["bias_mv"]), int(state["bias_mv_n"]),
+                     self._sums(state["bias_dv"]), int(state["bias_dv_n"])]
+
+    def _sums(self, saved: Tensor) -> Tensor:
+        """Per-agent bias sums from a checkpoint; one saved before they were per agent holds the process's
+        total, which goes to its first agent (the sum over agents is what the metric reads)."""
+        if saved.dim() == 0:
+            sums = torch.zeros(self.n_local, dtype=torch.float64, device=self.device)
+            sums[0] = saved
+            return sums
+        return saved.to(self.device)
 
 
 @dataclass
@@ -264,8 +277,8 @@ def evaluate(engine: Any, p: Any, cluster: Any, totals: TrainTotals, batch_size:
     correct, loss = score_models(p.model, e.layout, models, e.buffers, x, y, batch_size)
     per_agent = cluster.gather(torch.stack([correct.double(), totals.mean_loss()], 1))
     b = totals.bias
-    bias = cluster.gather(torch.tensor([[float(b[0]), b[1], float(b[2]), b[3]]], dtype=torch.float64,
-                                       device=e.x.device))
+    bias = cluster.gather(torch.stack([b[0], b[2]], 1))  # per agent: summed in agent order below
+    counts = cluster.gather(torch.tensor([[b[1], b[3]]], dtype=torch.float64, device=e.x.device))
     xs = cluster.gather(models)
     bufs = [cluster.gather(buf) for buf in e.buffers]
     stats = gather_stats(e, cluster)
@@ -276,14 +289,14 @@ def evaluate(engine: Any, p: Any, cluster: Any, totals: TrainTotals, batch_size:
         c_correct, c_loss = correct[:1], loss[:1]
     else:
         c_correct, c_loss = score_rows(p.model, e.layout, centre, consensus_buffers(bufs), x, y, batch_size)
-    per_agent, bias = per_agent.cpu(), bias.sum(0).tolist()
+    per_agent, bias, counts = per_agent.cpu(), bias.sum(0).tolist(), counts.sum(0).tolist()
     ev = accuracy_record(torch.cat([per_agent[:, 0].round().long(), c_correct.cpu()]), float(c_loss[0]), len(y))
     losses = per_agent[:, 1].tolist() if totals.steps else None
     ev.update(
         train_loss=(sum(losses) / len(losses)) if losses else None,
         train_loss_agents=losses,
         consensus_distance=float(((xs - centre) ** 2).sum(1).mean()),
-        bias_mv=bias[0] / bias[1] if bias[1] else None,
-        bias_dv=bias[2] / bias[3] if bias[3] else None,
+        bias_mv=bias[0] / counts[0] if counts[0] else None,
+        bias_dv=bias[1] / counts[1] if counts[1] else None,
     )
     return ev, stats

@@ -5,14 +5,15 @@ is per agent, so it can be re-cut for any other blocks, value for value:
 
 - rows per agent (parameters, buffers, momentum, error memories of the self-gradient, tracking, D2 and
   push-sum state, byte counters, running losses) and per-agent lists (batch streams, augmentation
-  generators) are concatenated in agent order and split by the new blocks;
+  generators) are concatenated in agent order and split by the new blocks, and so are the bias sums, kept
+  per agent (a checkpoint from before that holds one total per process: summed as the counters below);
 - rows per in-edge (the error memories of the cross-gradient messages) are keyed by their edge
   (sender, receiver) and laid out in each new block's edge order;
 - Choco's public copies: agent j's copy is the same on every process that keeps one, so the owner's row
   is taken and each new block gets its agents' copies and then those of the agents they receive from;
 - CGA's multipliers, one slot per out-edge padded to the block's largest out-degree: each agent's real
   slots move, the padding (never read: masked by the QP's active set) is the initial margin;
-- counters the processes sum (gradient evaluations, QP failures, the bias sums) go whole to the first new
+- counters the processes sum (gradient evaluations, QP failures, the bias element counts) go whole to the first new
   process, 0 to the others, so that the sum is unchanged;
 - the random generators' state is the first process's (the processes run in lockstep and draw nothing
   from torch's global generator during training);
@@ -33,8 +34,8 @@ from torch import Tensor
 from crossgrad.comm.base import EdgePlan, agent_blocks
 from crossgrad.run.rundir import RunError
 
-AGENTS, AGENT_LIST, EDGES, COPIES, SLOTS, SUM, FIRST = "agents", "agent_list", "edges", "copies", "slots", "sum", \
-    "first"
+AGENTS, AGENT_LIST, EDGES, COPIES, SLOTS, SUM, FIRST, AGENT_SUMS = "agents", "agent_list", "edges", "copies", \
+    "slots", "sum", "first", "agent_sums"
 
 #: how each piece of a part is re-cut, by its path (a list index is "*"); any other piece must be equal
 RULES: dict[tuple[str, ...], str] = {
@@ -59,9 +60,9 @@ RULES: dict[tuple[str, ...], str] = {
     ("torch_rng",): FIRST,
     ("cuda_rng",): FIRST,
     ("acc", "loss"): AGENTS,
-    ("acc", "bias_mv"): SUM,
+    ("acc", "bias_mv"): AGENT_SUMS,
     ("acc", "bias_mv_n"): SUM,
-    ("acc", "bias_dv"): SUM,
+    ("acc", "bias_dv"): AGENT_SUMS,
     ("acc", "bias_dv_n"): SUM,
 }
 
@@ -185,6 +186,14 @@ def _sum(values, old, new, margin, path):
     return [total] + [zero] * (len(new.blocks) - 1)
 
 
+def _agent_sums(values, old, new, margin, path):
+    """Sums kept per agent (the bias sums), re-cut as rows; a checkpoint from before they were per agent holds
+    one total per process, summed as counters are."""
+    if all(isinstance(v, Tensor) and v.dim() == 0 for v in values):
+        return _sum(values, old, new, margin, path)
+    return _agents(values, old, new, margin, path)
+
+
 def _first(values, old, new, margin, path):
     return [values[0]] * len(new.blocks)
 
@@ -201,5 +210,5 @@ def _stack(rows: list[Tensor], like: Tensor) -> Tensor:
 
 _RECUT: dict[str, Callable[..., list[Any]]] = {
     AGENTS: _agents, AGENT_LIST: _agent_list, EDGES: _edges, COPIES: _copies, SLOTS: _slots, SUM: _sum,
-    FIRST: _first,
+    FIRST: _first, AGENT_SUMS: _agent_sums,
 }
