@@ -22,13 +22,16 @@ class CGAState:
     """The QP solution of the last step per (layer, agent), reused where a solve fails, and the failures.
 
     slot and kmax describe where each out-edge's message sits in its sender's padded [kmax] row; they
-    follow from the edge plan and are not saved.
+    follow from the graph and are not saved. kmax is the graph's largest out-degree, not the block's: the
+    Gram products and the QPs then have the same shapes on every placement of the agents (their kernels
+    depend on the shapes), so float32 CGA is bit-identical on all of them.
     """
 
     slot: Tensor
     kmax: int
     v: Tensor
     qp_failures: int = 0
+    margin: float = 0.5  # the multipliers' lower bound (the padding's value), not saved
 
     #: v is [layers, n_local, kmax]; slot is per out-edge (Engine._agent_rows: what churn keeps per agent)
     agent_dims: ClassVar[dict[str, int | None]] = {"v": 1, "slot": None}
@@ -38,6 +41,9 @@ class CGAState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         v = state["v"]
+        if v.dim() == 3 and tuple(v.shape[:2]) == tuple(self.v.shape[:2]) and v.shape[2] < self.kmax:
+            # saved when the slots were padded to the block's largest out-degree: the padding is never read
+            v = torch.cat([v, v.new_full((*v.shape[:2], self.kmax - v.shape[2]), self.margin)], 2)
         if tuple(v.shape) != tuple(self.v.shape):
             raise ValueError(f"CGA state v of shape {tuple(v.shape)} does not fit this run's {tuple(self.v.shape)}")
         self.v = v.to(device=self.v.device, dtype=self.v.dtype, copy=True)
@@ -79,12 +85,13 @@ class CGA(CrossGradientAlgorithm):
         plan = ctx.plan
         out_src = plan.out_src.to(device)
         counts = torch.bincount(out_src, minlength=plan.n_local)
-        kmax = int(counts.max()) if len(counts) else 0
+        senders = torch.tensor([s for s, _ in ctx.topology.edges], dtype=torch.long, device="cpu")
+        kmax = int(torch.bincount(senders, minlength=plan.n).max()) if len(senders) else 0
         # slot of out-edge e in its sender's padded row: senders are sorted, so rank within the run
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(len(out_src), device=device) - starts[out_src]
         return CGAState(
-            slot=slot, kmax=kmax,
+            slot=slot, kmax=kmax, margin=self.margin,
             v=torch.full((ctx.layout.num_tensors, plan.n_local, kmax), self.margin, dtype=torch.float64,
                          device=device),
         )

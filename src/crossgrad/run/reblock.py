@@ -11,7 +11,7 @@ is per agent, so it can be re-cut for any other blocks, value for value:
   (sender, receiver) and laid out in each new block's edge order;
 - Choco's public copies: agent j's copy is the same on every process that keeps one, so the owner's row
   is taken and each new block gets its agents' copies and then those of the agents they receive from;
-- CGA's multipliers, one slot per out-edge padded to the block's largest out-degree: each agent's real
+- CGA's multipliers, one slot per out-edge padded to the graph's largest out-degree: each agent's real
   slots move, the padding (never read: masked by the QP's active set) is the initial margin;
 - counters the processes sum (gradient evaluations, QP failures, the bias element counts) go whole to the first new
   process, 0 to the others, so that the sum is unchanged;
@@ -171,9 +171,10 @@ def _slots(values, old, new, margin, path):
         _check_rows(v.transpose(0, 1), len(degrees), path)
         real += [v[:, k, :deg] for k, deg in enumerate(degrees)]
     out = []
+    width = max((d for r in range(len(new.blocks)) for d in new.out_degrees(r)), default=0)  # the graph's
     for r, b in enumerate(new.blocks):
         degrees = new.out_degrees(r)
-        v = values[0].new_full((values[0].shape[0], len(b), max(degrees, default=0)), margin)
+        v = values[0].new_full((values[0].shape[0], len(b), width), margin)
         for k, (a, deg) in enumerate(zip(b, degrees)):
             v[:, k, :deg] = real[a]
         out.append(v)
