@@ -3,7 +3,8 @@
 Six agents in float32, every algorithm family, on the simulator (one process) and on torch.distributed with 2
 processes (blocks of 3 + 3 and of 4 + 2) and with 3 processes (2 + 2 + 2): the parameters after every step
 and the runner's metrics records (run/evaluate.py: accuracies, losses, consensus distance, bias) must be
-equal with torch.equal, not close. One launch per placement runs every case (start-up dominates).
+equal with torch.equal, not close. One launch per number of processes runs every case on each of its
+placements (start-up dominates).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from crossgrad.topology.trees import binary_tree
 from test_dist import _init, _spawn, free_port
 
 N = 6
-STEPS = 12
+STEPS = 8
 EVAL_EVERY = 4
 #: the placements of the 6 agents on processes: blocks of agents per rank
 LAYOUTS = {"3+3": (3, 3), "4+2": (4, 2), "2+2+2": (2, 2, 2)}
@@ -135,7 +136,8 @@ def simulate(label: str, topology: str, name: str, kw: dict) -> dict:
         return trajectory(sim.engine, inputs(), OneProcess())
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, sizes: tuple[int, ...]) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Every case on every layout of `world` processes (one process group: the blocks are the engine's)."""
     import torch.distributed as dist
 
     from crossgrad.distributed import make_engine
@@ -143,11 +145,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str, sizes: tuple[int, ..
     try:
         _init(rank, world, port, 60)
         results = {}
-        for label, topology, name, kw in CASES:
-            with products(label):
-                engine = make_engine(model(), GRAPHS[topology](), cg.make_algorithm(name, lr=0.1, **kw), timeout=30,
-                                     sizes=sizes)
-                results[label] = trajectory(engine, inputs(), Ranks())
+        for layout, sizes in LAYOUTS.items():
+            if len(sizes) != world:
+                continue
+            for label, topology, name, kw in CASES:
+                with products(label):
+                    engine = make_engine(model(), GRAPHS[topology](), cg.make_algorithm(name, lr=0.1, **kw),
+                                         timeout=30, sizes=sizes)
+                    results[layout, label] = trajectory(engine, inputs(), Ranks())
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "result.pt"))
         dist.destroy_process_group()
@@ -157,15 +162,18 @@ def _worker(rank: int, world: int, port: int, out_dir: str, sizes: tuple[int, ..
         raise
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS))
-def placed(request, tmp_path_factory) -> tuple[str, dict]:
-    sizes = LAYOUTS[request.param]
-    out = tmp_path_factory.mktemp("layout")
-    procs = _spawn(_worker, len(sizes), (free_port(), str(out), sizes), join_timeout=240)
-    errors = [p.read_text() for p in Path(out).glob("error*.txt")]
-    assert not errors, errors[0]
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return request.param, torch.load(out / "result.pt", weights_only=False)
+@pytest.fixture(scope="module")
+def placed(tmp_path_factory) -> dict:
+    """Every layout's results, by (layout, case): one launch per number of processes."""
+    results = {}
+    for world in sorted({len(sizes) for sizes in LAYOUTS.values()}):
+        out = tmp_path_factory.mktemp(f"world{world}")
+        procs = _spawn(_worker, world, (free_port(), str(out)), join_timeout=240)
+        errors = [p.read_text() for p in Path(out).glob("error*.txt")]
+        assert not errors, errors[0]
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        results.update(torch.load(out / "result.pt", weights_only=False))
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +194,9 @@ def _same(a, b) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
-def test_float32_trajectories_are_identical_on_every_layout(case, placed, simulated):
-    layout, results = placed
-    sim, dist = simulated[case], results[case]
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_float32_trajectories_are_identical_on_every_layout(layout, case, placed, simulated):
+    sim, dist = simulated[case], placed[layout, case]
     assert sim["x"][0].dtype == torch.float32 and len(sim["x"]) == STEPS
     assert not torch.equal(sim["x"][0], sim["x"][-1])  # it trained
     for step, (a, b) in enumerate(zip(sim["x"], dist["x"], strict=True)):

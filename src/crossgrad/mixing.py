@@ -20,7 +20,7 @@ nothing extra.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -66,18 +66,20 @@ class MixingProduct:
             self.M = torch.sparse_coo_tensor(M.indices()[:, keep], M.values()[keep].to(dtype), shape, device=dev,
                                              is_coalesced=True).to_sparse_csr()
 
-    def pool(self, rows: Tensor, agents: Tensor) -> Tensor:
-        """The pool this product reads, from rows [R, P] of the agents `agents` (global indices, each once): the
-        rows themselves when they already are in its order."""
+    def reader(self, agents: Tensor) -> Callable[[Tensor], Tensor]:
+        """What turns rows [R, P] of the agents `agents` (global indices, each once; the same every call) into
+        the pool this product reads: the rows themselves when they already are in its order (in-process)."""
+        agents = agents.to(self.pool_agents.device)
         if self.full:
-            if len(agents) == self.n and bool((agents == torch.arange(self.n, device=agents.device)).all()):
-                return rows
-            return rows.new_zeros(self.n, rows.shape[1]).index_copy_(0, agents, rows)
+            if torch.equal(agents, torch.arange(self.n, device=agents.device)):
+                return lambda rows: rows
+            return lambda rows: rows.new_zeros(self.n, rows.shape[1]).index_copy_(0, agents, rows)
         if torch.equal(agents, self.pool_agents):
-            return rows
+            return lambda rows: rows
         position = torch.full((self.n,), -1, dtype=torch.long, device=agents.device)
         position[agents] = torch.arange(len(agents), device=agents.device)
-        return rows.index_select(0, position[self.pool_agents])
+        order = position[self.pool_agents]
+        return lambda rows: rows.index_select(0, order)
 
     def __call__(self, pool: Tensor, out: Tensor, base: Tensor | None = None) -> Tensor:
         """M pool, or base + M pool with `base` [n_local, P], into `out` [n_local, P]."""

@@ -27,6 +27,7 @@ so they are crossgrad's with a first step that sends nothing (a local step from 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -59,6 +60,8 @@ class ChocoState:
     scratch: Tensor | None = None
     #: whose copy each row of x_hat is (copy_agents), not saved
     agents: Tensor | None = None
+    #: x_hat as the pool `mixing` reads (MixingProduct.reader), built with it and not saved
+    pool: Callable[[Tensor], Tensor] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"x_hat": self.x_hat.clone(), "steps": self.steps}
@@ -173,9 +176,10 @@ class Choco(Algorithm):
             return nothing_received(ctx, x)
         if state.mixing is None:
             state.mixing = consensus_product(ctx, self.gamma, x.dtype, x.device)
-        mixing, agents = state.mixing, state.agents
+            state.pool = state.mixing.reader(state.agents)
+        mixing, copies = state.mixing, state.pool
         if self.variant == "authors_code":  # the consensus step with the copies as they were, then its model is sent
-            mixing(mixing.pool(x_hat, agents), out, base=x)
+            mixing(copies(x_hat), out, base=x)
             if state.scratch is None:
                 state.scratch = torch.empty_like(x)
             diff = torch.sub(out, x_hat[:n], out=state.scratch)
@@ -190,7 +194,7 @@ class Choco(Algorithm):
         if len(x_hat) > n:
             x_hat[n:] += state.codec.decode(tuple(t[n:] for t in pool), x.dtype)
         if self.variant != "authors_code":
-            mixing(mixing.pool(x_hat, agents), out, base=x)
+            mixing(copies(x_hat), out, base=x)
         return x_hat, index
 
     def gradient_rows(self, ctx: CombineContext, view: StepView, state: AlgorithmState) -> Tensor:
