@@ -31,8 +31,8 @@ class GatheringComm:
     def __init__(self, comm: LocalComm):
         self.inner, self.plan, self.bytes_sent = comm, comm.plan, comm.bytes_sent
 
-    def exchange(self, x, full=False):
-        return self.inner.exchange(x, full)
+    def exchange(self, x):
+        return self.inner.exchange(x)
 
     def exchange_edges(self, payload):
         return self.inner.exchange_edges(payload)

@@ -37,8 +37,6 @@ class Gossip:
         cols = torch.cat([local, plan.in_src.to(dev)])
         self.product = MixingProduct(plan.n, plan.local, rows, cols, torch.cat([gossip_self, gossip_in]),
                                      plan.pool_agents, gossip_self.dtype)
-        #: whether the product reads a row per agent of the graph (Comm.exchange's `full` pool)
-        self.full = self.product.full
         self.G = self.product.M
 
     def __call__(self, pool: Tensor, out: Tensor) -> Tensor:
@@ -138,7 +136,7 @@ class Wiring:
             models = self.comm.share(x)  # every agent reads its neighbours' rows of x in place
             self.gossip(models, out=out)
             return models, self.comm.sources
-        pool, index = self.comm.exchange(x, full=self.gossip.full)
+        pool, index = self.comm.exchange(x)
         self.gossip(pool, out=out)
         return pool, index
 

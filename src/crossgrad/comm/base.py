@@ -64,10 +64,9 @@ class Comm(Protocol):
     plan: EdgePlan
     bytes_sent: Tensor  # float64 [n_local, 2]: bytes each local agent has sent in rounds 1 and 2
 
-    def exchange(self, x: Tensor, full: bool = False) -> tuple[Tensor, Tensor]:
+    def exchange(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Round 1: send each local row along its out-edges; return (pool, index): in-edge e's sender's row is
-        pool[index[e]]. The pool holds a row per agent of `plan.pool_agents`, in that (global) order; with
-        `full`, a row per agent of the graph (row a is agent a's, zero for the agents neither held nor heard)."""
+        pool[index[e]]. The pool holds a row per agent of `plan.pool_agents`, in that (global) order."""
         ...
 
     def exchange_edges(self, payload: Payload) -> Payload:

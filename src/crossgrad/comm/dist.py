@@ -279,11 +279,10 @@ class DistComm:
         # peer's rows are contiguous runs of it
         agents = plan.pool_agents
         at = {int(a): k for k, a in enumerate(agents)}
-        self._pool_agents = agents.to(dev)
+        self._pool_size = len(agents)
         self._own1 = slice(at[start], at[start] + plan.n_local)
         self._at1 = {q: at[min(s for s in in_src if owner[s] == q)] for q in peers if self._recv1[q]}
         self._index1 = torch.tensor([at[s] for s in in_src], dtype=torch.long, device=dev)
-        self._in_src = plan.in_src.to(dev)
         self._pool2 = torch.tensor([back.get(sd, arrived.get(sd)) for sd in zip(out_src, out_dst)],
                                    dtype=torch.long, device=dev)
         self.peers = peers  # the ranks this rank exchanges with
@@ -295,11 +294,11 @@ class DistComm:
         sub.bytes_sent, sub.wire_bytes, sub.failed = self.bytes_sent, self.wire_bytes, self.failed
         return sub
 
-    def exchange(self, x: Tensor, full: bool = False) -> tuple[Tensor, Tensor]:
+    def exchange(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Round 1: one message of rows per peer rank each way, received straight into the pool (Comm.exchange:
-        the rows in global agent order, or with `full` one row per agent of the graph)."""
+        the rows in global agent order)."""
         count_round1(self, x)
-        pool = x.new_empty(len(self._pool_agents), x.shape[1])
+        pool = x.new_empty(self._pool_size, x.shape[1])
         pool[self._own1].copy_(x)
         ops = []
         for q, rows in self._send1.items():
@@ -309,10 +308,7 @@ class DistComm:
                 at = self._at1[q]
                 ops.append((dist.irecv, pool[at : at + self._recv1[q]], q))
         self._run(ops, ROUND1, 0)
-        if not full:
-            return pool, self._index1
-        whole = x.new_zeros(self.plan.n, x.shape[1])
-        return whole.index_copy_(0, self._pool_agents, pool), self._in_src
+        return pool, self._index1
 
     def exchange_payload(self, payload: Payload) -> tuple[Payload, Tensor]:
         """Round 1 with a payload row per local agent instead of its model: the same messages as

@@ -33,9 +33,9 @@ class LocalComm:
         sub.bytes_sent = self.bytes_sent
         return sub
 
-    def exchange(self, x: Tensor, full: bool = False) -> tuple[Tensor, Tensor]:
+    def exchange(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Round 1 as a copy (what a backend without shared memory receives): every agent is local, so the
-        pool, full or not, is all of x."""
+        pool is all of x."""
         count_round1(self, x)
         return x.clone(), self.sources
 
