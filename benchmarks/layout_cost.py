@@ -43,37 +43,41 @@ def main() -> None:
     for size in [int(s) for s in a.sizes.split(",")]:
         x_all = torch.randn(n, size)
         for m in [int(b) for b in a.blocks.split(",")]:
-            plan = EdgePlan.build(topo.edges, n, list(range(m)))
-            gossip_self = torch.full((m,), 1 / 3)
-            gossip_in = torch.full((len(plan.in_src),), 1 / 3)
-            local = torch.tensor(plan.local)
-            rows = torch.cat([torch.arange(m), plan.in_dst])
-            cols = torch.cat([local, plan.in_src])
-            product = MixingProduct(n, plan.local, rows, cols, torch.cat([gossip_self, gossip_in]), plan.pool_agents,
-                                    torch.float32)
-            agents = plan.pool_agents
-            pool = x_all[agents].clone()  # what round 1 received, in agent order
-            index = torch.searchsorted(agents, plan.in_src)
-            x, out = x_all[:m].clone(), torch.empty(m, size)
-            k = len(plan.in_src) // m
-
-            def before() -> None:
-                received = pool.index_select(0, index)
-                torch.mul(x, gossip_self.unsqueeze(1), out=out)
-                add_weighted_edges(out, received, plan.in_dst, gossip_in, k, alpha=1.0)
-
-            def after() -> None:
-                product(pool, out)
-
-            times: dict[str, list[float]] = {"before": [], "after": []}
-            for r in range(a.repeats):
-                for key, fn in ((("before", before), ("after", after)) if r % 2 == 0 else
-                                (("after", after), ("before", before))):
-                    start = time.perf_counter()
-                    fn()
-                    times[key].append(time.perf_counter() - start)
-            ms = {key: 1e3 * statistics.median(v) for key, v in times.items()}
+            ms = measure(x_all, topo, m, a.repeats)
             print(f"| {size:,} | {m} | {ms['before']:.2f} | {ms['after']:.2f} | {ms['after'] / ms['before']:.2f} |")
+
+
+def measure(x_all: torch.Tensor, topo: Topology, m: int, repeats: int) -> dict[str, float]:
+    """Median ms of the two gossips of the block of agents 0..m-1, in interleaved repeats."""
+    n, size = x_all.shape
+    plan = EdgePlan.build(topo.edges, n, list(range(m)))
+    gossip_self = torch.full((m,), 1 / 3)
+    gossip_in = torch.full((len(plan.in_src),), 1 / 3)
+    rows = torch.cat([torch.arange(m), plan.in_dst])
+    cols = torch.cat([torch.tensor(plan.local), plan.in_src])
+    product = MixingProduct(n, plan.local, rows, cols, torch.cat([gossip_self, gossip_in]), plan.pool_agents,
+                            torch.float32)
+    pool = x_all[plan.pool_agents].clone()  # what round 1 received, in agent order
+    index = torch.searchsorted(plan.pool_agents, plan.in_src)
+    x, out = x_all[:m].clone(), torch.empty(m, size)
+    k = len(plan.in_src) // m
+
+    def before() -> None:
+        received = pool.index_select(0, index)
+        torch.mul(x, gossip_self.unsqueeze(1), out=out)
+        add_weighted_edges(out, received, plan.in_dst, gossip_in, k, alpha=1.0)
+
+    def after() -> None:
+        product(pool, out)
+
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    for r in range(repeats):
+        for key, fn in ((("before", before), ("after", after)) if r % 2 == 0 else
+                        (("after", after), ("before", before))):
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {key: 1e3 * statistics.median(v) for key, v in times.items()}
 
 
 if __name__ == "__main__":

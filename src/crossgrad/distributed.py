@@ -126,10 +126,11 @@ def make_engine(model: nn.Module, topology: Topology | TimeVaryingTopology, algo
     """The same engine as the simulator's, holding this rank's block of agents, on a `DistComm`.
 
     n agents over W ranks: rank r holds the agents `engine.plan.local` (`agent_blocks(n, W, sizes)[r]`;
-    rank r = agent r when n == W; `sizes`, every rank's number of agents, by default as even as they come). Call it on every rank with the same model weights (seed before
-    building the model), topology and algorithm; `engine.step(batches)` then takes one minibatch
-    per local agent. `timeout` (seconds) bounds each communication round: a dead or hung neighbour
-    raises `CommTimeoutError`.
+    rank r = agent r when n == W; `sizes`, every rank's number of agents, by default as even as they
+    come). Call it on every rank with the same model weights (seed before building the model),
+    topology and algorithm; `engine.step(batches)` then takes one minibatch per local agent.
+    `timeout` (seconds) bounds each communication round: a dead or hung neighbour raises
+    `CommTimeoutError`.
     `on_nonfinite="record"` keeps a rank communicating after a NaN/Inf (see `Engine`), so that the
     ranks can agree on the divergence instead of seeing a silent peer.
     `check_init` compares a fingerprint of the initial weights across ranks once (a collective)
