@@ -7,6 +7,7 @@ of a local agent (agent i returns the cross-gradient it computed with j's model 
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -52,7 +53,7 @@ class EdgePlan:
     def n_local(self) -> int:
         return len(self.local)
 
-    @property
+    @functools.cached_property
     def pool_agents(self) -> Tensor:
         """Round 1's pool (`Comm.exchange`): every agent held here or received from, ascending global index."""
         return torch.tensor(sorted(set(self.local) | set(self.in_src.tolist())), dtype=torch.long, device="cpu")
