@@ -53,9 +53,21 @@ CASES = [
     # the sparse products of graphs beyond mixing.DENSE_MAX_AGENTS
     ("dsgd_sparse", "ring", "dsgd", dict(momentum=0.9)),
     ("choco_sparse", "chain", "choco", dict(codec="sign")),
+    # a lossy network: the steps that lose messages gossip and combine with re-weighted matrices
+    ("ngc_a0.5_drops", "ring", "ngc", dict(alpha=0.5)),
+    ("dsgd_churn", "ring", "dsgd", dict(momentum=0.9)),
 ]
+#: the network of the cases that have one (comm/network.py), by label
+NETWORKS = {"ngc_a0.5_drops": dict(drop_prob=0.2), "dsgd_churn": dict(churn={"rate": 0.2, "mean_absence": 2})}
 GRAPHS = {"ring": lambda: Topology.ring(N), "star": lambda: Topology.star(N), "tree": lambda: binary_tree(N),
           "chain": lambda: Topology.chain(N)}
+
+
+def network(label: str, topology):
+    from crossgrad.comm.network import NetworkConfig, NetworkModel
+
+    cfg = NETWORKS.get(label)
+    return None if cfg is None else NetworkModel(NetworkConfig(**cfg), topology, seed=0)
 
 
 @contextlib.contextmanager
@@ -132,7 +144,8 @@ def trajectory(engine, p, cluster) -> dict:
 
 def simulate(label: str, topology: str, name: str, kw: dict) -> dict:
     with products(label):
-        sim = cg.Simulator(model(), GRAPHS[topology](), cg.make_algorithm(name, lr=0.1, **kw))
+        topo = GRAPHS[topology]()
+        sim = cg.Simulator(model(), topo, cg.make_algorithm(name, lr=0.1, **kw), network=network(label, topo))
         return trajectory(sim.engine, inputs(), OneProcess())
 
 
@@ -150,8 +163,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 continue
             for label, topology, name, kw in CASES:
                 with products(label):
-                    engine = make_engine(model(), GRAPHS[topology](), cg.make_algorithm(name, lr=0.1, **kw),
-                                         timeout=30, sizes=sizes)
+                    topo = GRAPHS[topology]()
+                    engine = make_engine(model(), topo, cg.make_algorithm(name, lr=0.1, **kw), timeout=30,
+                                         sizes=sizes, network=network(label, topo))
                     results[layout, label] = trajectory(engine, inputs(), Ranks())
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "result.pt"))
