@@ -219,3 +219,27 @@ def test_float32_trajectories_are_identical_on_every_layout(layout, case, placed
     for a, b in zip(sim["records"], dist["records"], strict=True):
         differ = sorted(k for k in a if not _same(a[k], b.get(k)))
         assert not differ, (case, layout, differ, {k: (a[k], b.get(k)) for k in differ})
+
+
+def test_checkpoints_from_before_per_agent_bias_sums_and_graph_wide_cga_slots_still_load():
+    """A checkpoint written before this change holds one bias total per process and CGA multipliers padded to
+    the block's largest out-degree: they load (the total on the first agent, the slots padded with the
+    margin) and re-cut (the totals summed onto the first new process)."""
+    from crossgrad.run.evaluate import TrainTotals
+    from crossgrad.run.reblock import reblock
+
+    totals = TrainTotals(3, torch.device("cpu"))
+    old = {"loss": torch.zeros(3, dtype=torch.float64), "steps": 2, "bias_mv": torch.tensor(1.5, dtype=torch.float64),
+           "bias_mv_n": 10, "bias_dv": torch.tensor(0.25, dtype=torch.float64), "bias_dv_n": 4}
+    totals.load_state_dict(old)
+    assert totals.bias[0].tolist() == [1.5, 0.0, 0.0] and totals.bias[2].tolist() == [0.25, 0.0, 0.0]
+    parts = [{"acc": {**old, "loss": torch.zeros(3, dtype=torch.float64)}},
+             {"acc": {**old, "loss": torch.zeros(3, dtype=torch.float64), "bias_mv": torch.tensor(2.0)}}]
+    merged = reblock(parts, 6, Topology.ring(6).edges, 1)[0]["acc"]
+    assert float(merged["bias_mv"]) == 3.5 and merged["bias_mv_n"] == 20
+    sim = cg.Simulator(model(), Topology.star(N), cg.make_algorithm("cga", lr=0.1, margin=0.3))
+    state = sim.engine.algo_state
+    assert state.kmax == N - 1  # the hub's out-degree
+    narrow = {"v": torch.full((state.v.shape[0], N, 2), 0.7, dtype=torch.float64), "qp_failures": 1}
+    state.load_state_dict(narrow)
+    assert torch.equal(state.v[:, :, :2], narrow["v"]) and bool((state.v[:, :, 2:] == 0.3).all())
