@@ -222,7 +222,7 @@ def test_a_killed_group_leaves_the_record_and_every_survivor_says_why(tmp_path):
     assert record["continue"] == f"torchrun --standalone --nproc-per-node 3 -m crossgrad run --resume {run_dir}"
     assert not (run_dir / "summary.json").exists()
     assert resume_experiment(run_dir, quiet=True, backend="sim").status == "completed"
-    close(records(ref), records(run_dir))
+    same(records(ref), records(run_dir))
     assert not (run_dir / "status.json").exists()
 
 
