@@ -243,3 +243,14 @@ def test_checkpoints_from_before_per_agent_bias_sums_and_graph_wide_cga_slots_st
     narrow = {"v": torch.full((state.v.shape[0], N, 2), 0.7, dtype=torch.float64), "qp_failures": 1}
     state.load_state_dict(narrow)
     assert torch.equal(state.v[:, :, :2], narrow["v"]) and bool((state.v[:, :, 2:] == 0.3).all())
+
+
+def test_the_training_loss_total_is_the_same_on_any_split_of_the_agents():
+    """steps.csv's loss is the sum of every agent's; per-process partial sums round differently on each
+    layout (here 1e16 + 1 rounds away the 1), the exact total does not."""
+    from crossgrad.run.trainer import agents_total
+
+    agents = [1e16, 1.0, -1e16, 1.0]
+    splits = [[agents], [agents[:2], agents[2:]], [agents[:1], agents[1:3], agents[3:]]]
+    assert [agents_total(blocks) for blocks in splits] == [2.0, 2.0, 2.0]
+    assert sum(sum(block) for block in splits[1]) != 2.0  # what adding per-process sums gives

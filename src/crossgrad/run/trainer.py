@@ -94,6 +94,12 @@ class Verdict:
     interrupted: str | None  # the signal that asked for a stop ("SIGINT", "SIGTERM"), None if none did
 
 
+def agents_total(blocks: list[list[float]]) -> float:
+    """The sum of every agent's value, gathered as one list per process: added exactly (fsum), so it is the
+    same however the agents are split over processes (per-process partial sums would round differently)."""
+    return math.fsum(v for block in blocks for v in block)
+
+
 class Trainer:
     """Trains one configured run in `run_dir` with the agents of `cluster` local to this process."""
 
@@ -271,10 +277,10 @@ class Trainer:
         (`self.loss_sum`, for steps.csv: one all-gather carries both)."""
         e = self.engine.nonfinite
         mine = (intr.hit, None if e is None else (e.step, e.agent, e.what),
-                float(self.totals.loss.sum()) if loss else 0.0)
+                self.totals.loss.tolist() if loss else [])
         everyone = self.cluster.share(mine)
         if loss:
-            self.loss_sum = math.fsum(s for _, _, s in everyone)
+            self.loss_sum = agents_total([agents for _, _, agents in everyone])
         failures = [f for _, f, _ in everyone if f is not None]
         # the earliest step; within it an agent's own failure before what its neighbours received from it
         first = min(failures, key=lambda f: (f[0], "received" in f[2], f[1])) if failures else None
@@ -350,8 +356,8 @@ class Trainer:
         return [bool(away[a]) for a in self.cluster.local]
 
     def _all_losses(self) -> float:
-        """The sum of every agent's running training loss (a collective)."""
-        return math.fsum(self.cluster.share(float(self.totals.loss.sum())))
+        """The sum of every agent's running training loss (a collective; exact, so layout-independent)."""
+        return agents_total(self.cluster.share(self.totals.loss.tolist()))
 
     def _loop(self, stop_after: int | None, scalars: ScalarLog | None, t0: float, steps_at_t0: int) -> RunResult:
         cfg, tr, cluster = self.cfg, self.cfg.training, self.cluster
