@@ -40,6 +40,13 @@ ORDER = ["DSGDm-N", "QGM", "NGC (α=0)", "NGC (α=1)", "CompNGC", "CGA", "CompCG
 #: fmnist_d2_lr.toml), and their 10-epoch runs (fmnist_new_tuned.toml)
 NEW_TUNING = "fmnist_new_lr"
 NEW_ORDER = ["GTm-N", "D²", "choco", "SGP"]
+#: issue 26, the methods since NGC on the 16-agent Dirichlet-0.1 setting (1 epoch): the seed-0 lr tuning
+#: (fmnist16_lr.toml on the ring, fmnist16_relay_lr.toml on the chain, fmnist16_ars_lr.toml; the edge
+#: extensions fmnist16_lr_edge.toml into the same directories) and seeds 1-2 at the picks (fmnist16_tuned*.toml)
+ISSUE26_TUNING = ("fmnist16_lr", "fmnist16_relay_lr", "fmnist16_ars_lr")
+ISSUE26_SEEDS = "fmnist16_tuned"
+ISSUE26_ORDER = ["NGC (α=1)", "CompNGC", "DSGDm-N", "QGM", "GUT", "QG-GUTm", "RelaySGD", "Momentum Tracking",
+                 "DecentLaM", "NGC (α=1), γ exponential", "DSGDm-N, γ exponential"]
 
 
 def _order(method: str) -> tuple:
@@ -281,6 +288,78 @@ def overhead_table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _order26(method: str) -> tuple:
+    return (ISSUE26_ORDER.index(method) if method in ISSUE26_ORDER else len(ISSUE26_ORDER), method)
+
+
+def issue26_picks(tuning: list[dict]) -> dict[str, dict]:
+    """Each method's seed-0 tuning run with the best final consensus accuracy (ties: the smaller lr)."""
+    best: dict[str, dict] = {}
+    for r in sorted(tuning, key=lambda r: hp(r, "lr")):
+        m = r["summary"]["method"]
+        if r["summary"]["seed"] == 0 and score(r) > score(best.get(m)):
+            best[m] = r
+    return best
+
+
+def issue26_tuning_table(tuning: list[dict]) -> str:
+    """Method × lr, seed 0: final consensus / mean local accuracy; the pick in bold."""
+    cells: dict[str, dict[float, dict]] = defaultdict(dict)
+    for r in tuning:
+        if r["summary"]["seed"] == 0:
+            cells[r["summary"]["method"]][hp(r, "lr")] = r
+    best = issue26_picks(tuning)
+    lrs = sorted({lr for c in cells.values() for lr in c})
+    lines = ["| method | topology | γ | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | picked lr |",
+             "|:---|:---|---:|" + "---:|" * (len(lrs) + 1)]
+    for m in sorted(cells, key=_order26):
+        row = []
+        for lr in lrs:
+            r = cells[m].get(lr)
+            text = acc_cell(r)
+            row.append(f"**{text}**" if r is not None and r is best.get(m) else text)
+        any_run = next(iter(cells[m].values()))
+        pick = best.get(m)
+        picked = "–" if pick is None else f"{hp(pick, 'lr'):g}"
+        if pick is not None and len(cells[m]) > 1 and hp(pick, "lr") in (min(cells[m]), max(cells[m])):
+            picked += " (edge)"
+        lines.append(f"| {m} | {any_run['summary']['setting'].split('/')[-1]} | {_gamma26(any_run)} | "
+                     + " | ".join(row) + f" | {picked} |")
+    return "\n".join(lines) + "\n"
+
+
+def _gamma26(run: dict) -> str:
+    """The γ a run used: the constant, or the schedule with the values its records show."""
+    if hp(run, "gamma_schedule", "constant") == "constant":
+        return f"{hp(run, 'gamma'):g}"
+    used = sorted({m["gamma"] for m in load_metrics(run) if m.get("gamma") is not None and m.get("step", 0) > 0})
+    return f"{hp(run, 'gamma_schedule')} ({', '.join(f'{g:.4f}' for g in used)})"
+
+
+def issue26_result_table(tuning: list[dict], seeds: list[dict]) -> str:
+    """At each method's pick: seed 0 from the tuning run, seeds 1-2 from fmnist16_tuned (the same config
+    but the seed); accuracy mean ± std over seeds, bytes sent per agent and step (both rounds), gradient
+    passes per agent and step."""
+    lines = ["| method | topology | γ | lr | seeds | consensus acc (%) | mean local acc (%) | min local acc (%) | "
+             "bytes sent / agent / step | gradient passes / agent / step |",
+             "|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, pick in sorted(issue26_picks(completed(tuning)).items(), key=lambda kv: _order26(kv[0])):
+        runs = [pick] + [r for r in seeds if r["summary"]["method"] == m and hp(r, "lr") == hp(pick, "lr")
+                         and r["summary"]["setting"] == pick["summary"]["setting"] and r["summary"]["seed"] != 0]
+        done = completed(runs)
+        failed = len(runs) - len(done)
+        s0 = done[0]["summary"]
+        lines.append(
+            f"| {m} | {s0['setting'].split('/')[-1]} | {_gamma26(pick)} | {hp(pick, 'lr'):g} | "
+            f"{','.join(str(r['summary']['seed']) for r in sorted(done, key=lambda r: r['summary']['seed']))}"
+            f"{f' (+{failed} failed)' if failed else ''} | "
+            f"{mean_std([r['summary']['consensus_acc'] for r in done])} | "
+            f"{mean_std([r['summary']['local_acc_mean'] for r in done])} | "
+            f"{mean_std([r['summary']['final']['local_acc_min'] for r in done])} | "
+            f"{sum(s0['bytes_per_agent_per_step']):,.0f} | {s0['grad_evals_per_agent_per_step']:g} |")
+    return "\n".join(lines) + "\n"
+
+
 def write(name: str, text: str) -> None:
     TABLES.mkdir(parents=True, exist_ok=True)
     (TABLES / name).write_text(text, encoding="utf-8")
@@ -324,6 +403,10 @@ def main() -> int:
     if NEW_TUNING in found:
         write("new_methods_tuning.md", gamma_table(found[NEW_TUNING], NEW_ORDER))  # diverged runs shown as such
         write("new_methods_picks.md", picks_table(completed(found[NEW_TUNING]), NEW_ORDER))
+    tuning26 = [r for k in ISSUE26_TUNING for r in found.get(k, [])]
+    if tuning26:
+        write("issue26_tuning.md", issue26_tuning_table(tuning26))  # diverged runs shown as such
+        write("issue26_results.md", issue26_result_table(tuning26, found.get(ISSUE26_SEEDS, [])))
     if "defaults_check" in found:
         write("defaults_check.md", defaults_table(found["defaults_check"]))
     acc_sets = [k for k in ACCURACY_SETS if k in found]
