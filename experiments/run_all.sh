@@ -43,5 +43,12 @@ sweep experiments/fmnist_scale.toml --seeds 1,2
 sweep experiments/fmnist_scale_gamma.toml          # setting 3 at gamma = 1: DSGDm-N, QGM, NGC alpha=0
 sweep experiments/fmnist_scale_gamma_qgm.toml      # ... and QGM at lr 0.04, 0.02 (it diverged at its 5-agent lr 0.08)
 sweep experiments/cifar_gamma.toml                 # NGC alpha=1, CGA at gamma 1 (round 4); CompNGC, CompCGA not run yet
+# --- issue 26: the methods since NGC, 16-agent ring (RelaySGD: chain), Dirichlet 0.1, 1 epoch ----
+sweep experiments/fmnist16_lr.toml                # lr tuning, seed 0: NGC, CompNGC, DSGDm-N, GUT, QG-GUTm first
+sweep experiments/fmnist16_lr_edge.toml           # lr 0.3 where lr 0.1 won
+sweep experiments/fmnist16_relay_lr.toml          # RelaySGD's lr tuning on the chain
+sweep experiments/fmnist16_ars_lr.toml            # ARS on NGC and DSGDm-N (gamma 0.09 exponential)
+sweep experiments/fmnist16_tuned.toml             # seeds 1, 2 at the picks (seed 0 is the tuning run)
+sweep experiments/fmnist16_relay_tuned.toml       # ... RelaySGD's
 # --- not run yet (CPU time) ----------------------------------------------------------------
 sweep experiments/cifar_ring5.toml --seeds 1,2
