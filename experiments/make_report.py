@@ -42,7 +42,8 @@ NEW_TUNING = "fmnist_new_lr"
 NEW_ORDER = ["GTm-N", "D²", "choco", "SGP"]
 #: issue 26, the methods since NGC on the 16-agent Dirichlet-0.1 setting (1 epoch): the seed-0 lr tuning
 #: (fmnist16_lr.toml on the ring, fmnist16_relay_lr.toml on the chain, fmnist16_ars_lr.toml; the edge
-#: extensions fmnist16_lr_edge.toml into the same directories) and seeds 1-2 at the picks (fmnist16_tuned*.toml)
+#: extensions into the same directories) and seeds 1-2 at the picks (fmnist16_tuned.toml, fmnist16_ars_tuned.toml and
+#: fmnist16_relay_tuned.toml, all into runs/fmnist16_tuned)
 ISSUE26_TUNING = ("fmnist16_lr", "fmnist16_relay_lr", "fmnist16_ars_lr")
 ISSUE26_SEEDS = "fmnist16_tuned"
 ISSUE26_ORDER = ["NGC (α=1)", "CompNGC", "DSGDm-N", "QGM", "GUT", "QG-GUTm", "RelaySGD", "Momentum Tracking",
@@ -347,12 +348,12 @@ def issue26_result_table(tuning: list[dict], seeds: list[dict]) -> str:
         runs = [pick] + [r for r in seeds if r["summary"]["method"] == m and hp(r, "lr") == hp(pick, "lr")
                          and r["summary"]["setting"] == pick["summary"]["setting"] and r["summary"]["seed"] != 0]
         done = completed(runs)
-        failed = len(runs) - len(done)
+        others = "".join(f" (seed {r['summary']['seed']}: {r['summary'].get('status')})" for r in runs if r not in done)
         s0 = done[0]["summary"]
         lines.append(
             f"| {m} | {s0['setting'].split('/')[-1]} | {_gamma26(pick)} | {hp(pick, 'lr'):g} | "
             f"{','.join(str(r['summary']['seed']) for r in sorted(done, key=lambda r: r['summary']['seed']))}"
-            f"{f' (+{failed} failed)' if failed else ''} | "
+            f"{others} | "
             f"{mean_std([r['summary']['consensus_acc'] for r in done])} | "
             f"{mean_std([r['summary']['local_acc_mean'] for r in done])} | "
             f"{mean_std([r['summary']['final']['local_acc_min'] for r in done])} | "

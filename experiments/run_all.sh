@@ -49,6 +49,7 @@ sweep experiments/fmnist16_lr_edge.toml           # lr 0.3 where lr 0.1 won
 sweep experiments/fmnist16_relay_lr.toml          # RelaySGD's lr tuning on the chain
 sweep experiments/fmnist16_ars_lr.toml            # ARS on NGC and DSGDm-N (gamma 0.09 exponential)
 sweep experiments/fmnist16_tuned.toml             # seeds 1, 2 at the picks (seed 0 is the tuning run)
+sweep experiments/fmnist16_ars_tuned.toml         # ... the ARS rows'
 sweep experiments/fmnist16_relay_tuned.toml       # ... RelaySGD's
 # --- not run yet (CPU time) ----------------------------------------------------------------
 sweep experiments/cifar_ring5.toml --seeds 1,2
