@@ -8,6 +8,7 @@ mid-run and check that its neighbours fail fast, naming it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -103,6 +104,18 @@ def batches_for(n: int, steps: int, dtype=torch.float64):
              for _ in range(n)] for _ in range(steps)]
 
 
+@contextlib.contextmanager
+def rank_errors(rank: int, out_dir: str):
+    """A worker's body: an exception is written to out_dir/error{rank}.txt, where the parent reads the first
+    rank's traceback to fail with, then raised again."""
+    try:
+        yield
+    except Exception:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
 def _init(rank: int, world: int, port: int, timeout: float) -> None:
     from datetime import timedelta
 
@@ -140,7 +153,7 @@ def _equivalence_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from crossgrad.comm.dist import DistComm
     from crossgrad.distributed import gather_rows, gather_state, make_engine
 
-    try:
+    with rank_errors(rank, out_dir):
         _init(rank, world, port, 30)
         results = {}
         batches = batches_for(world, STEPS)
@@ -179,10 +192,6 @@ def _equivalence_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "result.pt"))
         dist.destroy_process_group()
-    except Exception:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
 
 
 def _run_workers(worker, world: int, out: Path) -> Path:
@@ -305,7 +314,7 @@ def _blocks_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from crossgrad.distributed import CommTimeoutError, gather_state, make_engine
 
-    try:
+    with rank_errors(rank, out_dir):
         _init(rank, world, port, 30)
         results = {}
         for graph, make_topology in BLOCK_GRAPHS.items():
@@ -352,10 +361,6 @@ def _blocks_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         except CommTimeoutError as e:
             results["hang_error"] = str(e)
         torch.save(results, os.path.join(out_dir, f"result{rank}.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
 
 
 #: an averaging rate that changes mid-run (ARS) and local steps, over uneven blocks (a time-varying graph too)

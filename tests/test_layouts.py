@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +20,7 @@ from torch import nn
 import crossgrad as cg
 from crossgrad.topology import Topology
 from crossgrad.topology.trees import binary_tree
-from test_dist import _init, _spawn, free_port
+from test_dist import _init, _spawn, free_port, rank_errors
 
 N = 6
 STEPS = 8
@@ -155,7 +154,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from crossgrad.distributed import make_engine
 
-    try:
+    with rank_errors(rank, out_dir):
         _init(rank, world, port, 60)
         results = {}
         for layout, sizes in LAYOUTS.items():
@@ -170,10 +169,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "result.pt"))
         dist.destroy_process_group()
-    except Exception:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
 
 
 @pytest.fixture(scope="module")

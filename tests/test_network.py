@@ -9,7 +9,6 @@ import csv
 import json
 import math
 import os
-import traceback
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from crossgrad.run.config import load_config
 from crossgrad.run.evaluate import TIMING_KEYS
 from crossgrad.run.rundir import METRICS
 from device_guard import no_implicit_device
-from test_dist import _init, _spawn, free_port
+from test_dist import _init, _spawn, free_port, rank_errors
 
 N = 5
 
@@ -404,7 +403,7 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from crossgrad.distributed import gather_state, make_engine
 
-    try:
+    with rank_errors(rank, out_dir):
         _init(rank, world, port, 30)
         results = {}
         batches = batches_for(N, 4)
@@ -419,10 +418,6 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "result.pt"))
         dist.destroy_process_group()
-    except Exception:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
 
 
 @pytest.mark.timeout(200)

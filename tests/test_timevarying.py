@@ -8,7 +8,6 @@ import json
 import math
 import os
 import pickle
-import traceback
 
 import pytest
 import torch
@@ -299,9 +298,9 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     from crossgrad.distributed import gather_state, make_engine
-    from test_dist import _init
+    from test_dist import _init, rank_errors
 
-    try:
+    with rank_errors(rank, out_dir):
         _init(rank, world, port, 30)
         results = {}
         for graph, build in DIST_GRAPHS.items():
@@ -322,10 +321,6 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "result.pt"))
         dist.destroy_process_group()
-    except Exception:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
 
 
 @pytest.fixture(scope="module")
