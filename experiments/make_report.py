@@ -368,14 +368,16 @@ def write(name: str, text: str) -> None:
 
 
 def fill_report(path: Path = HERE / "REPORT.md") -> None:
-    """Put the current tables/NAME.md between REPORT.md's `<!-- table:NAME -->` marks."""
+    """Put the current tables/NAME.md between REPORT.md's `<!-- table:NAME -->` marks; a mark with no
+    tables/NAME.md is left as it is (its table is another script's: presets_cpu_table.py,
+    make_network_report.py)."""
     if not path.is_file():
         return
 
     def table(m: re.Match) -> str:
         src = TABLES / f"{m.group(1)}.md"
-        body = src.read_text(encoding="utf-8") if src.is_file() else "(no finished runs yet)\n"
-        return f"<!-- table:{m.group(1)} -->\n{body}<!-- /table -->"
+        return f"<!-- table:{m.group(1)} -->\n{src.read_text(encoding='utf-8')}<!-- /table -->" if src.is_file() \
+            else m.group(0)
 
     text = path.read_text(encoding="utf-8")
     path.write_text(re.sub(r"<!-- table:([\w-]+) -->\n.*?<!-- /table -->", table, text, flags=re.S),

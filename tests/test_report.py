@@ -359,3 +359,14 @@ def test_metric_picks_the_accuracy_column_and_names_it(tmp_path, capsys):
     assert "worst agent acc (%)" in (tmp_path / "out" / "report.md").read_text()
     assert main(["report", str(root), "--out", str(tmp_path / "out")]) == 0
     assert "cons. acc (%)" in capsys.readouterr().out  # the default is today's column
+
+
+def test_runs_differing_in_a_list_option_are_two_variants(tmp_path):
+    """training.lr_milestones is a list: runs that differ in it are split (not averaged), not a crash."""
+    for i, milestones in enumerate(["[0.5, 0.75]", "[0.75, 0.9]"]):
+        _write_run(tmp_path / f"r{i}", "DSGDm-N", 0, 0.5, 0.5)
+        (tmp_path / f"r{i}" / "config.toml").write_text(
+            f'[algorithm]\nname = "dsgd"\n[training]\nlr_milestones = {milestones}\n')
+    rows = report.aggregate(report.collect([tmp_path]))
+    assert sorted(r.method for r in rows) == ["DSGDm-N [lr_milestones=[0.5, 0.75]]",
+                                              "DSGDm-N [lr_milestones=[0.75, 0.9]]"]

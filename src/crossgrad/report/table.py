@@ -139,10 +139,13 @@ def _variants(group: list[dict]) -> list[tuple[str, list[dict]]]:
         return [("", group)]
     buckets: dict[tuple, list[dict]] = {}
     for run, flat in zip(group, flats, strict=True):
-        buckets.setdefault(tuple(flat.get(k) for k in differing), []).append(run)
+        # lists (training.lr_milestones) as tuples: a bucket key must be hashable
+        values = tuple(tuple(v) if isinstance(v, list) else v for v in (flat.get(k) for k in differing))
+        buckets.setdefault(values, []).append(run)
     out = []
     for values in sorted(buckets, key=lambda vs: tuple(_sort_value(v) for v in vs)):
-        label = " ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+        label = " ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float)
+                         else f"{k.split('.')[-1]}={list(v) if isinstance(v, tuple) else v}"
                          for k, v in zip(differing, values, strict=True))
         out.append((label, buckets[values]))
     return out
