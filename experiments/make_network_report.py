@@ -1,13 +1,15 @@
 """Tables and figures of REPORT.md's section "Unreliable and slow networks (issue 28)".
 
-    python experiments/make_network_report.py   # writes tables/network_*.md, figures/network/*
-                                                # and the tables inside REPORT.md
+    python experiments/make_network_report.py [ISSUE26_RUNS]   # tables/network_*.md, figures/network/*
+                                                               # and the tables inside REPORT.md
 
 It reads the runs of net_lr.toml (GTm-N and Choco's lr pick), net_drop.toml (NGC, CompNGC and DSGDm-N
 under drop 0 / 0.1 / 0.3) and net_nodrop.toml (the methods that refuse a lossy network, at drop 0),
 each at 1000 and 10 Mbit/s. Every number comes from a run's summary.json / metrics.jsonl. Bandwidth
 changes only the simulated time, never what is learned: the script checks that the two bandwidths'
-runs of one (method, drop, seed) have the same accuracies at every evaluation, and says so.
+runs of one (method, drop, seed) have the same accuracies at every evaluation, and says so. The drop-0
+runs are also set beside issue 26's runs of the same setting (ISSUE26_RUNS, default runs/fmnist16_lr):
+the same training, evaluated there once on the whole test set.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 from make_report import fill_report, mean_std, write
 
 from crossgrad.report import collect, load_metrics
+from crossgrad.report.runs import load_steps
 from crossgrad.report.plots import _curve, _finish_axis, _legend, _pyplot, _save
 from crossgrad.report.table import time_to_accuracy
 
@@ -26,6 +29,8 @@ RUNS = HERE / "runs"
 FIGURES = HERE / "figures" / "network"
 TUNING = "net_lr"
 SETS = ("net_drop", "net_nodrop")
+#: issue 26's lr tuning in the same setting without [network] (full test set, evaluated once at the end)
+ISSUE26 = RUNS / "fmnist16_lr"
 #: the row order of the tables: the methods that re-weight over what arrived, then those refusing loss
 ORDER = ["NGC (α=1)", "CompNGC", "DSGDm-N", "GTm-N", "choco", "QG-GUTm"]
 BANDWIDTHS = (1000.0, 10.0)
@@ -141,7 +146,7 @@ def final_table(groups: dict) -> str:
         for bw in BANDWIDTHS:
             t = [r["summary"]["final"].get("sim_time_s") for r in done(list(groups[key].get(bw, {}).values()))]
             t = [x for x in t if x is not None]
-            times.append("–" if not t else f"{_mean(t):.1f}" + ("" if len(t) == len(runs) else f" (n={len(t)})"))
+            times.append("–" if not t else f"{_mean(t):.3g}" + ("" if len(t) == len(runs) else f" (n={len(t)})"))
         b1, b2 = runs[0]["summary"]["bytes_per_agent_per_step"]
         dropped = sum(r["summary"]["final"]["messages_dropped"] for r in runs)
         sent = sum(r["summary"]["final"]["messages_sent"] for r in runs)
@@ -168,7 +173,7 @@ def tta_table(groups: dict) -> str:
                     continue
                 ts = [time_to_accuracy(r, target / 100) for r in runs]
                 hit = [t for t in ts if t is not None]
-                text = "not reached" if not hit else f"{_mean(hit):.1f}"
+                text = "not reached" if not hit else f"{_mean(hit):.3g}"
                 if hit and len(hit) < len(runs):
                     text += f" ({len(hit)} of {len(runs)} seeds)"
                 cells.append(text)
@@ -176,16 +181,37 @@ def tta_table(groups: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def issue26_table(groups: dict, issue26: Path) -> str:
+    """The drop-0 runs next to issue 26's runs of the same method, lr and seed (no [network], evaluated once on
+    the full test set): whether they trained the same (training loss at every logged step) and both accuracies."""
+    theirs = {(r["summary"]["method"], algo(r, "lr"), r["summary"]["seed"]): r for r in done(collect([issue26]))}
+    lines = ["| method | lr | seed | same training loss at every logged step | consensus acc here, 2,000-image "
+             "subset (%) | consensus acc in issue 26, 10,000 images (%) |", "|:---|---:|---:|:---|---:|---:|"]
+    for (method, lr, drop), by_bw in sorted(groups.items(), key=lambda kv: _order(kv[0][0])):
+        if drop != 0:
+            continue
+        for r in _seeds_runs(by_bw):
+            other = theirs.get((method, lr, r["summary"]["seed"]))
+            if other is None:
+                continue
+            mine_loss = [(x["step"], x["train_loss"]) for x in load_steps(r)]
+            same = mine_loss == [(x["step"], x["train_loss"]) for x in load_steps(other)] and bool(mine_loss)
+            lines.append(f"| {method} | {lr:g} | {r['summary']['seed']} | {'yes' if same else '**no**'} | "
+                         f"{100 * r['summary']['consensus_acc']:.2f} | {100 * other['summary']['consensus_acc']:.2f} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else "(no run of issue 26 with the same method, lr and seed)\n"
+
+
 def figures(groups: dict) -> list[Path]:
-    """Per bandwidth: consensus accuracy against simulated time, a panel per drop probability, a line per
-    method (the mean over seeds, their min–max shaded), drawn with crossgrad's plotting helpers."""
+    """Per bandwidth: consensus accuracy against simulated time (log scale), a panel per drop probability, a
+    line per method (the mean over seeds, their min–max shaded), drawn with crossgrad's plotting helpers."""
     plt = _pyplot()
     methods = sorted({k[0] for k in groups}, key=_order)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colour = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     written = []
     for bw in BANDWIDTHS:
-        fig, axes = plt.subplots(1, len(DROPS), figsize=(4.2 * len(DROPS), 3.4), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(1, len(DROPS), figsize=(4.2 * len(DROPS), 3.4), squeeze=False, sharex=True,
+                                 sharey=True)
         for ax, drop in zip(axes[0], DROPS):
             for key in sorted(groups, key=lambda k: _order(k[0])):
                 if key[2] != drop:
@@ -198,7 +224,9 @@ def figures(groups: dict) -> list[Path]:
                 ax.plot(xs, mean, "-", color=colour[key[0]], lw=1.4, label=f"{key[0]} (n={len(runs)})")
                 if len(runs) > 1:
                     ax.fill_between(xs, lo, hi, color=colour[key[0]], alpha=0.2, lw=0)
-            _finish_axis(ax, "consensus_acc", "simulated time (s)")
+            _finish_axis(ax, "consensus_acc", "simulated time (s, log scale)")
+            if ax.get_lines():  # the methods' times differ 30-fold at 10 Mbit/s; the step-0 point (t = 0) drops out
+                ax.set_xscale("log")
             ax.set_title(f"drop {drop:g}" + (" (and the methods refusing loss)" if drop == 0 else ""),
                          fontsize="medium")
         fig.suptitle(f"Fashion-MNIST, 16-agent ring, Dirichlet 0.1, 1 epoch: {bw:g} Mbit/s, latency 1 ms, "
@@ -227,6 +255,11 @@ def main() -> int:
             note += f"\nDifferent at the two bandwidths (a bug: bandwidth must only change time): {'; '.join(differ)}.\n"
         write("network_final.md", final_table(groups) + note)
         write("network_tta.md", tta_table(groups))
+        issue26 = Path(sys.argv[1]) if len(sys.argv) > 1 else ISSUE26
+        if issue26.is_dir():
+            write("network_issue26.md", issue26_table(groups, issue26))
+        else:
+            print(f"no {issue26}: tables/network_issue26.md not rewritten")
         FIGURES.mkdir(parents=True, exist_ok=True)
         for p in figures(groups):
             print(f"wrote {p}")

@@ -53,5 +53,9 @@ sweep experiments/fmnist16_ars_lr.toml            # ARS on NGC and DSGDm-N (gamm
 sweep experiments/fmnist16_tuned.toml             # seeds 1, 2 at the picks (seed 0 is the tuning run)
 sweep experiments/fmnist16_ars_tuned.toml         # ... the ARS rows'
 sweep experiments/fmnist16_relay_tuned.toml       # ... RelaySGD's
+# --- issue 28: unreliable and slow networks (one run at a time) --------------------------
+JOBS=1 sweep experiments/net_lr.toml               # GTm-N and Choco's lr at drop 0 (seed 0)
+JOBS=1 sweep experiments/net_nodrop.toml           # GTm-N, Choco, QG-GUTm at drop 0, 1000 and 10 Mbit/s
+JOBS=1 sweep experiments/net_drop.toml             # NGC, CompNGC, DSGDm-N x drop {0, 0.1, 0.3} x both bandwidths
 # --- not run yet (CPU time) ----------------------------------------------------------------
 sweep experiments/cifar_ring5.toml --seeds 1,2
