@@ -160,8 +160,9 @@ def final_table(groups: dict) -> str:
 def tta_table(groups: dict) -> str:
     """Method × drop: the first simulated time at which the consensus accuracy reached each target, at each
     bandwidth (mean over the seeds that reached it; how many did when not all)."""
-    head = ["method", "drop"] + [f"to {t:g} %, {bw:g} Mbit/s (s)" for bw in BANDWIDTHS for t in TARGETS]
-    lines = ["| " + " | ".join(head) + " |", "|:---|---:|" + "---:|" * (len(head) - 2)]
+    head = ["method", "drop", "seeds, " + " / ".join(f"{bw:g}" for bw in BANDWIDTHS) + " Mbit/s"]
+    head += [f"to {t:g} %, {bw:g} Mbit/s (s)" for bw in BANDWIDTHS for t in TARGETS]
+    lines = ["| " + " | ".join(head) + " |", "|:---|---:|:---|" + "---:|" * (len(head) - 3)]
     for key in sorted(groups, key=lambda k: (_order(k[0]), k[2])):
         method, _lr, drop = key
         cells = []
@@ -177,7 +178,10 @@ def tta_table(groups: dict) -> str:
                 if hit and len(hit) < len(runs):
                     text += f" ({len(hit)} of {len(runs)} seeds)"
                 cells.append(text)
-        lines.append(f"| {method} | {drop:g} | " + " | ".join(cells) + " |")
+        seeds = " / ".join(",".join(str(r["summary"]["seed"]) for r in sorted(
+            done(list(groups[key].get(bw, {}).values())), key=lambda r: r["summary"]["seed"])) or "–"
+            for bw in BANDWIDTHS)
+        lines.append(f"| {method} | {drop:g} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
