@@ -20,8 +20,8 @@ from pathlib import Path
 from make_report import fill_report, mean_std, write
 
 from crossgrad.report import collect, load_metrics
-from crossgrad.report.runs import load_steps
 from crossgrad.report.plots import _curve, _finish_axis, _legend, _pyplot, _save
+from crossgrad.report.runs import load_steps
 from crossgrad.report.table import time_to_accuracy
 
 HERE = Path(__file__).resolve().parent
@@ -259,7 +259,7 @@ def main() -> int:
         note = (f"\nBoth bandwidths learned the same in {pairs - len(differ)} of {pairs} (method, drop, seed) pairs "
                 "(equal consensus accuracy at every evaluation); the accuracy columns show each seed once.\n")
         if differ:
-            note += f"\nDifferent at the two bandwidths (a bug: bandwidth must only change time): {'; '.join(differ)}.\n"
+            note += f"\nDifferent at the two bandwidths (bandwidth must only change time): {'; '.join(differ)}.\n"
         write("network_final.md", final_table(groups) + note)
         write("network_tta.md", tta_table(groups))
         issue26 = Path(sys.argv[1]) if len(sys.argv) > 1 else ISSUE26
