@@ -57,5 +57,6 @@ sweep experiments/fmnist16_relay_tuned.toml       # ... RelaySGD's
 JOBS=1 sweep experiments/net_lr.toml               # GTm-N and Choco's lr at drop 0 (seed 0)
 JOBS=1 sweep experiments/net_nodrop.toml           # GTm-N, Choco, QG-GUTm at drop 0, 1000 and 10 Mbit/s
 JOBS=1 sweep experiments/net_drop.toml             # NGC, CompNGC, DSGDm-N x drop {0, 0.1, 0.3} x both bandwidths
+JOBS=1 sweep experiments/net_drop_seed1.toml       # ... their seed 1 at 10 Mbit/s (bandwidth changes only the times)
 # --- not run yet (CPU time) ----------------------------------------------------------------
 sweep experiments/cifar_ring5.toml --seeds 1,2
