@@ -188,7 +188,7 @@ def layout_of(*sizes: int) -> ParamLayout:
 def cga_setup(topo: Topology, layout: ParamLayout, **kw) -> tuple[CGA, CombineContext, object]:
     plan = LocalComm(topo.edges, topo.n).plan
     weights = combine_weights(topo.W, plan, "mixing", topo.is_directed)
-    ctx = CombineContext(plan, layout, *weights)
+    ctx = CombineContext(plan, layout, *weights, topology=topo)
     algo = CGA(**kw)
     return algo, ctx, algo.init_state(ctx, torch.device("cpu"))
 
